@@ -1,0 +1,10 @@
+//! svclb: a kube-proxy replacement built on eBPF socket hooks.
+//!
+//! Data flows source -> model -> dataplane -> kernel:
+//! - [`source`] reads Kubernetes objects (manifests directory, API server later);
+//! - [`model`] turns them into desired frontends and backend sets (pure);
+//! - [`dataplane`] diffs desired against applied state and writes BPF maps;
+//! - the programs in svclb-ebpf read those maps per connection.
+
+pub mod model;
+pub mod source;

@@ -1,0 +1,3 @@
+//! Where Kubernetes objects come from.
+
+pub mod manifests;
