@@ -64,7 +64,7 @@ pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
 /// Key of the services map. Slot 0 holds the frontend record; slots
 /// 1..=count hold the backend ids the frontend load-balances over.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct ServiceKey {
     pub addr: [u32; 4],
     pub port: u16,
@@ -77,7 +77,7 @@ pub struct ServiceKey {
 /// Value of the services map. In slot 0: `count`, `rev_nat_id`, `flags`;
 /// in slots 1..: `backend_id`. One type keeps every map value the same size.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct ServiceValue {
     pub backend_id: u32,
     pub count: u16,
@@ -87,7 +87,7 @@ pub struct ServiceValue {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Backend {
     pub addr: [u32; 4],
     pub port: u16,
@@ -97,7 +97,7 @@ pub struct Backend {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct RevNat {
     pub addr: [u32; 4],
     pub port: u16,
@@ -106,7 +106,7 @@ pub struct RevNat {
 
 /// A connected or sending socket (by cookie) and the backend it was sent to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct SockRevNatKey {
     pub cookie: u64,
     pub addr: [u32; 4],
@@ -116,7 +116,7 @@ pub struct SockRevNatKey {
 
 /// The frontend address the socket's application believes it talks to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SockRevNat {
     pub addr: [u32; 4],
     pub port: u16,

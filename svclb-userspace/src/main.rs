@@ -1,1 +1,24 @@
-fn main() {}
+use std::io::IsTerminal;
+
+use clap::Parser;
+use svclb_userspace::cli::{Cli, Command, MapsCommand};
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match Cli::parse().command {
+        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(svclb_userspace::agent::run(args)),
+        Command::Maps {
+            command: MapsCommand::Dump { bpffs, output },
+        } => svclb_userspace::dump::run(&bpffs, output),
+    }
+}

@@ -1,1 +1,140 @@
-fn main() {}
+//! `cargo xtask`: set-up, build, test, demo and benchmarks for svclb.
+//!
+//! Every command runs `setup` first, so a fresh machine needs nothing but
+//! `cargo xtask demo` or `cargo xtask test`.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+mod setup;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: nightly rust-src, bpf-linker, apt packages.
+    Setup,
+    /// Build the agent (with its embedded eBPF object) and the test tools.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run every test (unit, property and the netns integration tests).
+    Test {
+        /// Passed to the test binaries (a name filter, --nocapture, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The demo: a simulated cluster in namespaces, traffic to a ClusterIP, maps dump, scaling.
+    Demo,
+    /// Benchmarks; prints rates and ratios against a baseline measured in the same run.
+    Bench {
+        /// Which benchmark: sock
+        which: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build { release } => {
+            setup::run()?;
+            build(release)
+        }
+        Cmd::Test { args } => {
+            setup::run()?;
+            build(false)?;
+            test(&args)
+        }
+        Cmd::Demo => {
+            setup::run()?;
+            build(true)?;
+            run_tool("svclb-demo", &[])
+        }
+        Cmd::Bench { which, args } => {
+            setup::run()?;
+            build(true)?;
+            match which.as_str() {
+                "sock" => run_tool("svclb-bench-sock", &args),
+                other => bail!("unknown benchmark {other:?}; available: sock"),
+            }
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace")
+        .to_owned()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn profile_dir(release: bool) -> PathBuf {
+    target_dir().join(if release { "release" } else { "debug" })
+}
+
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+pub fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--bins",
+        "-p",
+        "svclb-userspace",
+        "-p",
+        "svclb-tests",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    status(&mut cmd)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let svclb = profile_dir(false).join("svclb");
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace"]).env("SVCLB_BIN", &svclb);
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    status(&mut cmd)
+}
+
+/// Run a tool binary of the tests crate (demo, benchmarks) built in release.
+fn run_tool(name: &str, args: &[String]) -> Result<()> {
+    let dir = profile_dir(true);
+    status(
+        Command::new(dir.join(name))
+            .args(args)
+            .env("SVCLB_BIN", dir.join("svclb")),
+    )
+}

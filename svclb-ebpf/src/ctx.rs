@@ -1,0 +1,127 @@
+//! Audited access to the socket-address context and map values. This is the
+//! only module with `unsafe`; everything else works on copies.
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    maps::{HashMap, LruHashMap},
+    programs::SockAddrContext,
+    EbpfContext,
+};
+
+/// A socket address as the hooks see it: IPv4 addresses IPv4-mapped, port in
+/// host byte order.
+#[derive(Clone, Copy)]
+pub struct SockAddr {
+    pub addr: [u32; 4],
+    pub port: u16,
+}
+
+#[inline(always)]
+fn sa(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
+    ctx.sock_addr
+}
+
+/// The socket's protocol (IPPROTO_TCP / IPPROTO_UDP), readable in every
+/// sock_addr hook.
+#[inline(always)]
+pub fn protocol(ctx: &SockAddrContext) -> u8 {
+    // SAFETY: the kernel hands every sock_addr program a valid context; the
+    // verifier checks field offsets and access sizes (u32 loads here).
+    unsafe { (*sa(ctx)).protocol as u8 }
+}
+
+/// The user (destination, or peer for recvmsg/getpeername) address of an
+/// AF_INET hook.
+#[inline(always)]
+pub fn user_addr4(ctx: &SockAddrContext) -> SockAddr {
+    // SAFETY: as in `protocol`; user_ip4 and user_port are u32 loads.
+    let (ip, port) = unsafe { ((*sa(ctx)).user_ip4, (*sa(ctx)).user_port) };
+    SockAddr {
+        addr: svclb_common::v4_mapped(ip),
+        port: u16::from_be(port as u16),
+    }
+}
+
+/// The user address of an AF_INET6 hook.
+#[inline(always)]
+pub fn user_addr6(ctx: &SockAddrContext) -> SockAddr {
+    // SAFETY: as in `protocol`; each user_ip6 word is a u32 load.
+    unsafe {
+        let s = sa(ctx);
+        SockAddr {
+            addr: [
+                (*s).user_ip6[0],
+                (*s).user_ip6[1],
+                (*s).user_ip6[2],
+                (*s).user_ip6[3],
+            ],
+            port: u16::from_be((*s).user_port as u16),
+        }
+    }
+}
+
+/// Rewrite the user address of an AF_INET hook; `addr` must be IPv4-mapped.
+#[inline(always)]
+pub fn set_user_addr4(ctx: &SockAddrContext, to: &SockAddr) {
+    // SAFETY: writes to user_ip4/user_port are allowed in connect4, sendmsg4,
+    // recvmsg4 and getpeername4, the only hooks that call this; u32 stores.
+    unsafe {
+        (*sa(ctx)).user_ip4 = to.addr[3];
+        (*sa(ctx)).user_port = u16::to_be(to.port) as u32;
+    }
+}
+
+/// Rewrite the user address of an AF_INET6 hook.
+#[inline(always)]
+pub fn set_user_addr6(ctx: &SockAddrContext, to: &SockAddr) {
+    // SAFETY: as in `set_user_addr4`, for the *6 hooks; u32 stores.
+    unsafe {
+        let s = sa(ctx);
+        (*s).user_ip6[0] = to.addr[0];
+        (*s).user_ip6[1] = to.addr[1];
+        (*s).user_ip6[2] = to.addr[2];
+        (*s).user_ip6[3] = to.addr[3];
+        (*s).user_port = u16::to_be(to.port) as u32;
+    }
+}
+
+#[inline(always)]
+pub fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: bpf_get_socket_cookie is allowed for sock_addr programs and
+    // only reads the context.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+#[inline(always)]
+pub fn random() -> u32 {
+    // SAFETY: no arguments, no memory access.
+    unsafe { bpf_get_prandom_u32() }
+}
+
+/// Make the syscall fail with `-errno` when the program returns 0 (reject).
+/// Only called when the loader found bpf_set_retval (kernel 5.18+); the
+/// verifier prunes the call otherwise because the flag is read-only data.
+#[inline(always)]
+pub fn set_retval(errno: i32) {
+    // SAFETY: helper with a plain integer argument.
+    unsafe {
+        bpf_set_retval(-errno);
+    }
+}
+
+/// Copy a hash map value out, so no reference into the map outlives the lookup.
+#[inline(always)]
+pub fn lookup<K, V: Copy>(map: &HashMap<K, V>, key: &K) -> Option<V> {
+    // SAFETY: the services/backends maps are BPF_F_NO_PREALLOC, so an element
+    // removed or replaced concurrently is freed only after an RCU grace
+    // period; copying it immediately always yields one whole old or new value.
+    unsafe { map.get(key).copied() }
+}
+
+/// Copy an LRU map value out.
+#[inline(always)]
+pub fn lookup_lru<K, V: Copy>(map: &LruHashMap<K, V>, key: &K) -> Option<V> {
+    // SAFETY: copied at once; an entry evicted meanwhile can at worst yield a
+    // stale reverse translation for one datagram, never an invalid pointer.
+    unsafe { map.get(key).copied() }
+}

@@ -1,0 +1,120 @@
+//! The cgroup socket hooks: connect and sendmsg translate a frontend to a
+//! backend once per connection (or datagram); recvmsg and getpeername
+//! translate the backend back so the application only ever sees the service.
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use svclb_common::{is_v4_mapped, PROTO_TCP, PROTO_UDP};
+
+use crate::{
+    ctx::{self, SockAddr},
+    lb::{self, Verdict},
+    maps::SVCLB_HAS_SET_RETVAL,
+};
+
+/// Return values of sock_addr programs.
+const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
+
+const ECONNREFUSED: i32 = 111;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+fn user_addr(ctx: &SockAddrContext, family: Family) -> SockAddr {
+    match family {
+        Family::V4 => ctx::user_addr4(ctx),
+        Family::V6 => ctx::user_addr6(ctx),
+    }
+}
+
+fn set_user_addr(ctx: &SockAddrContext, family: Family, to: &SockAddr) {
+    match family {
+        Family::V4 => ctx::set_user_addr4(ctx, to),
+        Family::V6 => ctx::set_user_addr6(ctx, to),
+    }
+}
+
+/// connect and sendmsg: frontend -> backend.
+#[inline(always)]
+fn translate_destination(ctx: &SockAddrContext, family: Family) -> i32 {
+    let proto = ctx::protocol(ctx);
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return ALLOW;
+    }
+    let dst = user_addr(ctx, family);
+    match lb::select_backend(&dst, proto) {
+        Verdict::Pass => ALLOW,
+        Verdict::Refuse => {
+            if SVCLB_HAS_SET_RETVAL.load() != 0 {
+                ctx::set_retval(ECONNREFUSED);
+            }
+            // Without bpf_set_retval (kernel < 5.18) the caller sees EPERM.
+            REJECT
+        }
+        Verdict::Translate {
+            backend,
+            rev_nat_id,
+        } => {
+            // An AF_INET socket can only reach an IPv4 backend; the model
+            // never mixes families, so this guards against bad map content.
+            if family == Family::V4 && !is_v4_mapped(&backend.addr) {
+                return REJECT;
+            }
+            set_user_addr(ctx, family, &backend);
+            lb::remember(ctx::socket_cookie(ctx), &backend, &dst, rev_nat_id);
+            ALLOW
+        }
+    }
+}
+
+/// recvmsg and getpeername: backend -> frontend.
+#[inline(always)]
+fn translate_peer(ctx: &SockAddrContext, family: Family) -> i32 {
+    let peer = user_addr(ctx, family);
+    if let Some(frontend) = lb::recall(ctx::socket_cookie(ctx), &peer) {
+        set_user_addr(ctx, family, &frontend);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn svclb_connect4(ctx: SockAddrContext) -> i32 {
+    translate_destination(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn svclb_connect6(ctx: SockAddrContext) -> i32 {
+    translate_destination(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn svclb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    translate_destination(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn svclb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    translate_destination(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn svclb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    translate_peer(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn svclb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    translate_peer(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn svclb_getpeername4(ctx: SockAddrContext) -> i32 {
+    translate_peer(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn svclb_getpeername6(ctx: SockAddrContext) -> i32 {
+    translate_peer(&ctx, Family::V6)
+}

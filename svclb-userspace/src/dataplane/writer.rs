@@ -1,0 +1,488 @@
+//! The map writer: diffs desired frontends against what the maps hold and
+//! writes only the difference, in an order that keeps readers consistent.
+//!
+//! Readers (the socket programs) read a frontend's slot 0 (backend count),
+//! then one slot in 1..=count, then that slot's backend. So for every reader:
+//! - every slot within the count it read must exist, and
+//! - every backend a slot names must exist.
+//!
+//! An update of one service therefore goes:
+//! 1. upsert new backends (and changed backend states);
+//! 2. write changed backend slots 1..=new_count (a slot overwritten in place
+//!    flips atomically from one valid backend id to another);
+//! 3. write slot 0 with the new count: from here new readers use the new set;
+//! 4. delete slot 0 of frontends that are gone;
+//! 5. wait for an RCU grace period: readers that read an old count are done;
+//! 6. delete slots beyond the new counts, gone frontends' slots and rev-NAT
+//!    entries, and backends no slot names any more.
+//!
+//! Map hash elements are allocated without preallocation, so a value that is
+//! replaced while a reader copies it is freed only after a grace period too.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use svclb_common::{
+    maps, Backend as AbiBackend, RevNat, ServiceKey, ServiceValue, BACKEND_ACTIVE,
+    BACKEND_TERMINATING, SVC_FLAG_CLUSTER_IP,
+};
+
+use super::abi::{
+    addr_from_abi, addr_to_abi, frontend_key, proto_from_abi, proto_to_abi, service_key,
+};
+use super::DataplaneError;
+use crate::model::{Frontend, FrontendKey, Protocol, ServiceId};
+
+/// The map operations the writer needs; the kernel implementation is in
+/// `kernel.rs`, tests use an in-memory one that checks reader consistency.
+pub trait MapOps {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue)
+        -> Result<(), DataplaneError>;
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError>;
+    fn put_backend(&mut self, id: u32, backend: &AbiBackend) -> Result<(), DataplaneError>;
+    fn del_backend(&mut self, id: u32) -> Result<(), DataplaneError>;
+    fn put_rev_nat(&mut self, id: u32, rev_nat: &RevNat) -> Result<(), DataplaneError>;
+    fn del_rev_nat(&mut self, id: u32) -> Result<(), DataplaneError>;
+    /// Returns once no reader that started before the call is running.
+    fn barrier(&mut self) -> Result<(), DataplaneError>;
+    /// Everything in the maps, for adopting state after a restart.
+    fn read_all(&self) -> Result<MapContents, DataplaneError>;
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct MapContents {
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    pub backends: Vec<(u32, AbiBackend)>,
+    pub rev_nat: Vec<(u32, RevNat)>,
+}
+
+/// A backend as the maps know it: address, port and protocol.
+type BackendAddr = (IpAddr, u16, Protocol);
+
+#[derive(Clone, Debug)]
+struct BackendEntry {
+    addr: BackendAddr,
+    state: u8,
+    /// How many slots name this backend.
+    refs: u32,
+}
+
+#[derive(Clone, Debug)]
+struct AppliedFrontend {
+    /// None: found in the maps at start-up and not claimed by a service yet.
+    owner: Option<ServiceId>,
+    rev_nat_id: u32,
+    /// Backend ids of slots 1..=len.
+    slots: Vec<u32>,
+}
+
+/// What one `apply` changed, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub writes: usize,
+    pub deletes: usize,
+}
+
+pub struct Writer<M: MapOps> {
+    maps: M,
+    frontends: BTreeMap<FrontendKey, AppliedFrontend>,
+    backends: HashMap<u32, BackendEntry>,
+    by_addr: HashMap<BackendAddr, u32>,
+    /// Entries in use in the services and backends maps, to refuse an update
+    /// that would not fit before writing any of it.
+    service_entries: usize,
+    next_backend_id: u32,
+    next_rev_nat_id: u32,
+    capacity: Capacity,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    pub services: usize,
+    pub backends: usize,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            services: maps::SERVICES_MAX_ENTRIES as usize,
+            backends: maps::BACKENDS_MAX_ENTRIES as usize,
+        }
+    }
+}
+
+/// Work collected while applying, done after the barrier.
+#[derive(Default)]
+struct Deferred {
+    service_keys: Vec<ServiceKey>,
+    rev_nat_ids: Vec<u32>,
+    released: Vec<u32>,
+}
+
+impl<M: MapOps> Writer<M> {
+    /// Adopt whatever the maps already hold (left by an earlier agent), so a
+    /// restart rewrites nothing that is still right. Entries no reader can
+    /// reach (slots beyond a count, unreferenced backends) are removed.
+    pub fn adopt(maps: M, capacity: Capacity) -> Result<Self, DataplaneError> {
+        let contents = maps.read_all()?;
+        let mut w = Writer {
+            maps,
+            frontends: BTreeMap::new(),
+            backends: HashMap::new(),
+            by_addr: HashMap::new(),
+            service_entries: 0,
+            next_backend_id: 1,
+            next_rev_nat_id: 1,
+            capacity,
+        };
+        let mut slots: HashMap<(FrontendKey, u16), u32> = HashMap::new();
+        let mut garbage = Vec::new();
+        for (key, value) in &contents.services {
+            match frontend_key(key) {
+                Some(fk) if key.slot == 0 => {
+                    w.frontends.insert(
+                        fk,
+                        AppliedFrontend {
+                            owner: None,
+                            rev_nat_id: value.rev_nat_id,
+                            slots: vec![0; value.count as usize],
+                        },
+                    );
+                    w.next_rev_nat_id = w.next_rev_nat_id.max(value.rev_nat_id + 1);
+                }
+                Some(fk) => {
+                    slots.insert((fk, key.slot), value.backend_id);
+                }
+                None => garbage.push(*key),
+            }
+        }
+        for ((fk, slot), id) in slots {
+            match w.frontends.get_mut(&fk) {
+                Some(f) if (slot as usize) <= f.slots.len() => f.slots[slot as usize - 1] = id,
+                _ => garbage.push(service_key(&fk, slot)),
+            }
+        }
+        let mut by_id: HashMap<u32, (BackendAddr, u8)> = HashMap::new();
+        for (id, b) in &contents.backends {
+            w.next_backend_id = w.next_backend_id.max(id + 1);
+            match proto_from_abi(b.proto) {
+                Some(p) => {
+                    by_id.insert(*id, ((addr_from_abi(b.addr), b.port, p), b.state));
+                }
+                None => w.maps.del_backend(*id)?,
+            }
+        }
+        // A frontend naming a backend that doesn't exist was never fully
+        // written (the agent died mid-update): drop it and let the resync
+        // write it again.
+        let broken: Vec<FrontendKey> = w
+            .frontends
+            .iter()
+            .filter(|(_, f)| f.slots.iter().any(|id| !by_id.contains_key(id)))
+            .map(|(k, _)| *k)
+            .collect();
+        for fk in broken {
+            let f = w.frontends.remove(&fk).expect("listed above");
+            w.maps.del_service(&service_key(&fk, 0))?;
+            garbage.extend((1..=f.slots.len() as u16).map(|s| service_key(&fk, s)));
+        }
+        for f in w.frontends.values() {
+            w.service_entries += 1 + f.slots.len();
+            for id in &f.slots {
+                let (addr, state) = by_id[id];
+                w.by_addr.insert(addr, *id);
+                w.backends
+                    .entry(*id)
+                    .or_insert(BackendEntry {
+                        addr,
+                        state,
+                        refs: 0,
+                    })
+                    .refs += 1;
+            }
+        }
+        let live_rev_nat: BTreeSet<u32> = w.frontends.values().map(|f| f.rev_nat_id).collect();
+        if !garbage.is_empty() {
+            w.maps.barrier()?;
+        }
+        for key in garbage {
+            w.maps.del_service(&key)?;
+        }
+        for id in by_id.keys().filter(|id| !w.backends.contains_key(id)) {
+            w.maps.del_backend(*id)?;
+        }
+        for (id, _) in contents
+            .rev_nat
+            .iter()
+            .filter(|(id, _)| !live_rev_nat.contains(id))
+        {
+            w.maps.del_rev_nat(*id)?;
+        }
+        Ok(w)
+    }
+
+    /// Make the frontends owned by `owner` exactly `desired`. Frontends owned
+    /// by another service are left alone (reported as a conflict).
+    pub fn apply(
+        &mut self,
+        owner: &ServiceId,
+        desired: &[Frontend],
+    ) -> Result<ApplyStats, DataplaneError> {
+        let mut stats = ApplyStats::default();
+        let mut wanted: Vec<&Frontend> = Vec::new();
+        let mut conflicts = Vec::new();
+        for f in desired {
+            match self.frontends.get(&f.key).and_then(|a| a.owner.as_ref()) {
+                Some(other) if other != owner => conflicts.push((f.key, other.clone())),
+                _ => wanted.push(f),
+            }
+        }
+        let wanted_keys: BTreeSet<FrontendKey> = wanted.iter().map(|f| f.key).collect();
+        let gone: Vec<FrontendKey> = self
+            .frontends
+            .iter()
+            .filter(|(k, a)| a.owner.as_ref() == Some(owner) && !wanted_keys.contains(k))
+            .map(|(k, _)| *k)
+            .collect();
+        self.check_capacity(owner, &wanted)?;
+
+        // 1. Backends.
+        for f in &wanted {
+            for b in &f.backends {
+                let addr = (b.addr, b.port, f.key.protocol);
+                let state = if b.terminating {
+                    BACKEND_TERMINATING
+                } else {
+                    BACKEND_ACTIVE
+                };
+                let id = match self.by_addr.get(&addr) {
+                    Some(id) if self.backends[id].state == state => continue,
+                    Some(id) => *id,
+                    None => {
+                        let id = self.next_backend_id;
+                        self.next_backend_id += 1;
+                        id
+                    }
+                };
+                self.maps.put_backend(id, &abi_backend(&addr, state))?;
+                stats.writes += 1;
+                self.by_addr.insert(addr, id);
+                let refs = self.backends.get(&id).map_or(0, |e| e.refs);
+                self.backends.insert(id, BackendEntry { addr, state, refs });
+            }
+        }
+
+        // 2.-3. Slots, then slot 0, per frontend.
+        let mut deferred = Deferred::default();
+        for f in &wanted {
+            let ids: Vec<u32> = f
+                .backends
+                .iter()
+                .map(|b| self.by_addr[&(b.addr, b.port, f.key.protocol)])
+                .collect();
+            let (rev_nat_id, old) = match self.frontends.get(&f.key) {
+                Some(a) => (a.rev_nat_id, a.slots.clone()),
+                None => {
+                    let id = self.next_rev_nat_id;
+                    self.next_rev_nat_id += 1;
+                    let rn = RevNat {
+                        addr: addr_to_abi(f.key.addr),
+                        port: f.key.port,
+                        _pad: [0; 6],
+                    };
+                    self.maps.put_rev_nat(id, &rn)?;
+                    stats.writes += 1;
+                    (id, Vec::new())
+                }
+            };
+            let is_new = !self.frontends.contains_key(&f.key);
+            for (i, id) in ids.iter().enumerate() {
+                if old.get(i) != Some(id) {
+                    let value = ServiceValue {
+                        backend_id: *id,
+                        ..ServiceValue::default()
+                    };
+                    self.maps
+                        .put_service(&service_key(&f.key, i as u16 + 1), &value)?;
+                    stats.writes += 1;
+                }
+            }
+            if is_new || old.len() != ids.len() {
+                let value = ServiceValue {
+                    count: ids.len() as u16,
+                    flags: SVC_FLAG_CLUSTER_IP,
+                    rev_nat_id,
+                    ..ServiceValue::default()
+                };
+                self.maps.put_service(&service_key(&f.key, 0), &value)?;
+                stats.writes += 1;
+            }
+            deferred
+                .service_keys
+                .extend((ids.len() + 1..=old.len()).map(|s| service_key(&f.key, s as u16)));
+            for id in &ids {
+                self.backend_refs(*id, 1);
+            }
+            deferred.released.extend(old.iter().copied());
+            self.service_entries =
+                self.service_entries + ids.len() + usize::from(is_new) - old.len();
+            self.frontends.insert(
+                f.key,
+                AppliedFrontend {
+                    owner: Some(owner.clone()),
+                    rev_nat_id,
+                    slots: ids,
+                },
+            );
+        }
+
+        // 4. Frontends that are gone stop being found.
+        for key in gone {
+            let a = self.frontends.remove(&key).expect("listed above");
+            self.maps.del_service(&service_key(&key, 0))?;
+            stats.deletes += 1;
+            deferred
+                .service_keys
+                .extend((1..=a.slots.len()).map(|s| service_key(&key, s as u16)));
+            deferred.rev_nat_ids.push(a.rev_nat_id);
+            deferred.released.extend(a.slots.iter().copied());
+            self.service_entries -= 1 + a.slots.len();
+        }
+
+        // 5.-6.
+        stats.deletes += self.finish(deferred)?;
+        if let Some((key, other)) = conflicts.first() {
+            return Err(DataplaneError::Conflict {
+                service: owner.clone(),
+                frontend: *key,
+                owner: other.clone(),
+            });
+        }
+        Ok(stats)
+    }
+
+    /// Remove every frontend nobody claimed since start-up (services deleted
+    /// while no agent ran). Call once all sources have synced.
+    pub fn prune_unclaimed(&mut self) -> Result<ApplyStats, DataplaneError> {
+        let unclaimed: Vec<FrontendKey> = self
+            .frontends
+            .iter()
+            .filter(|(_, a)| a.owner.is_none())
+            .map(|(k, _)| *k)
+            .collect();
+        let mut stats = ApplyStats::default();
+        let mut deferred = Deferred::default();
+        for key in unclaimed {
+            let a = self.frontends.remove(&key).expect("listed above");
+            self.maps.del_service(&service_key(&key, 0))?;
+            stats.deletes += 1;
+            deferred
+                .service_keys
+                .extend((1..=a.slots.len()).map(|s| service_key(&key, s as u16)));
+            deferred.rev_nat_ids.push(a.rev_nat_id);
+            deferred.released.extend(a.slots.iter().copied());
+            self.service_entries -= 1 + a.slots.len();
+        }
+        stats.deletes += self.finish(deferred)?;
+        Ok(stats)
+    }
+
+    /// Entries in use: (services map, backends map).
+    pub fn usage(&self) -> (usize, usize) {
+        (self.service_entries, self.backends.len())
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    fn backend_refs(&mut self, id: u32, delta: i32) {
+        if let Some(e) = self.backends.get_mut(&id) {
+            e.refs = e.refs.saturating_add_signed(delta);
+        }
+    }
+
+    fn finish(&mut self, d: Deferred) -> Result<usize, DataplaneError> {
+        for id in &d.released {
+            self.backend_refs(*id, -1);
+        }
+        // Only backends this update released can have become orphans.
+        let mut orphans: Vec<u32> = d
+            .released
+            .iter()
+            .copied()
+            .filter(|id| self.backends.get(id).is_some_and(|e| e.refs == 0))
+            .collect();
+        orphans.sort_unstable();
+        orphans.dedup();
+        if d.service_keys.is_empty() && d.rev_nat_ids.is_empty() && orphans.is_empty() {
+            return Ok(0);
+        }
+        self.maps.barrier()?;
+        let mut deletes = 0;
+        for key in &d.service_keys {
+            self.maps.del_service(key)?;
+            deletes += 1;
+        }
+        for id in &d.rev_nat_ids {
+            self.maps.del_rev_nat(*id)?;
+            deletes += 1;
+        }
+        for id in orphans {
+            let e = self.backends.remove(&id).expect("listed above");
+            self.by_addr.remove(&e.addr);
+            self.maps.del_backend(id)?;
+            deletes += 1;
+        }
+        Ok(deletes)
+    }
+
+    /// Refuse, before writing anything, an update the maps can't hold, so a
+    /// full map never leaves a service half-written. Stale entries are
+    /// deleted only after the new ones are written, so the peak is what is in
+    /// use now plus every entry the update adds.
+    fn check_capacity(
+        &self,
+        owner: &ServiceId,
+        wanted: &[&Frontend],
+    ) -> Result<(), DataplaneError> {
+        let added: usize = wanted
+            .iter()
+            .map(|f| match self.frontends.get(&f.key) {
+                Some(a) => f.backends.len().saturating_sub(a.slots.len()),
+                None => 1 + f.backends.len(),
+            })
+            .sum();
+        let services = self.service_entries + added;
+        let new_backends: BTreeSet<BackendAddr> = wanted
+            .iter()
+            .flat_map(|f| f.backends.iter().map(|b| (b.addr, b.port, f.key.protocol)))
+            .filter(|a| !self.by_addr.contains_key(a))
+            .collect();
+        let backends = self.backends.len() + new_backends.len();
+        if services > self.capacity.services || backends > self.capacity.backends {
+            return Err(DataplaneError::Full {
+                service: owner.clone(),
+                services_needed: services,
+                services_capacity: self.capacity.services,
+                backends_needed: backends,
+                backends_capacity: self.capacity.backends,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn abi_backend(addr: &BackendAddr, state: u8) -> AbiBackend {
+    AbiBackend {
+        addr: addr_to_abi(addr.0),
+        port: addr.1,
+        proto: proto_to_abi(addr.2),
+        state,
+        _pad: 0,
+    }
+}
+
+#[cfg(test)]
+#[path = "writer_tests.rs"]
+mod tests;

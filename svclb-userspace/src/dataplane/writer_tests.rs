@@ -1,0 +1,508 @@
+//! The writer against in-memory maps that check, after every single map
+//! operation, what a concurrent reader could observe.
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::model::{Backend, Frontend, FrontendKey, Protocol, ServiceId};
+
+#[derive(Default, Clone)]
+struct FakeMaps {
+    services: HashMap<ServiceKey, ServiceValue>,
+    backends: HashMap<u32, AbiBackend>,
+    rev_nat: HashMap<u32, RevNat>,
+    /// Per frontend (slot-0 key): every count a reader may still be acting on,
+    /// i.e. counts written since the last barrier, plus the current one.
+    reader_counts: HashMap<ServiceKey, BTreeSet<u16>>,
+    ops: usize,
+    barriers: usize,
+}
+
+impl FakeMaps {
+    fn slot_key(k: &ServiceKey, slot: u16) -> ServiceKey {
+        ServiceKey { slot, ..*k }
+    }
+
+    /// What a reader could do right now must never hit a missing slot or backend.
+    fn check_readers(&self) {
+        for (k, counts) in &self.reader_counts {
+            for &c in counts {
+                for s in 1..=c {
+                    let slot = self.services.get(&Self::slot_key(k, s));
+                    let slot = slot.unwrap_or_else(|| {
+                        panic!(
+                            "reader with count {c} finds slot {s} of {k:?} missing (op {})",
+                            self.ops
+                        )
+                    });
+                    assert!(
+                        self.backends.contains_key(&slot.backend_id),
+                        "slot {s} of {k:?} names missing backend {} (op {})",
+                        slot.backend_id,
+                        self.ops
+                    );
+                }
+            }
+        }
+    }
+
+    fn op(&mut self) -> Result<(), DataplaneError> {
+        self.ops += 1;
+        Ok(())
+    }
+}
+
+impl MapOps for FakeMaps {
+    fn put_service(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+    ) -> Result<(), DataplaneError> {
+        self.op()?;
+        if key.slot == 0 {
+            self.reader_counts
+                .entry(*key)
+                .or_default()
+                .insert(value.count);
+        }
+        self.services.insert(*key, *value);
+        self.check_readers();
+        Ok(())
+    }
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        self.ops += 1;
+        assert!(
+            self.services.remove(key).is_some(),
+            "deleting missing {key:?}"
+        );
+        self.check_readers();
+        Ok(())
+    }
+    fn put_backend(&mut self, id: u32, backend: &AbiBackend) -> Result<(), DataplaneError> {
+        self.op()?;
+        self.backends.insert(id, *backend);
+        Ok(())
+    }
+    fn del_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.ops += 1;
+        assert!(
+            self.backends.remove(&id).is_some(),
+            "deleting missing backend {id}"
+        );
+        self.check_readers();
+        Ok(())
+    }
+    fn put_rev_nat(&mut self, id: u32, rev_nat: &RevNat) -> Result<(), DataplaneError> {
+        self.op()?;
+        self.rev_nat.insert(id, *rev_nat);
+        Ok(())
+    }
+    fn del_rev_nat(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.ops += 1;
+        assert!(
+            self.rev_nat.remove(&id).is_some(),
+            "deleting missing rev-nat {id}"
+        );
+        Ok(())
+    }
+    fn barrier(&mut self) -> Result<(), DataplaneError> {
+        self.barriers += 1;
+        // Readers that started before now are done; new ones see current counts.
+        self.reader_counts = self
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .map(|(k, v)| (*k, BTreeSet::from([v.count])))
+            .collect();
+        Ok(())
+    }
+    fn read_all(&self) -> Result<MapContents, DataplaneError> {
+        Ok(MapContents {
+            services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
+        })
+    }
+}
+
+/// The maps' content as the model would describe it.
+fn observed(m: &FakeMaps) -> BTreeMap<FrontendKey, Vec<(IpAddr, u16, bool)>> {
+    let mut out = BTreeMap::new();
+    for (k, v) in m.services.iter().filter(|(k, _)| k.slot == 0) {
+        let backends = (1..=v.count)
+            .map(|s| {
+                let id = m.services[&FakeMaps::slot_key(k, s)].backend_id;
+                let b = m.backends[&id];
+                (
+                    addr_from_abi(b.addr),
+                    b.port,
+                    b.state == BACKEND_TERMINATING,
+                )
+            })
+            .collect();
+        out.insert(frontend_key(k).unwrap(), backends);
+    }
+    out
+}
+
+/// No entry that nothing can reach: slots within counts, referenced backends,
+/// rev-NAT entries of live frontends only.
+fn assert_no_garbage(m: &FakeMaps) {
+    let mut referenced = BTreeSet::new();
+    let mut rev_nats = BTreeSet::new();
+    for (k, v) in &m.services {
+        if k.slot == 0 {
+            rev_nats.insert(v.rev_nat_id);
+        } else {
+            let record = m
+                .services
+                .get(&FakeMaps::slot_key(k, 0))
+                .expect("slot without frontend");
+            assert!(k.slot <= record.count, "stale slot {k:?}");
+            referenced.insert(v.backend_id);
+        }
+    }
+    assert_eq!(
+        referenced,
+        m.backends.keys().copied().collect(),
+        "unreferenced backends"
+    );
+    assert_eq!(
+        rev_nats,
+        m.rev_nat.keys().copied().collect(),
+        "stale rev-NAT entries"
+    );
+}
+
+fn expected(
+    desired: &BTreeMap<ServiceId, Vec<Frontend>>,
+) -> BTreeMap<FrontendKey, Vec<(IpAddr, u16, bool)>> {
+    desired
+        .values()
+        .flatten()
+        .map(|f| {
+            (
+                f.key,
+                f.backends
+                    .iter()
+                    .map(|b| (b.addr, b.port, b.terminating))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn sid(name: &str) -> ServiceId {
+    ServiceId {
+        namespace: "default".into(),
+        name: name.into(),
+    }
+}
+
+fn fe(ip: &str, port: u16, protocol: Protocol, backends: &[(&str, u16)]) -> Frontend {
+    Frontend {
+        key: FrontendKey {
+            addr: ip.parse().unwrap(),
+            port,
+            protocol,
+        },
+        backends: backends
+            .iter()
+            .map(|(a, p)| Backend {
+                addr: a.parse().unwrap(),
+                port: *p,
+                terminating: false,
+            })
+            .collect(),
+    }
+}
+
+fn writer() -> Writer<FakeMaps> {
+    Writer::adopt(FakeMaps::default(), Capacity::default()).unwrap()
+}
+
+#[test]
+fn creates_updates_and_removes_a_service() {
+    let mut w = writer();
+    let a = sid("a");
+    let v1 = vec![fe(
+        "198.19.0.10",
+        80,
+        Protocol::Tcp,
+        &[("198.18.1.2", 8080), ("198.18.1.3", 8080)],
+    )];
+    w.apply(&a, &v1).unwrap();
+    assert_eq!(
+        observed(w.maps()),
+        expected(&BTreeMap::from([(a.clone(), v1)]))
+    );
+    assert_no_garbage(w.maps());
+
+    let v2 = vec![fe(
+        "198.19.0.10",
+        80,
+        Protocol::Tcp,
+        &[("198.18.1.3", 8080)],
+    )];
+    let barriers = w.maps().barriers;
+    w.apply(&a, &v2).unwrap();
+    assert_eq!(
+        observed(w.maps()),
+        expected(&BTreeMap::from([(a.clone(), v2)]))
+    );
+    assert_eq!(
+        w.maps().barriers,
+        barriers + 1,
+        "shrinking waits for readers once"
+    );
+    assert_no_garbage(w.maps());
+
+    w.apply(&a, &[]).unwrap();
+    assert!(
+        w.maps().services.is_empty() && w.maps().backends.is_empty() && w.maps().rev_nat.is_empty()
+    );
+}
+
+#[test]
+fn a_backend_turning_terminating_is_updated_in_place() {
+    let mut w = writer();
+    let mut v = vec![fe(
+        "198.19.0.10",
+        80,
+        Protocol::Tcp,
+        &[("198.18.1.2", 8080)],
+    )];
+    w.apply(&sid("a"), &v).unwrap();
+    v[0].backends[0].terminating = true;
+    let stats = w.apply(&sid("a"), &v).unwrap();
+    assert_eq!(
+        stats,
+        ApplyStats {
+            writes: 1,
+            deletes: 0
+        },
+        "only the backend record changes"
+    );
+    assert_eq!(
+        observed(w.maps()),
+        expected(&BTreeMap::from([(sid("a"), v)]))
+    );
+}
+
+#[test]
+fn unchanged_service_writes_nothing() {
+    let mut w = writer();
+    let v = vec![fe(
+        "198.19.0.10",
+        80,
+        Protocol::Tcp,
+        &[("198.18.1.2", 8080)],
+    )];
+    w.apply(&sid("a"), &v).unwrap();
+    let ops = w.maps().ops;
+    assert_eq!(w.apply(&sid("a"), &v).unwrap(), ApplyStats::default());
+    assert_eq!(w.maps().ops, ops);
+}
+
+#[test]
+fn restart_adopts_the_maps_and_rewrites_nothing() {
+    let mut w = writer();
+    let a = vec![fe(
+        "198.19.0.10",
+        80,
+        Protocol::Tcp,
+        &[("198.18.1.2", 8080), ("198.18.1.3", 8080)],
+    )];
+    let b = vec![fe("fd00:5::b", 53, Protocol::Udp, &[("fd00::1:2", 5353)])];
+    w.apply(&sid("a"), &a).unwrap();
+    w.apply(&sid("b"), &b).unwrap();
+    let maps = w.maps().clone();
+
+    let mut restarted = Writer::adopt(maps, Capacity::default()).unwrap();
+    let ops = restarted.maps().ops;
+    assert_eq!(
+        restarted.apply(&sid("a"), &a).unwrap(),
+        ApplyStats::default()
+    );
+    assert_eq!(
+        restarted.maps().ops,
+        ops,
+        "a restart must not rewrite what is right"
+    );
+    // b was deleted while no agent ran: pruned once the sources synced.
+    restarted.prune_unclaimed().unwrap();
+    assert_eq!(
+        observed(restarted.maps()),
+        expected(&BTreeMap::from([(sid("a"), a)]))
+    );
+    assert_no_garbage(restarted.maps());
+}
+
+#[test]
+fn adopt_drops_half_written_frontends_and_garbage() {
+    let mut m = FakeMaps::default();
+    let fk = FrontendKey {
+        addr: "198.19.0.10".parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    // Slot 0 says two backends, slot 2 names a backend that doesn't exist.
+    m.services.insert(
+        service_key(&fk, 0),
+        ServiceValue {
+            count: 2,
+            rev_nat_id: 1,
+            ..Default::default()
+        },
+    );
+    m.services.insert(
+        service_key(&fk, 1),
+        ServiceValue {
+            backend_id: 7,
+            ..Default::default()
+        },
+    );
+    m.services.insert(
+        service_key(&fk, 2),
+        ServiceValue {
+            backend_id: 8,
+            ..Default::default()
+        },
+    );
+    m.services.insert(
+        service_key(&fk, 9),
+        ServiceValue {
+            backend_id: 7,
+            ..Default::default()
+        },
+    );
+    m.backends.insert(
+        7,
+        abi_backend(&("198.18.1.2".parse().unwrap(), 8080, Protocol::Tcp), 0),
+    );
+    m.rev_nat.insert(1, RevNat::default());
+    let w = Writer::adopt(m, Capacity::default()).unwrap();
+    assert!(w.maps().services.is_empty(), "{:?}", w.maps().services);
+    assert!(w.maps().backends.is_empty() && w.maps().rev_nat.is_empty());
+}
+
+#[test]
+fn a_full_map_refuses_the_service_and_leaves_others_intact() {
+    let mut w = Writer::adopt(
+        FakeMaps::default(),
+        Capacity {
+            services: 6,
+            backends: 100,
+        },
+    )
+    .unwrap();
+    let a = vec![fe(
+        "198.19.0.10",
+        80,
+        Protocol::Tcp,
+        &[("198.18.1.2", 80), ("198.18.1.3", 80)],
+    )];
+    w.apply(&sid("a"), &a).unwrap();
+    let before = w.maps().services.clone();
+    let big = vec![fe(
+        "198.19.0.11",
+        80,
+        Protocol::Tcp,
+        &[("198.18.1.4", 80), ("198.18.1.5", 80), ("198.18.1.6", 80)],
+    )];
+    let err = w.apply(&sid("big"), &big).unwrap_err();
+    assert!(
+        err.to_string().contains("default/big") && err.to_string().contains("full"),
+        "{err}"
+    );
+    assert_eq!(w.maps().services, before);
+    assert_eq!(
+        observed(w.maps()),
+        expected(&BTreeMap::from([(sid("a"), a)]))
+    );
+}
+
+#[test]
+fn a_frontend_owned_by_another_service_is_not_taken_over() {
+    let mut w = writer();
+    let a = vec![fe("198.19.0.10", 80, Protocol::Tcp, &[("198.18.1.2", 80)])];
+    w.apply(&sid("a"), &a).unwrap();
+    let err = w
+        .apply(
+            &sid("b"),
+            &[fe("198.19.0.10", 80, Protocol::Tcp, &[("198.18.1.9", 80)])],
+        )
+        .unwrap_err();
+    assert!(matches!(err, DataplaneError::Conflict { .. }), "{err}");
+    assert_eq!(
+        observed(w.maps()),
+        expected(&BTreeMap::from([(sid("a"), a)]))
+    );
+}
+
+fn arb_frontends() -> impl Strategy<Value = Vec<Frontend>> {
+    // Few addresses so services share backends and frontends move around.
+    // Like the model's output: one entry per backend address and port, and a
+    // backend's state is the endpoint's (the same in every service): here
+    // hosts 4 and 5 are terminating.
+    let backends =
+        prop::collection::btree_set((0u8..6, prop::sample::select(vec![80u16, 8080])), 0..6);
+    let frontend = (
+        0u8..3,
+        prop::sample::select(vec![Protocol::Tcp, Protocol::Udp]),
+        backends,
+    )
+        .prop_map(|(h, protocol, backends)| Frontend {
+            key: FrontendKey {
+                addr: IpAddr::from([198, 19, 0, h]),
+                port: 80,
+                protocol,
+            },
+            backends: backends
+                .into_iter()
+                .map(|(b, port)| Backend {
+                    addr: IpAddr::from([198, 18, 1, b]),
+                    port,
+                    terminating: b >= 4,
+                })
+                .collect(),
+        });
+    prop::collection::vec(frontend, 0..4).prop_map(|mut v| {
+        v.sort_by_key(|f| f.key);
+        v.dedup_by_key(|f| f.key);
+        v
+    })
+}
+
+proptest! {
+    /// Any sequence of updates: readers never see a missing slot or backend
+    /// (checked after every map operation), the maps end up exactly as
+    /// desired with no garbage, and a restart adopts them without writes.
+    #[test]
+    fn any_update_sequence_is_consistent(steps in prop::collection::vec((0usize..3, arb_frontends()), 1..12)) {
+        let mut w = writer();
+        let mut desired: BTreeMap<ServiceId, Vec<Frontend>> = BTreeMap::new();
+        for (svc, frontends) in steps {
+            let id = sid(&format!("s{svc}"));
+            // Keys owned by another service are conflicts, which the writer skips.
+            let owned_elsewhere: BTreeSet<FrontendKey> =
+                desired.iter().filter(|(o, _)| **o != id).flat_map(|(_, fs)| fs.iter().map(|f| f.key)).collect();
+            let conflict = frontends.iter().any(|f| owned_elsewhere.contains(&f.key));
+            let result = w.apply(&id, &frontends);
+            prop_assert_eq!(result.is_err(), conflict);
+            let kept: Vec<Frontend> = frontends.into_iter().filter(|f| !owned_elsewhere.contains(&f.key)).collect();
+            desired.insert(id, kept);
+            prop_assert_eq!(observed(w.maps()), expected(&desired));
+            assert_no_garbage(w.maps());
+        }
+        let maps = w.maps().clone();
+        let mut restarted = Writer::adopt(maps, Capacity::default()).unwrap();
+        let ops = restarted.maps().ops;
+        for (id, fs) in &desired {
+            restarted.apply(id, fs).unwrap();
+        }
+        prop_assert_eq!(restarted.maps().ops, ops);
+    }
+}

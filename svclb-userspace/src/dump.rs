@@ -1,0 +1,174 @@
+//! `svclb maps dump`: what the kernel is doing, read from the pinned maps.
+//! Works while an agent runs and after it has stopped.
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::Context;
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use serde::Serialize;
+use svclb_common::{
+    maps, Backend, ServiceKey, ServiceValue, BACKEND_TERMINATING, SVC_FLAG_CLUSTER_IP,
+};
+
+use crate::cli::Output;
+use crate::dataplane::abi::{addr_from_abi, frontend_key};
+use crate::dataplane::{entries, map_path};
+use crate::model::FrontendKey;
+
+#[derive(Debug, Serialize)]
+pub struct Dump {
+    pub frontends: Vec<FrontendDump>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FrontendDump {
+    pub address: String,
+    pub port: u16,
+    pub protocol: String,
+    pub rev_nat_id: u32,
+    pub flags: Vec<&'static str>,
+    pub backends: Vec<BackendDump>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendDump {
+    pub id: u32,
+    pub address: String,
+    pub port: u16,
+    /// "active", "terminating", or "missing" (a slot naming no backend: a bug).
+    pub state: &'static str,
+}
+
+fn open<K: aya::Pod, V: aya::Pod>(
+    bpffs: &Path,
+    name: &'static str,
+) -> anyhow::Result<BpfHashMap<MapData, K, V>> {
+    let path = map_path(bpffs, name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening {} (is an agent using {}?)",
+            path.display(),
+            bpffs.display()
+        )
+    })?;
+    BpfHashMap::try_from(Map::HashMap(data))
+        .with_context(|| format!("{} is not the map svclb expects", path.display()))
+}
+
+pub fn read(bpffs: &Path) -> anyhow::Result<Dump> {
+    let services = entries(
+        &open::<ServiceKey, ServiceValue>(bpffs, maps::SERVICES)?,
+        maps::SERVICES,
+    )?;
+    let backends: HashMap<u32, Backend> = entries(
+        &open::<u32, Backend>(bpffs, maps::BACKENDS)?,
+        maps::BACKENDS,
+    )?
+    .into_iter()
+    .collect();
+    let mut records: BTreeMap<FrontendKey, ServiceValue> = BTreeMap::new();
+    let mut slots: HashMap<(FrontendKey, u16), u32> = HashMap::new();
+    for (key, value) in services {
+        let Some(fk) = frontend_key(&key) else {
+            continue;
+        };
+        if key.slot == 0 {
+            records.insert(fk, value);
+        } else {
+            slots.insert((fk, key.slot), value.backend_id);
+        }
+    }
+    let frontends = records
+        .into_iter()
+        .map(|(fk, record)| FrontendDump {
+            address: fk.addr.to_string(),
+            port: fk.port,
+            protocol: fk.protocol.to_string(),
+            rev_nat_id: record.rev_nat_id,
+            flags: if record.flags & SVC_FLAG_CLUSTER_IP != 0 {
+                vec!["ClusterIP"]
+            } else {
+                vec![]
+            },
+            backends: (1..=record.count)
+                .map(|slot| {
+                    let id = slots.get(&(fk, slot)).copied().unwrap_or(0);
+                    match backends.get(&id) {
+                        Some(b) => BackendDump {
+                            id,
+                            address: addr_from_abi(b.addr).to_string(),
+                            port: b.port,
+                            state: if b.state == BACKEND_TERMINATING {
+                                "terminating"
+                            } else {
+                                "active"
+                            },
+                        },
+                        None => BackendDump {
+                            id,
+                            address: String::new(),
+                            port: 0,
+                            state: "missing",
+                        },
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(Dump { frontends })
+}
+
+pub fn run(bpffs: &Path, output: Output) -> anyhow::Result<()> {
+    let dump = read(bpffs)?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&dump)?),
+        Output::Table => print!("{}", table(&dump)),
+    }
+    Ok(())
+}
+
+fn table(dump: &Dump) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<40} {:<10} {:<8} BACKENDS",
+        "FRONTEND", "FLAGS", "REV-NAT"
+    );
+    for f in &dump.frontends {
+        let frontend = if f.address.contains(':') {
+            format!("[{}]:{}/{}", f.address, f.port, f.protocol)
+        } else {
+            format!("{}:{}/{}", f.address, f.port, f.protocol)
+        };
+        let backends: Vec<String> = f
+            .backends
+            .iter()
+            .map(|b| {
+                let addr = if b.address.contains(':') {
+                    format!("[{}]:{}", b.address, b.port)
+                } else {
+                    format!("{}:{}", b.address, b.port)
+                };
+                format!("{addr} ({}, id {})", b.state, b.id)
+            })
+            .collect();
+        let first = if backends.is_empty() {
+            "(none: connections refused)".to_string()
+        } else {
+            backends[0].clone()
+        };
+        let _ = writeln!(
+            out,
+            "{:<40} {:<10} {:<8} {}",
+            frontend,
+            f.flags.join(","),
+            f.rev_nat_id,
+            first
+        );
+        for b in backends.iter().skip(1) {
+            let _ = writeln!(out, "{:<40} {:<10} {:<8} {}", "", "", "", b);
+        }
+    }
+    out
+}
