@@ -122,7 +122,8 @@ fn build(release: bool) -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     let svclb = profile_dir(false).join("svclb");
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace"]).env("SVCLB_BIN", &svclb);
+    // Default members only: svclb-ebpf builds for the BPF target, not the host.
+    cmd.args(["test"]).env("SVCLB_BIN", &svclb);
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }

@@ -10,12 +10,17 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 mod store;
+#[cfg(test)]
+mod tests;
 mod translate;
 
 pub use store::ObjectStore;
+pub use store::LABEL_SERVICE_NAME;
 pub use translate::translate;
+pub use translate::{skip, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
 
 /// A Kubernetes object svclb consumes, from either source (API or manifests).
 #[derive(Clone, Debug, PartialEq)]
@@ -23,6 +28,25 @@ pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     Node(Box<Node>),
+}
+
+impl Object {
+    /// The Kubernetes kind, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Service(_) => "Service",
+            Object::EndpointSlice(_) => "EndpointSlice",
+            Object::Node(_) => "Node",
+        }
+    }
+
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+            Object::Node(o) => &o.metadata,
+        }
+    }
 }
 
 /// namespace/name of a Service.

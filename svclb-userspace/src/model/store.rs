@@ -1,0 +1,245 @@
+//! The objects the agent has seen, indexed so that every change can be mapped
+//! to the Services whose translation it affects. Pure: no I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::{translate, ModelError, NodeContext, Object, ServiceId, Translation};
+
+/// The label the EndpointSlice controller puts on every slice it manages,
+/// naming its Service (in the slice's namespace).
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+/// namespace/name of an EndpointSlice.
+type SliceKey = (String, String);
+
+struct StoredSlice {
+    service: ServiceId,
+    slice: EndpointSlice,
+}
+
+/// Services, EndpointSlices (indexed by their Service) and Nodes.
+///
+/// Every mutation returns the Services whose translation inputs changed; the
+/// caller re-translates exactly those. These may name Services that do not
+/// exist (a slice can arrive before its Service, or outlive it): for them
+/// [`ObjectStore::translate`] returns None.
+#[derive(Default)]
+pub struct ObjectStore {
+    services: BTreeMap<ServiceId, Service>,
+    slices: BTreeMap<SliceKey, StoredSlice>,
+    slices_by_service: BTreeMap<ServiceId, BTreeSet<SliceKey>>,
+    nodes: BTreeMap<String, Node>,
+}
+
+impl ObjectStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces one object. Objects that cannot be keyed (no name) or
+    /// indexed (slice without service label) are not kept, and are reported;
+    /// a slice that loses its label is removed.
+    pub fn upsert(&mut self, obj: Object) -> (BTreeSet<ServiceId>, Vec<ModelError>) {
+        let mut affected = BTreeSet::new();
+        let mut errors = Vec::new();
+        let Some((namespace, name)) = key(&obj) else {
+            errors.push(unkeyed(&obj));
+            return (affected, errors);
+        };
+        match obj {
+            Object::Service(mut svc) => {
+                normalize(&mut svc.metadata);
+                let id = ServiceId { namespace, name };
+                if self.services.get(&id) != Some(&*svc) {
+                    self.services.insert(id.clone(), *svc);
+                    affected.insert(id);
+                }
+            }
+            Object::EndpointSlice(mut slice) => {
+                normalize(&mut slice.metadata);
+                let key = (namespace, name);
+                let Some(service) = slice_service(&key.0, &slice) else {
+                    errors.push(ModelError::Invalid {
+                        kind: "EndpointSlice",
+                        object: format!("{}/{}", key.0, key.1),
+                        reason: format!("no {LABEL_SERVICE_NAME} label; ignored"),
+                    });
+                    affected.extend(self.remove_slice(&key));
+                    return (affected, errors);
+                };
+                if let Some(old) = self.slices.get(&key) {
+                    if old.service == service && old.slice == *slice {
+                        return (affected, errors);
+                    }
+                }
+                // A slice whose label changed leaves its old Service.
+                affected.extend(self.remove_slice(&key));
+                let index = self.slices_by_service.entry(service.clone());
+                index.or_default().insert(key.clone());
+                let slice = *slice;
+                let stored = StoredSlice {
+                    service: service.clone(),
+                    slice,
+                };
+                self.slices.insert(key, stored);
+                affected.insert(service);
+            }
+            Object::Node(mut node) => {
+                normalize(&mut node.metadata);
+                // No translation reads Nodes yet (NodePort and topology will):
+                // nothing is affected.
+                self.nodes.insert(name, *node);
+            }
+        }
+        (affected, errors)
+    }
+
+    /// Removes the object with obj's kind, namespace and name, if stored.
+    pub fn delete(&mut self, obj: &Object) -> BTreeSet<ServiceId> {
+        let mut affected = BTreeSet::new();
+        let Some((namespace, name)) = key(obj) else {
+            return affected;
+        };
+        match obj {
+            Object::Service(_) => {
+                let id = ServiceId { namespace, name };
+                if self.services.remove(&id).is_some() {
+                    affected.insert(id);
+                }
+            }
+            Object::EndpointSlice(_) => affected.extend(self.remove_slice(&(namespace, name))),
+            Object::Node(_) => {
+                self.nodes.remove(&name);
+            }
+        }
+        affected
+    }
+
+    /// Makes the store hold exactly `objs` (a full listing, e.g. after a
+    /// watch restart or a manifests reload): upserts all of them and deletes
+    /// whatever is not among them.
+    pub fn replace_all(&mut self, objs: Vec<Object>) -> (BTreeSet<ServiceId>, Vec<ModelError>) {
+        let mut services = BTreeSet::new();
+        let mut slices = BTreeSet::new();
+        let mut nodes = BTreeSet::new();
+        let mut affected = BTreeSet::new();
+        let mut errors = Vec::new();
+        for obj in objs {
+            if let Some((namespace, name)) = key(&obj) {
+                match obj {
+                    Object::Service(_) => services.insert(ServiceId { namespace, name }),
+                    Object::EndpointSlice(_) => slices.insert((namespace, name)),
+                    Object::Node(_) => nodes.insert(name),
+                };
+            }
+            let (a, e) = self.upsert(obj);
+            affected.extend(a);
+            errors.extend(e);
+        }
+        let gone: Vec<ServiceId> = (self.services.keys())
+            .filter(|id| !services.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.services.remove(&id);
+            affected.insert(id);
+        }
+        let gone: Vec<SliceKey> = (self.slices.keys())
+            .filter(|key| !slices.contains(*key))
+            .cloned()
+            .collect();
+        for key in gone {
+            affected.extend(self.remove_slice(&key));
+        }
+        self.nodes.retain(|name, _| nodes.contains(name));
+        (affected, errors)
+    }
+
+    /// The Service's translation from the stored objects; None when the
+    /// Service is not stored.
+    pub fn translate(&self, id: &ServiceId, node: &NodeContext) -> Option<Translation> {
+        let svc = self.services.get(id)?;
+        let keys = self.slices_by_service.get(id).into_iter().flatten();
+        let slices: Vec<&EndpointSlice> = keys
+            .filter_map(|key| self.slices.get(key))
+            .map(|stored| &stored.slice)
+            .collect();
+        Some(translate(svc, &slices, node))
+    }
+
+    /// Stored Services, in order.
+    pub fn service_ids(&self) -> impl Iterator<Item = &ServiceId> {
+        self.services.keys()
+    }
+
+    pub fn service(&self, id: &ServiceId) -> Option<&Service> {
+        self.services.get(id)
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name)
+    }
+
+    /// Removes a slice and returns the Service it belonged to.
+    fn remove_slice(&mut self, key: &SliceKey) -> Option<ServiceId> {
+        let stored = self.slices.remove(key)?;
+        if let Some(keys) = self.slices_by_service.get_mut(&stored.service) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.slices_by_service.remove(&stored.service);
+            }
+        }
+        Some(stored.service)
+    }
+}
+
+/// (namespace, name); Nodes have namespace "". None without a name.
+fn key(obj: &Object) -> Option<(String, String)> {
+    let meta = obj.metadata();
+    let name = meta.name.clone().filter(|n| !n.is_empty())?;
+    let namespace = match obj {
+        Object::Node(_) => String::new(),
+        _ => namespace(meta).to_string(),
+    };
+    Some((namespace, name))
+}
+
+/// Objects without a namespace are in "default", as kubectl would put them.
+fn namespace(meta: &ObjectMeta) -> &str {
+    meta.namespace
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default")
+}
+
+fn slice_service(namespace: &str, slice: &EndpointSlice) -> Option<ServiceId> {
+    let labels = slice.metadata.labels.as_ref()?;
+    let name = labels.get(LABEL_SERVICE_NAME).filter(|n| !n.is_empty())?;
+    Some(ServiceId {
+        namespace: namespace.to_string(),
+        name: name.clone(),
+    })
+}
+
+/// Drops the metadata that changes on every write without changing the
+/// object, so that re-delivering an object (watch restart, relist) is a no-op.
+fn normalize(meta: &mut ObjectMeta) {
+    meta.resource_version = None;
+    meta.managed_fields = None;
+}
+
+fn unkeyed(obj: &Object) -> ModelError {
+    let object = match obj {
+        Object::Node(_) => "<unnamed>".to_string(),
+        _ => format!("{}/<unnamed>", namespace(obj.metadata())),
+    };
+    ModelError::Invalid {
+        kind: obj.kind(),
+        object,
+        reason: "metadata.name is missing; ignored".to_string(),
+    }
+}

@@ -1,0 +1,1060 @@
+//! Tests of the model: translation rules (table-driven), the object store,
+//! and properties of translate over generated (often garbage) input.
+//!
+//! Objects are written as JSON, the way they appear in the API, so a case
+//! reads like the manifest it stands for. Addresses: 198.18.0.0/15, fd00::/8.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::{json, Value};
+use svclb_common::MAX_BACKENDS_PER_FRONTEND;
+
+use super::*;
+
+fn service(v: Value) -> Service {
+    serde_json::from_value(v).expect("test Service")
+}
+
+fn slice(v: Value) -> EndpointSlice {
+    serde_json::from_value(v).expect("test EndpointSlice")
+}
+
+/// A ClusterIP Service demo/web with the given spec fields.
+fn web(spec: Value) -> Value {
+    json!({"metadata": {"name": "web", "namespace": "demo"}, "spec": spec})
+}
+
+/// An IPv4 slice of demo/web.
+fn web_slice(name: &str, ports: Value, endpoints: Value) -> Value {
+    typed_slice(name, "IPv4", ports, endpoints)
+}
+
+fn typed_slice(name: &str, address_type: &str, ports: Value, endpoints: Value) -> Value {
+    json!({
+        "metadata": {
+            "name": name,
+            "namespace": "demo",
+            "labels": {"kubernetes.io/service-name": "web"},
+        },
+        "addressType": address_type,
+        "ports": ports,
+        "endpoints": endpoints,
+    })
+}
+
+/// Ready endpoints, one per address.
+fn ready(addrs: &[&str]) -> Value {
+    addrs
+        .iter()
+        .map(|a| json!({"addresses": [a], "conditions": {"ready": true}}))
+        .collect()
+}
+
+fn run(svc: Value, slices: &[Value]) -> Translation {
+    let svc = service(svc);
+    let slices: Vec<EndpointSlice> = slices.iter().cloned().map(slice).collect();
+    let refs: Vec<&EndpointSlice> = slices.iter().collect();
+    translate(&svc, &refs, &NodeContext::default())
+}
+
+/// "frontend -> backend, backend (t)" lines, (t) marking terminating ones.
+fn render(t: &Translation) -> Vec<String> {
+    let backend = |b: &Backend| {
+        let mark = if b.terminating { " (t)" } else { "" };
+        format!("{}{mark}", SocketAddr::new(b.addr, b.port))
+    };
+    let frontend = |f: &Frontend| {
+        let backends: Vec<String> = f.backends.iter().map(backend).collect();
+        format!("{} -> {}", f.key, backends.join(", "))
+    };
+    t.frontends.iter().map(frontend).collect()
+}
+
+fn warnings(t: &Translation) -> Vec<String> {
+    t.warnings.iter().map(ToString::to_string).collect()
+}
+
+struct Case {
+    name: &'static str,
+    svc: Value,
+    slices: Vec<Value>,
+    frontends: &'static [&'static str],
+    /// Each warning must contain the respective text; the count must match.
+    warnings: &'static [&'static str],
+}
+
+fn check(cases: Vec<Case>) {
+    for case in cases {
+        let t = run(case.svc, &case.slices);
+        assert_eq!(render(&t), case.frontends, "case {:?}", case.name);
+        assert_eq!(t.skipped, None, "case {:?}", case.name);
+        let got = warnings(&t);
+        assert_eq!(
+            got.len(),
+            case.warnings.len(),
+            "case {:?}: {got:#?}",
+            case.name
+        );
+        for want in case.warnings {
+            assert!(
+                got.iter().any(|w| w.contains(want)),
+                "case {:?}: no warning contains {want:?}: {got:#?}",
+                case.name
+            );
+        }
+    }
+}
+
+#[test]
+fn frontends_and_backends() {
+    let http = json!([{"name": "http", "port": 8080, "protocol": "TCP"}]);
+    check(vec![
+        Case {
+            name: "single port",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [{"name": "http", "port": 80}]})),
+            slices: vec![web_slice(
+                "a",
+                http.clone(),
+                ready(&["198.19.0.2", "198.19.0.1"]),
+            )],
+            frontends: &["198.18.0.10:80/TCP -> 198.19.0.1:8080, 198.19.0.2:8080"],
+            warnings: &[],
+        },
+        Case {
+            name: "no slices: empty backend list (connections refused)",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [{"port": 80}]})),
+            slices: vec![],
+            frontends: &["198.18.0.10:80/TCP -> "],
+            warnings: &[],
+        },
+        Case {
+            name: "no ports: nothing to proxy",
+            svc: web(json!({"clusterIP": "198.18.0.10"})),
+            slices: vec![],
+            frontends: &[],
+            warnings: &[],
+        },
+        Case {
+            name: "dual stack: each family from its own slices",
+            svc: web(json!({
+                "clusterIP": "fd00::10",
+                "clusterIPs": ["fd00::10", "198.18.0.10"],
+                "ports": [{"name": "http", "port": 80}],
+            })),
+            slices: vec![
+                typed_slice("v6", "IPv6", http.clone(), ready(&["fd00::1:1"])),
+                web_slice("v4", http.clone(), ready(&["198.19.0.1"])),
+            ],
+            frontends: &[
+                "198.18.0.10:80/TCP -> 198.19.0.1:8080",
+                "[fd00::10]:80/TCP -> [fd00::1:1]:8080",
+            ],
+            warnings: &[],
+        },
+        Case {
+            name: "clusterIP alone is used when clusterIPs is unset",
+            svc: web(json!({"clusterIP": "fd00::10", "ports": [{"port": 80}]})),
+            slices: vec![typed_slice(
+                "v6",
+                "IPv6",
+                json!([{"port": 81}]),
+                ready(&["fd00::1:1"]),
+            )],
+            frontends: &["[fd00::10]:80/TCP -> [fd00::1:1]:81"],
+            warnings: &[],
+        },
+        Case {
+            name: "multiple ports and protocols, matched by name and protocol",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [
+                {"name": "http", "port": 80, "protocol": "TCP"},
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+            ]})),
+            slices: vec![web_slice(
+                "a",
+                json!([
+                    {"name": "dns", "port": 5353, "protocol": "UDP"},
+                    {"name": "dns-tcp", "port": 5354, "protocol": "TCP"},
+                    {"name": "http", "port": 8080},
+                ]),
+                ready(&["198.19.0.1"]),
+            )],
+            frontends: &[
+                "198.18.0.10:53/TCP -> 198.19.0.1:5354",
+                "198.18.0.10:53/UDP -> 198.19.0.1:5353",
+                "198.18.0.10:80/TCP -> 198.19.0.1:8080",
+            ],
+            warnings: &[],
+        },
+        Case {
+            name: "named targetPort: the slice port of the same name wins, targetPort is not used",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [
+                {"name": "web", "port": 80, "targetPort": "http-alt"},
+                {"port": 81, "targetPort": 9999},
+            ]})),
+            slices: vec![
+                web_slice(
+                    "a",
+                    json!([{"name": "web", "port": 9090}]),
+                    ready(&["198.19.0.1"]),
+                ),
+                // An unnamed service port matches an unnamed ("" or unset) slice port.
+                web_slice(
+                    "b",
+                    json!([{"name": "", "port": 9091}]),
+                    ready(&["198.19.0.2"]),
+                ),
+                web_slice("c", json!([{"port": 9092}]), ready(&["198.19.0.3"])),
+            ],
+            frontends: &[
+                "198.18.0.10:80/TCP -> 198.19.0.1:9090",
+                "198.18.0.10:81/TCP -> 198.19.0.2:9091, 198.19.0.3:9092",
+            ],
+            warnings: &[],
+        },
+        Case {
+            name: "port name or protocol mismatch: no backends",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [
+                {"name": "http", "port": 80},
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+            ]})),
+            slices: vec![web_slice(
+                "a",
+                json!([{"name": "metrics", "port": 9100}, {"name": "dns", "port": 53, "protocol": "TCP"}]),
+                ready(&["198.19.0.1"]),
+            )],
+            frontends: &["198.18.0.10:53/UDP -> ", "198.18.0.10:80/TCP -> "],
+            warnings: &[],
+        },
+        Case {
+            name: "multiple slices merge; the same endpoint twice counts once",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [{"name": "http", "port": 80}]})),
+            slices: vec![
+                web_slice("b", http.clone(), ready(&["198.19.0.3", "198.19.0.1"])),
+                web_slice(
+                    "a",
+                    http.clone(),
+                    ready(&["198.19.0.2", "198.19.0.1", "198.19.0.1"]),
+                ),
+            ],
+            frontends: &["198.18.0.10:80/TCP -> 198.19.0.1:8080, 198.19.0.2:8080, 198.19.0.3:8080"],
+            warnings: &[],
+        },
+        Case {
+            name: "slices disagreeing on the port number give both",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [{"name": "http", "port": 80}]})),
+            slices: vec![
+                web_slice("a", http.clone(), ready(&["198.19.0.1"])),
+                web_slice(
+                    "b",
+                    json!([{"name": "http", "port": 8081}]),
+                    ready(&["198.19.0.1"]),
+                ),
+            ],
+            frontends: &["198.18.0.10:80/TCP -> 198.19.0.1:8080, 198.19.0.1:8081"],
+            warnings: &[],
+        },
+        Case {
+            name: "only the first address of an endpoint is used",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [{"name": "http", "port": 80}]})),
+            slices: vec![web_slice(
+                "a",
+                http.clone(),
+                json!([{"addresses": ["198.19.0.5", "198.19.0.4"]}]),
+            )],
+            frontends: &["198.18.0.10:80/TCP -> 198.19.0.5:8080"],
+            warnings: &[],
+        },
+        Case {
+            name: "FQDN slices are ignored",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [{"name": "http", "port": 80}]})),
+            slices: vec![typed_slice(
+                "f",
+                "FQDN",
+                http.clone(),
+                json!([{"addresses": ["example.com"]}]),
+            )],
+            frontends: &["198.18.0.10:80/TCP -> "],
+            warnings: &[],
+        },
+        Case {
+            name: "NodePort and LoadBalancer services get their cluster IP frontends",
+            svc: web(json!({
+                "type": "LoadBalancer",
+                "clusterIP": "198.18.0.10",
+                "ports": [{"port": 80, "nodePort": 30080}],
+            })),
+            slices: vec![],
+            frontends: &["198.18.0.10:80/TCP -> "],
+            warnings: &[],
+        },
+        Case {
+            name: "type NodePort",
+            svc: web(
+                json!({"type": "NodePort", "clusterIP": "198.18.0.10", "ports": [{"port": 80}]}),
+            ),
+            slices: vec![],
+            frontends: &["198.18.0.10:80/TCP -> "],
+            warnings: &[],
+        },
+    ]);
+}
+
+#[test]
+fn endpoint_conditions() {
+    let svc = || web(json!({"clusterIP": "198.18.0.10", "ports": [{"port": 80}]}));
+    let one = |endpoints: Value| vec![web_slice("a", json!([{"port": 8080}]), endpoints)];
+    let ep = |addr: &str, conditions: Value| json!({"addresses": [addr], "conditions": conditions});
+    check(vec![
+        Case {
+            name: "conditions unset: ready",
+            svc: svc(),
+            slices: one(json!([{"addresses": ["198.19.0.1"]}, ep("198.19.0.2", json!({}))])),
+            frontends: &["198.18.0.10:80/TCP -> 198.19.0.1:8080, 198.19.0.2:8080"],
+            warnings: &[],
+        },
+        Case {
+            name: "not ready endpoints are left out while any is ready",
+            svc: svc(),
+            slices: one(json!([
+                ep("198.19.0.1", json!({"ready": true})),
+                ep("198.19.0.2", json!({"ready": false, "serving": false})),
+                ep(
+                    "198.19.0.3",
+                    json!({"ready": false, "serving": true, "terminating": true})
+                ),
+            ])),
+            frontends: &["198.18.0.10:80/TCP -> 198.19.0.1:8080"],
+            warnings: &[],
+        },
+        Case {
+            name: "ready and terminating counts as ready",
+            svc: svc(),
+            slices: one(json!([ep(
+                "198.19.0.1",
+                json!({"ready": true, "terminating": true})
+            )])),
+            frontends: &["198.18.0.10:80/TCP -> 198.19.0.1:8080"],
+            warnings: &[],
+        },
+        Case {
+            name: "none ready: fall back to serving and terminating",
+            svc: svc(),
+            slices: one(json!([
+                ep(
+                    "198.19.0.1",
+                    json!({"ready": false, "serving": true, "terminating": true})
+                ),
+                ep(
+                    "198.19.0.2",
+                    json!({"ready": false, "serving": false, "terminating": true})
+                ),
+                ep(
+                    "198.19.0.3",
+                    json!({"ready": false, "serving": true, "terminating": false})
+                ),
+                ep(
+                    "198.19.0.4",
+                    json!({"ready": false, "serving": true, "terminating": true})
+                ),
+            ])),
+            frontends: &["198.18.0.10:80/TCP -> 198.19.0.1:8080 (t), 198.19.0.4:8080 (t)"],
+            warnings: &[],
+        },
+        Case {
+            name: "ready in another slice beats terminating",
+            svc: svc(),
+            slices: vec![
+                web_slice(
+                    "a",
+                    json!([{"port": 8080}]),
+                    json!([ep(
+                        "198.19.0.1",
+                        json!({"ready": false, "serving": true, "terminating": true})
+                    )]),
+                ),
+                web_slice("b", json!([{"port": 8080}]), ready(&["198.19.0.2"])),
+            ],
+            frontends: &["198.18.0.10:80/TCP -> 198.19.0.2:8080"],
+            warnings: &[],
+        },
+        Case {
+            name: "serving unset follows ready: not ready + terminating is not serving",
+            svc: svc(),
+            slices: one(json!([ep(
+                "198.19.0.1",
+                json!({"ready": false, "terminating": true})
+            )])),
+            frontends: &["198.18.0.10:80/TCP -> "],
+            warnings: &[],
+        },
+        Case {
+            name: "nothing usable: empty list",
+            svc: svc(),
+            slices: one(json!([ep("198.19.0.1", json!({"ready": false}))])),
+            frontends: &["198.18.0.10:80/TCP -> "],
+            warnings: &[],
+        },
+    ]);
+}
+
+#[test]
+fn invalid_parts_are_skipped_with_a_warning() {
+    let http = json!([{"name": "http", "port": 8080}]);
+    check(vec![
+        Case {
+            name: "SCTP port skipped, the others translated",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [
+                {"name": "sig", "port": 80, "protocol": "SCTP"},
+                {"name": "http", "port": 81},
+            ]})),
+            slices: vec![web_slice(
+                "a",
+                json!([{"name": "sig", "port": 80, "protocol": "SCTP"}, {"name": "http", "port": 8080}]),
+                ready(&["198.19.0.1"]),
+            )],
+            frontends: &["198.18.0.10:81/TCP -> 198.19.0.1:8080"],
+            warnings: &["Service demo/web: port 80 (\"sig\"): protocol SCTP is not supported"],
+        },
+        Case {
+            name: "unknown protocol",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [{"port": 80, "protocol": "tcp"}]})),
+            slices: vec![],
+            frontends: &[],
+            warnings: &["Service demo/web: port 80 (\"\"): unknown protocol \"tcp\""],
+        },
+        Case {
+            name: "unparsable clusterIP skipped, the other family kept",
+            svc: web(json!({
+                "clusterIP": "198.18.0.10",
+                "clusterIPs": ["198.18.0.10", "fd00::zz"],
+                "ports": [{"port": 80}],
+            })),
+            slices: vec![],
+            frontends: &["198.18.0.10:80/TCP -> "],
+            warnings: &["Service demo/web: clusterIP \"fd00::zz\" is not an IP address"],
+        },
+        Case {
+            name: "clusterIP listed twice",
+            svc: web(json!({"clusterIPs": ["198.18.0.10", "198.18.0.10"], "ports": [{"port": 80}]})),
+            slices: vec![],
+            frontends: &["198.18.0.10:80/TCP -> "],
+            warnings: &["clusterIP 198.18.0.10 is listed twice"],
+        },
+        Case {
+            name: "port out of range",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [
+                {"name": "zero", "port": 0},
+                {"name": "big", "port": 65536},
+                {"name": "neg", "port": -1},
+                {"name": "max", "port": 65535},
+            ]})),
+            slices: vec![],
+            frontends: &["198.18.0.10:65535/TCP -> "],
+            warnings: &[
+                "port 0 (\"zero\"): port must be 1-65535",
+                "port 65536 (\"big\"): port must be 1-65535",
+                "port -1 (\"neg\"): port must be 1-65535",
+            ],
+        },
+        Case {
+            name: "duplicate port and protocol: the first is kept",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [
+                {"name": "http", "port": 80},
+                {"name": "again", "port": 80, "protocol": "TCP"},
+                {"name": "udp", "port": 80, "protocol": "UDP"},
+            ]})),
+            slices: vec![web_slice("a", http.clone(), ready(&["198.19.0.1"]))],
+            frontends: &["198.18.0.10:80/TCP -> 198.19.0.1:8080", "198.18.0.10:80/UDP -> "],
+            warnings: &["port 80 (\"again\"): duplicate of an earlier TCP port"],
+        },
+        Case {
+            name: "bad endpoints skipped, good ones kept",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [{"name": "http", "port": 80}]})),
+            slices: vec![web_slice(
+                "a",
+                http.clone(),
+                json!([
+                    {"addresses": ["198.19.0.1"]},
+                    {"addresses": ["198.19.0.300"]},
+                    {"addresses": ["fd00::1"]},
+                    {"addresses": []},
+                ]),
+            )],
+            frontends: &["198.18.0.10:80/TCP -> 198.19.0.1:8080"],
+            warnings: &[
+                "EndpointSlice demo/a: endpoint address \"198.19.0.300\" is not an IP address",
+                "EndpointSlice demo/a: endpoint address fd00::1 does not match the slice's addressType",
+                "EndpointSlice demo/a: endpoint has no addresses",
+            ],
+        },
+        Case {
+            name: "bad slice ports skipped",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [{"name": "http", "port": 80}]})),
+            slices: vec![
+                web_slice("a", json!([{"name": "http", "port": 0}]), ready(&["198.19.0.1"])),
+                web_slice("b", json!([{"name": "http"}]), ready(&["198.19.0.2"])),
+                web_slice("c", json!([{"name": "http", "port": 70000}]), ready(&["198.19.0.3"])),
+                web_slice("d", http.clone(), ready(&["198.19.0.4"])),
+            ],
+            frontends: &["198.18.0.10:80/TCP -> 198.19.0.4:8080"],
+            warnings: &[
+                "EndpointSlice demo/a: port \"http\" is 0",
+                "EndpointSlice demo/b: port \"http\" is unset",
+                "EndpointSlice demo/c: port \"http\" is 70000",
+            ],
+        },
+        Case {
+            name: "unknown addressType",
+            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [{"name": "http", "port": 80}]})),
+            slices: vec![typed_slice("a", "IPv5", http.clone(), ready(&["198.19.0.1"]))],
+            frontends: &["198.18.0.10:80/TCP -> "],
+            warnings: &["EndpointSlice demo/a: unknown addressType \"IPv5\""],
+        },
+        Case {
+            name: "unknown type",
+            svc: web(json!({"type": "Magic", "clusterIP": "198.18.0.10", "ports": [{"port": 80}]})),
+            slices: vec![],
+            frontends: &[],
+            warnings: &["Service demo/web: unknown type \"Magic\""],
+        },
+        Case {
+            name: "no namespace means default",
+            svc: json!({"metadata": {"name": "web"}, "spec": {"clusterIP": "bogus"}}),
+            slices: vec![],
+            frontends: &[],
+            warnings: &["Service default/web: clusterIP \"bogus\""],
+        },
+        Case {
+            name: "no name: nothing",
+            svc: json!({"metadata": {"namespace": "demo"}, "spec": {"clusterIP": "198.18.0.10", "ports": [{"port": 80}]}}),
+            slices: vec![],
+            frontends: &[],
+            warnings: &["Service demo/<unnamed>: metadata.name is missing"],
+        },
+    ]);
+}
+
+#[test]
+fn skipped_services() {
+    let ports = json!([{"port": 80}]);
+    let labelled = |label: &str| {
+        json!({
+            "metadata": {"name": "web", "namespace": "demo", "labels": {label: ""}},
+            "spec": {"clusterIP": "198.18.0.10", "ports": ports},
+        })
+    };
+    let cases = [
+        (
+            web(json!({"type": "ExternalName", "externalName": "example.com", "ports": ports})),
+            skip::EXTERNAL_NAME,
+        ),
+        (
+            web(json!({"type": "ExternalName", "clusterIP": "198.18.0.10", "ports": ports})),
+            skip::EXTERNAL_NAME,
+        ),
+        (
+            web(json!({"clusterIP": "None", "ports": ports})),
+            skip::HEADLESS,
+        ),
+        (
+            web(json!({"clusterIP": "None", "clusterIPs": ["None"], "ports": ports})),
+            skip::HEADLESS,
+        ),
+        (
+            web(json!({"clusterIP": "", "ports": ports})),
+            skip::HEADLESS,
+        ),
+        (web(json!({"ports": ports})), skip::HEADLESS),
+        (
+            web(json!({"clusterIPs": [], "ports": ports})),
+            skip::HEADLESS,
+        ),
+        (json!({"metadata": {"name": "web"}}), skip::HEADLESS),
+        (labelled(LABEL_SERVICE_PROXY_NAME), skip::PROXY_NAME_LABEL),
+        (labelled(LABEL_HEADLESS), skip::HEADLESS_LABEL),
+    ];
+    let slices = [web_slice(
+        "a",
+        json!([{"port": 8080}]),
+        ready(&["198.19.0.1"]),
+    )];
+    for (svc, reason) in cases {
+        let t = run(svc.clone(), &slices);
+        let want = Translation {
+            skipped: Some(reason),
+            ..Translation::default()
+        };
+        assert_eq!(t, want, "{svc}");
+    }
+}
+
+#[test]
+fn backend_cap() {
+    let max = usize::from(MAX_BACKENDS_PER_FRONTEND);
+    // Listed in reverse so the truncation visibly happens after sorting.
+    let addrs: Vec<String> = (0..=max)
+        .rev()
+        .map(|i| format!("198.19.{}.{}", i / 256, i % 256))
+        .collect();
+    let endpoints: Value = addrs.iter().map(|a| json!({"addresses": [a]})).collect();
+    let t = run(
+        web(json!({"clusterIP": "198.18.0.10", "ports": [{"port": 80}]})),
+        &[web_slice("a", json!([{"port": 8080}]), endpoints)],
+    );
+    let backends = &t.frontends[0].backends;
+    assert_eq!(backends.len(), max);
+    assert_eq!(backends[0].addr, "198.19.0.0".parse::<IpAddr>().unwrap());
+    assert_eq!(
+        backends[max - 1].addr.to_string(),
+        format!("198.19.{}.{}", (max - 1) / 256, (max - 1) % 256)
+    );
+    assert_eq!(
+        warnings(&t),
+        [format!(
+            "Service demo/web: frontend 198.18.0.10:80/TCP has {} backends; only the first {max} are used",
+            max + 1
+        )]
+    );
+}
+
+#[test]
+fn slice_order_does_not_matter() {
+    let svc = web(
+        json!({"clusterIPs": ["198.18.0.10", "fd00::10"], "ports": [{"name": "http", "port": 80}]}),
+    );
+    let slices = [
+        web_slice(
+            "a",
+            json!([{"name": "http", "port": 8080}]),
+            ready(&["198.19.0.2", "bad"]),
+        ),
+        web_slice(
+            "b",
+            json!([{"name": "http", "port": 8080}]),
+            ready(&["198.19.0.1", "also bad"]),
+        ),
+        typed_slice(
+            "c",
+            "IPv6",
+            json!([{"name": "http", "port": 0}]),
+            ready(&["fd00::1"]),
+        ),
+    ];
+    let forward = run(svc.clone(), &slices);
+    let mut reversed = slices.clone();
+    reversed.reverse();
+    assert_eq!(forward, run(svc, &reversed));
+    assert_eq!(forward.warnings.len(), 3);
+}
+
+// ---- ObjectStore ----
+
+fn svc_obj(name: &str, ip: &str) -> Object {
+    let svc = json!({
+        "metadata": {"name": name, "namespace": "demo", "resourceVersion": "1"},
+        "spec": {"clusterIP": ip, "ports": [{"port": 80}]},
+    });
+    Object::Service(Box::new(service(svc)))
+}
+
+fn slice_obj(name: &str, service_name: Option<&str>, addr: &str) -> Object {
+    let mut v = json!({
+        "metadata": {"name": name, "namespace": "demo"},
+        "addressType": "IPv4",
+        "ports": [{"port": 8080}],
+        "endpoints": [{"addresses": [addr]}],
+    });
+    if let Some(s) = service_name {
+        v["metadata"]["labels"] = json!({"kubernetes.io/service-name": s});
+    }
+    Object::EndpointSlice(Box::new(slice(v)))
+}
+
+fn node_obj(name: &str) -> Object {
+    let node: Node = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    Object::Node(Box::new(node))
+}
+
+fn id(name: &str) -> ServiceId {
+    ServiceId {
+        namespace: "demo".to_string(),
+        name: name.to_string(),
+    }
+}
+
+fn ids(names: &[&str]) -> BTreeSet<ServiceId> {
+    names.iter().map(|n| id(n)).collect()
+}
+
+/// The store's translation of demo/NAME, rendered; None if absent.
+fn rendered(store: &ObjectStore, name: &str) -> Option<Vec<String>> {
+    let t = store.translate(&id(name), &NodeContext::default())?;
+    Some(render(&t))
+}
+
+fn upsert(store: &mut ObjectStore, obj: Object) -> BTreeSet<ServiceId> {
+    let (affected, errors) = store.upsert(obj);
+    assert!(errors.is_empty(), "{errors:?}");
+    affected
+}
+
+#[test]
+fn store_upsert_and_identical_upsert() {
+    let mut store = ObjectStore::new();
+    assert_eq!(
+        upsert(&mut store, svc_obj("web", "198.18.0.10")),
+        ids(&["web"])
+    );
+    assert_eq!(upsert(&mut store, svc_obj("web", "198.18.0.10")), ids(&[]));
+
+    // Only resourceVersion and managedFields differ: still the same object.
+    let Object::Service(mut svc) = svc_obj("web", "198.18.0.10") else {
+        unreachable!()
+    };
+    svc.metadata.resource_version = Some("2".to_string());
+    svc.metadata.managed_fields = Some(vec![Default::default()]);
+    assert_eq!(upsert(&mut store, Object::Service(svc)), ids(&[]));
+
+    assert_eq!(
+        upsert(&mut store, svc_obj("web", "198.18.0.11")),
+        ids(&["web"])
+    );
+    assert_eq!(rendered(&store, "web").unwrap(), ["198.18.0.11:80/TCP -> "]);
+
+    assert_eq!(
+        upsert(&mut store, slice_obj("web-a", Some("web"), "198.19.0.1")),
+        ids(&["web"])
+    );
+    assert_eq!(
+        upsert(&mut store, slice_obj("web-a", Some("web"), "198.19.0.1")),
+        ids(&[])
+    );
+    assert_eq!(
+        rendered(&store, "web").unwrap(),
+        ["198.18.0.11:80/TCP -> 198.19.0.1:8080"]
+    );
+
+    // Nodes feed no translation yet.
+    assert_eq!(upsert(&mut store, node_obj("n1")), ids(&[]));
+    assert!(store.node("n1").is_some());
+    assert_eq!(store.delete(&node_obj("n1")), ids(&[]));
+    assert!(store.node("n1").is_none());
+}
+
+#[test]
+fn store_slice_before_service() {
+    let mut store = ObjectStore::new();
+    assert_eq!(
+        upsert(&mut store, slice_obj("web-a", Some("web"), "198.19.0.1")),
+        ids(&["web"])
+    );
+    assert_eq!(rendered(&store, "web"), None);
+    assert_eq!(store.service_ids().count(), 0);
+    assert_eq!(
+        upsert(&mut store, svc_obj("web", "198.18.0.10")),
+        ids(&["web"])
+    );
+    assert_eq!(
+        rendered(&store, "web").unwrap(),
+        ["198.18.0.10:80/TCP -> 198.19.0.1:8080"]
+    );
+}
+
+#[test]
+fn store_slice_moves_between_services() {
+    let mut store = ObjectStore::new();
+    upsert(&mut store, svc_obj("a", "198.18.0.10"));
+    upsert(&mut store, svc_obj("b", "198.18.0.11"));
+    upsert(&mut store, slice_obj("s", Some("a"), "198.19.0.1"));
+    assert_eq!(
+        upsert(&mut store, slice_obj("s", Some("b"), "198.19.0.1")),
+        ids(&["a", "b"])
+    );
+    assert_eq!(rendered(&store, "a").unwrap(), ["198.18.0.10:80/TCP -> "]);
+    assert_eq!(
+        rendered(&store, "b").unwrap(),
+        ["198.18.0.11:80/TCP -> 198.19.0.1:8080"]
+    );
+}
+
+#[test]
+fn store_slice_without_label() {
+    let mut store = ObjectStore::new();
+    upsert(&mut store, svc_obj("a", "198.18.0.10"));
+    let (affected, errors) = store.upsert(slice_obj("s", None, "198.19.0.1"));
+    assert_eq!(affected, ids(&[]));
+    let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errors,
+        ["EndpointSlice demo/s: no kubernetes.io/service-name label; ignored"]
+    );
+
+    // A labelled slice that loses its label is dropped from its service.
+    upsert(&mut store, slice_obj("s", Some("a"), "198.19.0.1"));
+    let (affected, errors) = store.upsert(slice_obj("s", None, "198.19.0.1"));
+    assert_eq!((affected, errors.len()), (ids(&["a"]), 1));
+    assert_eq!(rendered(&store, "a").unwrap(), ["198.18.0.10:80/TCP -> "]);
+}
+
+#[test]
+fn store_delete() {
+    let mut store = ObjectStore::new();
+    upsert(&mut store, svc_obj("a", "198.18.0.10"));
+    upsert(&mut store, slice_obj("s", Some("a"), "198.19.0.1"));
+
+    assert_eq!(store.delete(&slice_obj("s", None, "ignored")), ids(&["a"]));
+    assert_eq!(store.delete(&slice_obj("s", None, "ignored")), ids(&[]));
+    upsert(&mut store, slice_obj("s", Some("a"), "198.19.0.1"));
+
+    // Only kind, namespace and name of the deleted object matter.
+    assert_eq!(store.delete(&svc_obj("a", "whatever")), ids(&["a"]));
+    assert_eq!(rendered(&store, "a"), None);
+    assert_eq!(store.delete(&svc_obj("a", "whatever")), ids(&[]));
+
+    // Slices outlive their service and are picked up when it returns.
+    upsert(&mut store, svc_obj("a", "198.18.0.10"));
+    assert_eq!(
+        rendered(&store, "a").unwrap(),
+        ["198.18.0.10:80/TCP -> 198.19.0.1:8080"]
+    );
+}
+
+#[test]
+fn store_replace_all() {
+    let mut store = ObjectStore::new();
+    let (affected, errors) = store.replace_all(vec![
+        svc_obj("a", "198.18.0.10"),
+        svc_obj("b", "198.18.0.11"),
+        slice_obj("sa", Some("a"), "198.19.0.1"),
+        slice_obj("sb", Some("b"), "198.19.0.2"),
+        node_obj("n1"),
+    ]);
+    assert_eq!((affected, errors), (ids(&["a", "b"]), vec![]));
+
+    // a unchanged, b gone (with its slice), c new, slice of c before c,
+    // one bad object reported.
+    let (affected, errors) = store.replace_all(vec![
+        slice_obj("sc", Some("c"), "198.19.0.3"),
+        svc_obj("a", "198.18.0.10"),
+        slice_obj("sa", Some("a"), "198.19.0.1"),
+        svc_obj("c", "198.18.0.12"),
+        slice_obj("bad", None, "198.19.0.4"),
+    ]);
+    assert_eq!(affected, ids(&["b", "c"]));
+    assert_eq!(errors.len(), 1);
+    assert_eq!(
+        store.service_ids().cloned().collect::<BTreeSet<_>>(),
+        ids(&["a", "c"])
+    );
+    assert_eq!(rendered(&store, "b"), None);
+    assert_eq!(
+        rendered(&store, "c").unwrap(),
+        ["198.18.0.12:80/TCP -> 198.19.0.3:8080"]
+    );
+    assert!(store.node("n1").is_none());
+
+    // Removing only a slice affects its service.
+    let (affected, _) = store.replace_all(vec![
+        svc_obj("a", "198.18.0.10"),
+        svc_obj("c", "198.18.0.12"),
+    ]);
+    assert_eq!(affected, ids(&["a", "c"]));
+}
+
+#[test]
+fn store_unnamed_objects_are_reported() {
+    let mut store = ObjectStore::new();
+    let svc: Service = service(json!({"metadata": {}, "spec": {"clusterIP": "198.18.0.10"}}));
+    let (affected, errors) = store.upsert(Object::Service(Box::new(svc)));
+    assert!(affected.is_empty());
+    assert_eq!(
+        errors[0].to_string(),
+        "Service default/<unnamed>: metadata.name is missing; ignored"
+    );
+    assert_eq!(store.service_ids().count(), 0);
+}
+
+#[test]
+fn store_default_namespace() {
+    let mut store = ObjectStore::new();
+    let svc = service(json!({"metadata": {"name": "web"}, "spec": {"clusterIP": "198.18.0.10"}}));
+    let (affected, _) = store.upsert(Object::Service(Box::new(svc)));
+    let default_web = ServiceId {
+        namespace: "default".to_string(),
+        name: "web".to_string(),
+    };
+    assert_eq!(affected, [default_web.clone()].into());
+    assert!(store
+        .translate(&default_web, &NodeContext::default())
+        .is_some());
+}
+
+// ---- properties ----
+
+mod properties {
+    use proptest::collection::vec;
+    use proptest::option::of;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Mostly valid test addresses (few, so duplicates happen), plus the
+    /// special and garbage strings real input may hold.
+    fn ip_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => (0u8..3, 0u8..3).prop_map(|(a, b)| format!("198.18.{a}.{b}")),
+            4 => (0u8..5).prop_map(|a| format!("fd00::{a:x}")),
+            1 => Just("None".to_string()),
+            1 => Just(String::new()),
+            1 => Just("::ffff:198.18.0.1".to_string()),
+            1 => ".{0,16}",
+        ]
+    }
+
+    fn port() -> impl Strategy<Value = i32> {
+        prop_oneof![4 => 1i32..4, 1 => Just(0), 1 => Just(65536), 1 => any::<i32>()]
+    }
+
+    fn protocol() -> impl Strategy<Value = Option<String>> {
+        of(prop_oneof![
+            Just("TCP".to_string()),
+            Just("UDP".to_string()),
+            Just("SCTP".to_string()),
+            "[a-zA-Z]{0,4}",
+        ])
+    }
+
+    fn port_name() -> impl Strategy<Value = Option<String>> {
+        of(prop_oneof![
+            Just(String::new()),
+            Just("a".to_string()),
+            Just("b".to_string())
+        ])
+    }
+
+    fn service_strategy() -> impl Strategy<Value = Value> {
+        let ports = vec((port_name(), port(), protocol()), 0..4);
+        let labels = prop_oneof![Just(LABEL_SERVICE_PROXY_NAME), Just(LABEL_HEADLESS)];
+        let type_ = of(prop_oneof![
+            Just("ClusterIP".to_string()),
+            Just("NodePort".to_string()),
+            Just("LoadBalancer".to_string()),
+            Just("ExternalName".to_string()),
+            ".{0,8}",
+        ]);
+        (
+            of(prop_oneof![Just("web"), Just("")]),
+            type_,
+            of(ip_text()),
+            of(vec(ip_text(), 0..3)),
+            ports,
+            proptest::option::weighted(0.1, labels),
+        )
+            .prop_map(|(name, type_, ip, ips, ports, label)| {
+                let ports: Vec<Value> = ports
+                    .into_iter()
+                    .map(|(name, port, protocol)| json!({"name": name, "port": port, "protocol": protocol}))
+                    .collect();
+                let labels: serde_json::Map<String, Value> =
+                    label.into_iter().map(|l| (l.to_string(), json!("x"))).collect();
+                json!({
+                    "metadata": {"name": name, "namespace": "demo", "labels": labels},
+                    "spec": {"type": type_, "clusterIP": ip, "clusterIPs": ips, "ports": ports},
+                })
+            })
+    }
+
+    fn slice_strategy() -> impl Strategy<Value = Value> {
+        let address_type = prop_oneof![
+            3 => Just("IPv4".to_string()),
+            3 => Just("IPv6".to_string()),
+            1 => Just("FQDN".to_string()),
+            1 => ".{0,5}",
+        ];
+        let ports = of(vec((port_name(), of(port()), protocol()), 0..3));
+        let conditions = of((of(any::<bool>()), of(any::<bool>()), of(any::<bool>())));
+        let endpoints = vec((vec(ip_text(), 0..3), conditions), 0..5);
+        (address_type, ports, endpoints, "[a-c]").prop_map(|(address_type, ports, endpoints, name)| {
+            let ports: Option<Vec<Value>> = ports.map(|ports| {
+                ports
+                    .into_iter()
+                    .map(|(name, port, protocol)| json!({"name": name, "port": port, "protocol": protocol}))
+                    .collect()
+            });
+            let endpoints: Vec<Value> = endpoints
+                .into_iter()
+                .map(|(addresses, c)| {
+                    let conditions = c.map(|(r, s, t)| json!({"ready": r, "serving": s, "terminating": t}));
+                    json!({"addresses": addresses, "conditions": conditions})
+                })
+                .collect();
+            json!({
+                "metadata": {"name": name, "namespace": "demo"},
+                "addressType": address_type,
+                "ports": ports,
+                "endpoints": endpoints,
+            })
+        })
+    }
+
+    /// A Service, its slices, and the same slices in another order.
+    fn input() -> impl Strategy<Value = (Value, Vec<Value>, Vec<Value>)> {
+        (service_strategy(), vec(slice_strategy(), 0..4)).prop_flat_map(|(svc, slices)| {
+            let shuffled = Just(slices.clone()).prop_shuffle();
+            (Just(svc), Just(slices), shuffled)
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn translate_is_total_deterministic_and_well_formed((svc, slices, shuffled) in input()) {
+            let t = run(svc.clone(), &slices);
+            prop_assert_eq!(&t, &run(svc.clone(), &slices));
+            prop_assert_eq!(&t, &run(svc, &shuffled));
+
+            if t.skipped.is_some() {
+                prop_assert!(t.frontends.is_empty() && t.warnings.is_empty());
+            }
+            for pair in t.frontends.windows(2) {
+                prop_assert!(pair[0].key < pair[1].key, "frontends sorted and unique");
+            }
+            for f in &t.frontends {
+                prop_assert!(f.key.port != 0);
+                prop_assert!(f.backends.len() <= usize::from(MAX_BACKENDS_PER_FRONTEND));
+                for b in &f.backends {
+                    prop_assert_eq!(b.addr.is_ipv4(), f.key.addr.is_ipv4(), "family of {}", f.key);
+                    prop_assert!(b.port != 0);
+                    prop_assert_eq!(b.terminating, f.backends[0].terminating);
+                }
+                for pair in f.backends.windows(2) {
+                    prop_assert!(pair[0] < pair[1], "backends sorted and unique");
+                }
+            }
+        }
+
+        /// The store gives the same translation as translate itself, and an
+        /// identical re-upsert changes nothing, whatever the objects.
+        #[test]
+        fn store_matches_translate((svc, _, shuffled) in input()) {
+            prop_assume!(svc["metadata"]["name"] == "web");
+            let mut store = ObjectStore::new();
+            // Slice names may repeat; the store keeps the last of each.
+            let mut latest = BTreeMap::new();
+            for mut s in shuffled {
+                s["metadata"]["labels"] = json!({"kubernetes.io/service-name": "web"});
+                latest.insert(s["metadata"]["name"].to_string(), s.clone());
+                store.upsert(Object::EndpointSlice(Box::new(slice(s))));
+            }
+            store.upsert(Object::Service(Box::new(service(svc.clone()))));
+            let latest: Vec<Value> = latest.into_values().collect();
+            let got = store.translate(&id("web"), &NodeContext::default());
+            prop_assert_eq!(got, Some(run(svc.clone(), &latest)));
+            let (affected, _) = store.upsert(Object::Service(Box::new(service(svc))));
+            prop_assert!(affected.is_empty());
+        }
+    }
+}
