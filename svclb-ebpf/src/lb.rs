@@ -75,7 +75,7 @@ pub fn remember(cookie: u64, backend: &SockAddr, frontend: &SockAddr, rev_nat_id
     };
     // Best effort: the LRU map makes room itself; on failure the socket still
     // works, only recvmsg/getpeername would show the backend.
-    let _ = SOCK_REV_NAT.insert(&key, &value, 0);
+    let _ = SOCK_REV_NAT.insert(key, value, 0);
 }
 
 /// The frontend this socket's peer `backend` stands for, if any.

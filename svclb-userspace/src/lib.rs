@@ -5,6 +5,7 @@
 //! - [`model`] turns them into desired frontends and backend sets (pure);
 //! - [`dataplane`] diffs desired against applied state and writes BPF maps;
 //! - the programs in svclb-ebpf read those maps per connection.
+//!
 //! [`agent`] runs that loop; [`dump`] shows what the maps hold.
 
 pub mod agent;
