@@ -1,13 +1,15 @@
 //! The agent's main loop: source -> model -> dataplane.
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 
 use crate::cli::RunArgs;
 use crate::dataplane::{Dataplane, DataplaneConfig};
 use crate::model::{ModelError, NodeContext, ObjectStore, ServiceId};
-use crate::source::manifests::{load_dir, DirWatcher, ManifestError};
+use crate::source::{manifests, SourceEvent};
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let Some(dir) = args.manifests.clone() else {
@@ -27,49 +29,73 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     .context("starting the dataplane")?;
     tracing::info!(cgroup = %cgroup.display(), bpffs = %args.bpffs.display(), node = %node.name, "programs attached");
 
+    let (tx, mut rx) = mpsc::channel(1024);
+    tokio::spawn(manifests::run(dir, tx));
     let mut store = ObjectStore::new();
-    let mut watcher = DirWatcher::new(&dir);
-    let (objects, errors) = load_dir(&dir);
-    log_manifest_errors(&errors);
-    let (_, warnings) = store.replace_all(objects);
-    log_model_errors(&warnings);
-    let ids: Vec<ServiceId> = store.service_ids().cloned().collect();
-    for id in &ids {
-        sync_service(&store, &mut dataplane, id, &node);
-    }
-    // Only now can entries left by an earlier agent for services that no
-    // longer exist be told apart from ones not yet synced.
-    if let Err(e) = dataplane.writer.prune_unclaimed() {
-        tracing::error!(error = %e, "removing stale frontends");
-    }
-    let (services, backends) = dataplane.writer.usage();
-    tracing::info!(
-        services = ids.len(),
-        map_entries = services,
-        backends,
-        "initial sync complete"
-    );
-
+    let mut synced = false;
+    let mut pending: BTreeSet<ServiceId> = BTreeSet::new();
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
-        tokio::select! {
-            _ = watcher.changed() => {
-                let (objects, errors) = load_dir(&dir);
-                log_manifest_errors(&errors);
-                let (affected, warnings) = store.replace_all(objects);
-                log_model_errors(&warnings);
-                for id in &affected {
-                    sync_service(&store, &mut dataplane, id, &node);
-                }
-            }
+        let event = tokio::select! {
+            event = rx.recv() => event,
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+        };
+        let Some(event) = event else {
+            bail!("the object source stopped");
+        };
+        apply_event(&mut store, event, &mut pending, &mut synced);
+        // Take whatever else is queued so a burst becomes one update per service.
+        while let Ok(event) = rx.try_recv() {
+            apply_event(&mut store, event, &mut pending, &mut synced);
+        }
+        // Until the source has sent everything, a service may lack slices
+        // that exist: writing it would refuse connections that work now.
+        if !synced {
+            continue;
+        }
+        for id in std::mem::take(&mut pending) {
+            sync_service(&store, &mut dataplane, &id, &node);
+        }
+        if !dataplane.initial_sync_done() {
+            // Only now can entries left by an earlier agent for services that
+            // no longer exist be told apart from ones not yet synced.
+            if let Err(e) = dataplane.finish_initial_sync() {
+                tracing::error!(error = %e, "removing stale frontends");
+            }
+            let (entries, backends) = dataplane.writer.usage();
+            tracing::info!(
+                services = store.service_ids().count(),
+                map_entries = entries,
+                backends,
+                "initial sync complete"
+            );
         }
     }
     // The links and maps stay pinned: traffic keeps flowing until the next agent.
     tracing::info!("exiting; programs stay attached");
     Ok(())
+}
+
+/// Fold one source event into the store, collecting the services to sync.
+fn apply_event(
+    store: &mut ObjectStore,
+    event: SourceEvent,
+    pending: &mut BTreeSet<ServiceId>,
+    synced: &mut bool,
+) {
+    let (affected, warnings) = match event {
+        SourceEvent::Snapshot(objects) => store.replace_all(objects),
+        SourceEvent::Applied(object) => store.upsert(object),
+        SourceEvent::Deleted(object) => (store.delete(&object), Vec::new()),
+        SourceEvent::Synced => {
+            *synced = true;
+            (store.service_ids().cloned().collect(), Vec::new())
+        }
+    };
+    log_model_errors(&warnings);
+    pending.extend(affected);
 }
 
 /// Translate one service and make the maps match. Problems are logged with
@@ -96,12 +122,6 @@ fn sync_service(
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(service = %id, "{e}"),
-    }
-}
-
-fn log_manifest_errors(errors: &[ManifestError]) {
-    for e in errors {
-        tracing::warn!("skipped manifest: {e}");
     }
 }
 

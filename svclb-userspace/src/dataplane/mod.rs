@@ -60,6 +60,7 @@ pub enum DataplaneError {
 /// The loaded programs and the writer for their maps.
 pub struct Dataplane {
     pub writer: Writer<KernelMaps>,
+    initial_sync_done: bool,
     // Keeps the programs loaded while the agent runs (the pinned links keep
     // them attached after it exits).
     _ebpf: Ebpf,
@@ -88,8 +89,19 @@ impl Dataplane {
         loader::attach(&mut ebpf, &config.cgroup, &config.bpffs)?;
         Ok(Dataplane {
             writer,
+            initial_sync_done: false,
             _ebpf: ebpf,
         })
+    }
+
+    /// Every service has been applied once: remove what nobody claimed.
+    pub fn finish_initial_sync(&mut self) -> Result<ApplyStats, DataplaneError> {
+        self.initial_sync_done = true;
+        self.writer.prune_unclaimed()
+    }
+
+    pub fn initial_sync_done(&self) -> bool {
+        self.initial_sync_done
     }
 
     pub fn apply(

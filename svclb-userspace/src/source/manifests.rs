@@ -370,6 +370,30 @@ impl DirWatcher {
     }
 }
 
+/// Manifests mode as a source: a snapshot of the directory at start and
+/// after every change. Bad documents are logged and left out.
+pub async fn run(dir: PathBuf, events: tokio::sync::mpsc::Sender<super::SourceEvent>) {
+    let mut watcher = DirWatcher::new(&dir);
+    let mut first = true;
+    loop {
+        let (objects, errors) = load_dir(&dir);
+        for e in &errors {
+            tracing::warn!("skipped manifest: {e}");
+        }
+        if events
+            .send(super::SourceEvent::Snapshot(objects))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if std::mem::take(&mut first) && events.send(super::SourceEvent::Synced).await.is_err() {
+            return;
+        }
+        watcher.changed().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
