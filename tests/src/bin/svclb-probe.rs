@@ -1,0 +1,488 @@
+//! svclb-probe: the traffic tool of the test harness.
+//!
+//! - `serve`: TCP and UDP echo-ish servers that say who they are and who
+//!   called, so a client can tell which backend (and port) it reached and
+//!   what address the server saw.
+//! - `connect`: N independent attempts (a new socket each, so each one is a
+//!   new load-balancing decision), one JSON line per attempt.
+//! - `hold`: a long-lived connection plus a stream of new ones, to show
+//!   that nothing breaks while the agent restarts.
+//! - `whoami`: where the probe runs (cgroup, netns), for harness self-tests.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::FromRawFd;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(about = "Traffic probe for the svclb netns test harness")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve TCP and UDP on [::]:PORT (IPv4 too) for each --port; reply
+    /// "NAME PORT PEER\n" to each request line / datagram. Prints
+    /// "listening" once every port is bound. Runs until killed.
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long = "port", required = true)]
+        ports: Vec<u16>,
+    },
+    /// COUNT attempts, one JSON line each.
+    Connect {
+        #[arg(long)]
+        addr: IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: Proto,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        /// connect() the UDP socket (send/recv/getpeername) instead of
+        /// sendto/recvfrom.
+        #[arg(long)]
+        udp_connected: bool,
+    },
+    /// For DURATION: every INTERVAL one request on a long-lived TCP
+    /// connection and one new short TCP connection; then a JSON summary.
+    Hold {
+        #[arg(long)]
+        addr: IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        /// Also stop as soon as stdin reaches EOF.
+        #[arg(long)]
+        until_eof: bool,
+    },
+    /// Print {"pid","cgroup","netns"} of this process.
+    Whoami,
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().cmd {
+        Cmd::Serve { name, ports } => serve(&name, &ports),
+        Cmd::Connect {
+            addr,
+            port,
+            proto,
+            count,
+            timeout_ms,
+            udp_connected,
+        } => {
+            let target = SocketAddr::new(addr, port);
+            let timeout = Duration::from_millis(timeout_ms);
+            let mut out = io::stdout().lock();
+            for _ in 0..count {
+                let r = match proto {
+                    Proto::Tcp => tcp_once(target, timeout),
+                    Proto::Udp => udp_once(target, timeout, udp_connected),
+                };
+                let line = match r {
+                    Ok(v) => v,
+                    Err(f) => f.to_json(),
+                };
+                if writeln!(out, "{line}").is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        Cmd::Hold {
+            addr,
+            port,
+            duration_ms,
+            interval_ms,
+            timeout_ms,
+            until_eof,
+        } => {
+            hold(
+                SocketAddr::new(addr, port),
+                Duration::from_millis(duration_ms),
+                Duration::from_millis(interval_ms),
+                Duration::from_millis(timeout_ms),
+                until_eof,
+            );
+            Ok(())
+        }
+        Cmd::Whoami => {
+            let v = json!({
+                "pid": std::process::id(),
+                "cgroup": fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
+                "netns": fs::read_link("/proc/self/ns/net").map(|p| p.display().to_string()).unwrap_or_default(),
+            });
+            println!("{v}");
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("svclb-probe: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// IPv4 peers of a dual-stack socket show up as ::ffff:a.b.c.d; print
+/// them as plain IPv4 so results compare with pod addresses.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+// ---- serve ----
+
+/// A [::]:port socket with IPV6_V6ONLY off, so it also serves IPv4
+/// whatever net.ipv6.bindv6only says. std cannot set options before bind.
+fn dual_stack_socket(kind: libc::c_int, port: u16) -> io::Result<libc::c_int> {
+    // SAFETY: plain socket syscalls on a descriptor we own; the sockaddr is
+    // a zeroed sockaddr_in6 with family and port filled in.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, kind | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fail = |fd| {
+            let e = io::Error::last_os_error();
+            libc::close(fd);
+            Err(e)
+        };
+        let off: libc::c_int = 0;
+        let on: libc::c_int = 1;
+        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        if libc::setsockopt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&off as *const libc::c_int).cast(),
+            len,
+        ) != 0
+            || libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&on as *const libc::c_int).cast(),
+                len,
+            ) != 0
+        {
+            return fail(fd);
+        }
+        let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sa.sin6_port = port.to_be();
+        let salen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        if libc::bind(fd, (&sa as *const libc::sockaddr_in6).cast(), salen) != 0 {
+            return fail(fd);
+        }
+        if kind == libc::SOCK_STREAM && libc::listen(fd, 1024) != 0 {
+            return fail(fd);
+        }
+        Ok(fd)
+    }
+}
+
+fn serve(name: &str, ports: &[u16]) -> Result<(), String> {
+    let mut threads = Vec::new();
+    for &port in ports {
+        let err = |e: io::Error| format!("binding [::]:{port}: {e}");
+        // SAFETY: the descriptors are fresh, owned, and of the right kind.
+        let tcp = unsafe {
+            TcpListener::from_raw_fd(dual_stack_socket(libc::SOCK_STREAM, port).map_err(err)?)
+        };
+        let udp = unsafe {
+            UdpSocket::from_raw_fd(dual_stack_socket(libc::SOCK_DGRAM, port).map_err(err)?)
+        };
+        let n = name.to_string();
+        threads.push(thread::spawn(move || serve_tcp(&n, port, tcp)));
+        let n = name.to_string();
+        threads.push(thread::spawn(move || serve_udp(&n, port, udp)));
+    }
+    println!("listening");
+    io::stdout().flush().map_err(|e| e.to_string())?;
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn serve_tcp(name: &str, port: u16, listener: TcpListener) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let name = name.to_string();
+        thread::spawn(move || {
+            let Ok(peer) = stream.peer_addr() else { return };
+            let reply = format!("{name} {port} {}\n", canonical(peer));
+            let Ok(mut writer) = stream.try_clone() else {
+                return;
+            };
+            for line in BufReader::new(stream).lines() {
+                if line.is_err() || writer.write_all(reply.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+fn serve_udp(name: &str, port: u16, socket: UdpSocket) {
+    let mut buf = [0u8; 2048];
+    loop {
+        let Ok((_, peer)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let reply = format!("{name} {port} {}\n", canonical(peer));
+        let _ = socket.send_to(reply.as_bytes(), peer);
+    }
+}
+
+// ---- connect ----
+
+/// A failed attempt: the step and the OS error.
+struct Failure {
+    stage: &'static str,
+    err: io::Error,
+}
+
+impl Failure {
+    fn at(stage: &'static str) -> impl FnOnce(io::Error) -> Failure {
+        move |err| Failure { stage, err }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({ "ok": false, "error": errno_name(&self.err), "stage": self.stage, "detail": self.err.to_string() })
+    }
+
+    fn short(&self) -> String {
+        format!("{} {}", self.stage, errno_name(&self.err))
+    }
+}
+
+fn errno_name(e: &io::Error) -> String {
+    let known = [
+        (libc::EPERM, "EPERM"),
+        (libc::EACCES, "EACCES"),
+        (libc::ECONNREFUSED, "ECONNREFUSED"),
+        (libc::ETIMEDOUT, "ETIMEDOUT"),
+        (libc::ECONNRESET, "ECONNRESET"),
+        (libc::ECONNABORTED, "ECONNABORTED"),
+        (libc::ENETUNREACH, "ENETUNREACH"),
+        (libc::EHOSTUNREACH, "EHOSTUNREACH"),
+        (libc::ENETDOWN, "ENETDOWN"),
+        (libc::EADDRNOTAVAIL, "EADDRNOTAVAIL"),
+        (libc::EADDRINUSE, "EADDRINUSE"),
+        (libc::EAFNOSUPPORT, "EAFNOSUPPORT"),
+        (libc::EINVAL, "EINVAL"),
+        (libc::EPIPE, "EPIPE"),
+        (libc::ENOTCONN, "ENOTCONN"),
+        (libc::ENOBUFS, "ENOBUFS"),
+        (libc::EMSGSIZE, "EMSGSIZE"),
+        (libc::EINTR, "EINTR"),
+    ];
+    if let Some(code) = e.raw_os_error() {
+        // A receive timeout is EAGAIN; report it as what it means.
+        if code == libc::EAGAIN {
+            return "ETIMEDOUT".into();
+        }
+        return known
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map_or_else(|| format!("E{code}"), |(_, n)| n.to_string());
+    }
+    match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "ETIMEDOUT".into(),
+        io::ErrorKind::UnexpectedEof => "EOF".into(),
+        io::ErrorKind::InvalidData => "BADREPLY".into(),
+        _ => format!("{:?}", e.kind()),
+    }
+}
+
+/// "NAME PORT PEER" -> the success JSON (without the client's own view).
+fn parse_reply(reply: &str) -> Result<(String, u16, String), io::Error> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("bad reply {reply:?}"));
+    let mut it = reply.split_whitespace();
+    let name = it.next().ok_or_else(bad)?.to_string();
+    let port = it.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let client = it.next().ok_or_else(bad)?.to_string();
+    Ok((name, port, client))
+}
+
+fn success(reply: &str, peer: SocketAddr, local: SocketAddr) -> Result<Value, Failure> {
+    let (server, server_port, client) = parse_reply(reply).map_err(Failure::at("recv"))?;
+    Ok(json!({
+        "ok": true,
+        "server": server,
+        "server_port": server_port,
+        "peer": canonical(peer).to_string(),
+        "client": client,
+        "local": canonical(local).to_string(),
+    }))
+}
+
+/// Send "hi\n" on an open stream and read one reply line.
+fn request(stream: &TcpStream) -> Result<String, Failure> {
+    (&*stream).write_all(b"hi\n").map_err(Failure::at("send"))?;
+    let mut line = String::new();
+    // One byte at a time: no buffered bytes may be lost between requests
+    // on a long-lived connection.
+    let mut byte = [0u8; 1];
+    loop {
+        match (&*stream).read(&mut byte) {
+            Ok(0) => return Err(Failure::at("recv")(io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) if byte[0] == b'\n' => return Ok(line),
+            Ok(_) => line.push(byte[0] as char),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Failure::at("recv")(e)),
+        }
+    }
+}
+
+fn tcp_open(target: SocketAddr, timeout: Duration) -> Result<TcpStream, Failure> {
+    let s = TcpStream::connect_timeout(&target, timeout).map_err(Failure::at("connect"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(Failure::at("socket"))?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(Failure::at("socket"))?;
+    Ok(s)
+}
+
+fn tcp_once(target: SocketAddr, timeout: Duration) -> Result<Value, Failure> {
+    let s = tcp_open(target, timeout)?;
+    let reply = request(&s)?;
+    let peer = s.peer_addr().map_err(Failure::at("getpeername"))?;
+    let local = s.local_addr().map_err(Failure::at("getsockname"))?;
+    success(&reply, peer, local)
+}
+
+fn udp_once(target: SocketAddr, timeout: Duration, connected: bool) -> Result<Value, Failure> {
+    let any: SocketAddr = match target {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let s = UdpSocket::bind(any).map_err(Failure::at("socket"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(Failure::at("socket"))?;
+    let mut buf = [0u8; 2048];
+    let (n, peer) = if connected {
+        s.connect(target).map_err(Failure::at("connect"))?;
+        s.send(b"hi\n").map_err(Failure::at("send"))?;
+        let n = s.recv(&mut buf).map_err(Failure::at("recv"))?;
+        (n, s.peer_addr().map_err(Failure::at("getpeername"))?)
+    } else {
+        s.send_to(b"hi\n", target).map_err(Failure::at("send"))?;
+        s.recv_from(&mut buf).map_err(Failure::at("recv"))?
+    };
+    let local = s.local_addr().map_err(Failure::at("getsockname"))?;
+    success(&String::from_utf8_lossy(&buf[..n]), peer, local)
+}
+
+// ---- hold ----
+
+fn hold(
+    target: SocketAddr,
+    duration: Duration,
+    interval: Duration,
+    timeout: Duration,
+    until_eof: bool,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    if until_eof {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let _ = io::copy(&mut io::stdin(), &mut io::sink());
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    let start = Instant::now();
+    let (mut requests, mut failures, mut new_conns, mut new_failures) = (0u64, 0u64, 0u64, 0u64);
+    let mut errors: Vec<String> = Vec::new();
+    let mut servers: BTreeMap<String, u64> = BTreeMap::new();
+    let note = |errors: &mut Vec<String>, what: &str, f: &Failure| {
+        // Bounded: a broken setup must not produce megabytes of output.
+        if errors.len() < 50 {
+            errors.push(format!(
+                "t={}ms {what}: {}",
+                start.elapsed().as_millis(),
+                f.short()
+            ));
+        }
+    };
+    let mut long: Option<TcpStream> = None;
+    let mut tick = start;
+    while start.elapsed() < duration && !stop.load(Ordering::Relaxed) {
+        // The long-lived connection: (re)opened when missing; an open or
+        // request failure counts as a failed request.
+        requests += 1;
+        let r = match long.take() {
+            Some(s) => Ok(s),
+            None => tcp_open(target, timeout),
+        }
+        .and_then(|s| request(&s).map(|reply| (s, reply)));
+        match r {
+            Ok((s, reply)) => {
+                if let Some(name) = reply.split_whitespace().next() {
+                    *servers.entry(name.to_string()).or_default() += 1;
+                }
+                long = Some(s);
+            }
+            Err(f) => {
+                failures += 1;
+                note(&mut errors, "long", &f);
+            }
+        }
+        new_conns += 1;
+        match tcp_once(target, timeout) {
+            Ok(v) => {
+                if let Some(name) = v["server"].as_str() {
+                    *servers.entry(name.to_string()).or_default() += 1;
+                }
+            }
+            Err(f) => {
+                new_failures += 1;
+                note(&mut errors, "new", &f);
+            }
+        }
+        tick += interval;
+        if let Some(wait) = tick.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        } else {
+            tick = Instant::now();
+        }
+    }
+    println!(
+        "{}",
+        json!({
+            "requests": requests,
+            "failures": failures,
+            "new_connections": new_conns,
+            "new_connection_failures": new_failures,
+            "errors": errors,
+            "servers": servers,
+        })
+    );
+}
