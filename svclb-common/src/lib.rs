@@ -24,11 +24,19 @@ pub mod maps {
     /// [`crate::SockRevNatKey`] -> [`crate::SockRevNat`] (LRU): per-socket reverse
     /// translation for recvmsg and getpeername.
     pub const SOCK_REV_NAT: &str = "SVCLB_SOCK_RNAT";
+    /// [`crate::AffinityKey`] -> [`crate::Affinity`] (LRU): the backend a
+    /// client (network namespace) was last sent to, per frontend.
+    pub const AFFINITY: &str = "SVCLB_AFFINITY";
+    /// [`crate::AffinityMatchKey`] -> u8: the backends of each affinity
+    /// frontend, so a remembered backend that left the service is not reused.
+    pub const AFFINITY_MATCH: &str = "SVCLB_AFF_MATCH";
 
     pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
     pub const BACKENDS_MAX_ENTRIES: u32 = 131_072;
     pub const REV_NAT_MAX_ENTRIES: u32 = 65_536;
     pub const SOCK_REV_NAT_MAX_ENTRIES: u32 = 262_144;
+    pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
+    pub const AFFINITY_MATCH_MAX_ENTRIES: u32 = 131_072;
     /// `BPF_F_NO_PREALLOC`: the writer relies on freed elements being
     /// RCU-deferred, so a reader holding a value never sees it reused.
     pub const NO_PREALLOC: u32 = 1;
@@ -58,8 +66,17 @@ pub const BACKEND_ID_NONE: u32 = 0;
 pub const BACKEND_ACTIVE: u8 = 0;
 pub const BACKEND_TERMINATING: u8 = 1;
 
-/// `ServiceValue::flags` bits (slot 0 only).
+/// `ServiceValue::flags` bits (slot 0 only). One of the first four says
+/// what kind of address the frontend is.
 pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
+pub const SVC_FLAG_NODE_PORT: u16 = 1 << 1;
+pub const SVC_FLAG_EXTERNAL_IP: u16 = 1 << 2;
+pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 3;
+/// With no backends, drop (a Local traffic policy without local endpoints)
+/// instead of refusing (a service without endpoints).
+pub const SVC_FLAG_DROP_EMPTY: u16 = 1 << 4;
+/// ClientIP session affinity; `ServiceValue::affinity_timeout` is set.
+pub const SVC_FLAG_AFFINITY: u16 = 1 << 5;
 
 /// Key of the services map. Slot 0 holds the frontend record; slots
 /// 1..=count hold the backend ids the frontend load-balances over.
@@ -74,8 +91,9 @@ pub struct ServiceKey {
     pub _pad: u16,
 }
 
-/// Value of the services map. In slot 0: `count`, `rev_nat_id`, `flags`;
-/// in slots 1..: `backend_id`. One type keeps every map value the same size.
+/// Value of the services map. In slot 0: `count`, `rev_nat_id`, `flags`,
+/// `affinity_timeout`; in slots 1..: `backend_id`. One type keeps every map
+/// value the same size.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct ServiceValue {
@@ -83,7 +101,8 @@ pub struct ServiceValue {
     pub count: u16,
     pub flags: u16,
     pub rev_nat_id: u32,
-    pub _pad: u32,
+    /// Seconds (with `SVC_FLAG_AFFINITY`).
+    pub affinity_timeout: u32,
 }
 
 #[repr(C)]
@@ -124,6 +143,32 @@ pub struct SockRevNat {
     pub rev_nat_id: u32,
 }
 
+/// A client of an affinity frontend. At the socket hooks the client is
+/// the network namespace (a pod), by its cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    pub client: u64,
+    pub rev_nat_id: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Affinity {
+    /// bpf_ktime_get_ns() of the last connection.
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct AffinityMatchKey {
+    pub rev_nat_id: u32,
+    pub backend_id: u32,
+}
+
 /// The IPv4-mapped form of an IPv4 address given as the network-order u32
 /// that `bpf_sock_addr.user_ip4` holds.
 #[inline(always)]
@@ -147,4 +192,7 @@ mod user {
     unsafe impl aya::Pod for super::RevNat {}
     unsafe impl aya::Pod for super::SockRevNatKey {}
     unsafe impl aya::Pod for super::SockRevNat {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::Affinity {}
+    unsafe impl aya::Pod for super::AffinityMatchKey {}
 }

@@ -2,7 +2,10 @@
 //! only module with `unsafe`; everything else works on copies.
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
     maps::{HashMap, LruHashMap},
     programs::SockAddrContext,
     EbpfContext,
@@ -90,6 +93,20 @@ pub fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     // SAFETY: bpf_get_socket_cookie is allowed for sock_addr programs and
     // only reads the context.
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// The cookie of the socket's network namespace: at the socket hooks, a pod.
+#[inline(always)]
+pub fn netns_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: bpf_get_netns_cookie is allowed for sock_addr programs (5.7+)
+    // and only reads the context.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: no arguments, no memory access.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 #[inline(always)]

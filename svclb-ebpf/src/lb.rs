@@ -1,9 +1,12 @@
 //! Service lookup and backend selection, shared by the socket hooks.
-use svclb_common::{ServiceKey, SockRevNat, SockRevNatKey, BACKEND_ID_NONE, SCOPE_SOCKET};
+use svclb_common::{
+    Affinity, AffinityKey, AffinityMatchKey, Backend, ServiceKey, ServiceValue, SockRevNat,
+    SockRevNatKey, BACKEND_ID_NONE, SCOPE_SOCKET, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
+};
 
 use crate::{
     ctx::{self, SockAddr},
-    maps::{BACKENDS, SERVICES, SOCK_REV_NAT},
+    maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, SERVICES, SOCK_REV_NAT},
 };
 
 /// The outcome of looking a destination up.
@@ -12,18 +15,22 @@ pub enum Verdict {
     Pass,
     /// A frontend with no usable backend: refuse, as kube-proxy's REJECT does.
     Refuse,
+    /// No backend under a Local traffic policy: kube-proxy DROPs.
+    Drop,
     /// A frontend: connect/send to this backend instead.
     Translate { backend: SockAddr, rev_nat_id: u32 },
 }
 
-/// Pick a backend of the frontend `dst`/`proto` uniformly at random.
+/// Pick a backend of the frontend `dst`/`proto`: the one this client used
+/// last if the frontend has session affinity and it is still a backend,
+/// else one uniformly at random.
 ///
 /// Reads slot 0 (the frontend record with the backend count), then one
 /// backend slot, then the backend. The writer (userspace dataplane) orders
 /// its updates so that every slot within the count read here, and every
 /// backend a slot names, exists for as long as this program can be running.
 #[inline(always)]
-pub fn select_backend(dst: &SockAddr, proto: u8) -> Verdict {
+pub fn select_backend(dst: &SockAddr, proto: u8, client: impl Fn() -> u64) -> Verdict {
     let mut key = ServiceKey {
         addr: dst.addr,
         port: dst.port,
@@ -36,18 +43,50 @@ pub fn select_backend(dst: &SockAddr, proto: u8) -> Verdict {
         return Verdict::Pass;
     };
     if frontend.count == 0 {
+        if frontend.flags & SVC_FLAG_DROP_EMPTY != 0 {
+            return Verdict::Drop;
+        }
         return Verdict::Refuse;
     }
-    key.slot = (ctx::random() % frontend.count as u32) as u16 + 1;
-    let backend_id = match ctx::lookup(&SERVICES, &key) {
-        Some(slot) => slot.backend_id,
-        None => BACKEND_ID_NONE,
+    let affinity = if frontend.flags & SVC_FLAG_AFFINITY != 0 {
+        Some(AffinityKey {
+            client: client(),
+            rev_nat_id: frontend.rev_nat_id,
+            _pad: 0,
+        })
+    } else {
+        None
     };
-    // A miss here would be a writer bug; refusing is safer than letting the
-    // connect go to the service address, which nothing answers.
-    let Some(backend) = ctx::lookup(&BACKENDS, &backend_id) else {
-        return Verdict::Refuse;
+    let now = ctx::now_ns();
+    let remembered = match &affinity {
+        Some(akey) => affine_backend(akey, &frontend, now),
+        None => None,
     };
+    let (backend_id, backend) = match remembered {
+        Some(found) => found,
+        None => {
+            key.slot = (ctx::random() % frontend.count as u32) as u16 + 1;
+            let backend_id = match ctx::lookup(&SERVICES, &key) {
+                Some(slot) => slot.backend_id,
+                None => BACKEND_ID_NONE,
+            };
+            // A miss here would be a writer bug; refusing is safer than
+            // letting the connect go to the service address, which nothing
+            // answers.
+            let Some(backend) = ctx::lookup(&BACKENDS, &backend_id) else {
+                return Verdict::Refuse;
+            };
+            (backend_id, backend)
+        }
+    };
+    if let Some(akey) = affinity {
+        let value = Affinity {
+            last_used_ns: now,
+            backend_id,
+            _pad: 0,
+        };
+        let _ = AFFINITY.insert(akey, value, 0);
+    }
     Verdict::Translate {
         backend: SockAddr {
             addr: backend.addr,
@@ -55,6 +94,23 @@ pub fn select_backend(dst: &SockAddr, proto: u8) -> Verdict {
         },
         rev_nat_id: frontend.rev_nat_id,
     }
+}
+
+/// The backend this client was sent to within the affinity timeout, if it
+/// still belongs to the frontend.
+#[inline(always)]
+fn affine_backend(akey: &AffinityKey, frontend: &ServiceValue, now: u64) -> Option<(u32, Backend)> {
+    let last = ctx::lookup_lru(&AFFINITY, akey)?;
+    if now.wrapping_sub(last.last_used_ns) > frontend.affinity_timeout as u64 * 1_000_000_000 {
+        return None;
+    }
+    let member = AffinityMatchKey {
+        rev_nat_id: frontend.rev_nat_id,
+        backend_id: last.backend_id,
+    };
+    ctx::lookup(&AFFINITY_MATCH, &member)?;
+    let backend = ctx::lookup(&BACKENDS, &last.backend_id)?;
+    Some((last.backend_id, backend))
 }
 
 /// Remember that this socket's `backend` stands for `frontend`, for

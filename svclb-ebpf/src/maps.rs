@@ -5,7 +5,10 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap},
     Global,
 };
-use svclb_common::{maps::*, Backend, RevNat, ServiceKey, ServiceValue, SockRevNat, SockRevNatKey};
+use svclb_common::{
+    maps::*, Affinity, AffinityKey, AffinityMatchKey, Backend, RevNat, ServiceKey, ServiceValue,
+    SockRevNat, SockRevNatKey,
+};
 
 #[map(name = "SVCLB_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
@@ -20,6 +23,14 @@ pub static REV_NAT: HashMap<u32, RevNat> = HashMap::pinned(REV_NAT_MAX_ENTRIES, 
 #[map(name = "SVCLB_SOCK_RNAT")]
 pub static SOCK_REV_NAT: LruHashMap<SockRevNatKey, SockRevNat> =
     LruHashMap::pinned(SOCK_REV_NAT_MAX_ENTRIES, 0);
+
+#[map(name = "SVCLB_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity> =
+    LruHashMap::pinned(AFFINITY_MAX_ENTRIES, 0);
+
+#[map(name = "SVCLB_AFF_MATCH")]
+pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> =
+    HashMap::pinned(AFFINITY_MATCH_MAX_ENTRIES, NO_PREALLOC);
 
 /// Set by the loader (svclb_common::globals::HAS_SET_RETVAL).
 #[unsafe(no_mangle)]

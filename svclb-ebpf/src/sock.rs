@@ -15,6 +15,17 @@ const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 
 const ECONNREFUSED: i32 = 111;
+const ETIMEDOUT: i32 = 110;
+
+/// Fail the connect/sendmsg with `errno`; without bpf_set_retval (kernel
+/// < 5.18) the caller sees EPERM instead.
+#[inline(always)]
+fn fail(errno: i32) -> i32 {
+    if SVCLB_HAS_SET_RETVAL.load() != 0 {
+        ctx::set_retval(errno);
+    }
+    REJECT
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Family {
@@ -44,15 +55,13 @@ fn translate_destination(ctx: &SockAddrContext, family: Family) -> i32 {
         return ALLOW;
     }
     let dst = user_addr(ctx, family);
-    match lb::select_backend(&dst, proto) {
+    match lb::select_backend(&dst, proto, || ctx::netns_cookie(ctx)) {
         Verdict::Pass => ALLOW,
-        Verdict::Refuse => {
-            if SVCLB_HAS_SET_RETVAL.load() != 0 {
-                ctx::set_retval(ECONNREFUSED);
-            }
-            // Without bpf_set_retval (kernel < 5.18) the caller sees EPERM.
-            REJECT
-        }
+        Verdict::Refuse => fail(ECONNREFUSED),
+        // kube-proxy drops the packets and the client eventually times out;
+        // a socket hook can't swallow a connect, so it fails at once with
+        // the error the client would have seen.
+        Verdict::Drop => fail(ETIMEDOUT),
         Verdict::Translate {
             backend,
             rev_nat_id,

@@ -7,7 +7,9 @@ use anyhow::Context;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use serde::Serialize;
 use svclb_common::{
-    maps, Backend, ServiceKey, ServiceValue, BACKEND_TERMINATING, SVC_FLAG_CLUSTER_IP,
+    maps, Backend, ServiceKey, ServiceValue, BACKEND_TERMINATING, SVC_FLAG_AFFINITY,
+    SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
+    SVC_FLAG_NODE_PORT,
 };
 
 use crate::cli::Output;
@@ -27,6 +29,9 @@ pub struct FrontendDump {
     pub protocol: String,
     pub rev_nat_id: u32,
     pub flags: Vec<&'static str>,
+    /// ClientIP session affinity timeout in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout: Option<u32>,
     pub backends: Vec<BackendDump>,
 }
 
@@ -85,11 +90,9 @@ pub fn read(bpffs: &Path) -> anyhow::Result<Dump> {
             port: fk.port,
             protocol: fk.protocol.to_string(),
             rev_nat_id: record.rev_nat_id,
-            flags: if record.flags & SVC_FLAG_CLUSTER_IP != 0 {
-                vec!["ClusterIP"]
-            } else {
-                vec![]
-            },
+            flags: flag_names(record.flags),
+            affinity_timeout: (record.flags & SVC_FLAG_AFFINITY != 0)
+                .then_some(record.affinity_timeout),
             backends: (1..=record.count)
                 .map(|slot| {
                     let id = slots.get(&(fk, slot)).copied().unwrap_or(0);
@@ -118,6 +121,21 @@ pub fn read(bpffs: &Path) -> anyhow::Result<Dump> {
     Ok(Dump { frontends })
 }
 
+fn flag_names(flags: u16) -> Vec<&'static str> {
+    [
+        (SVC_FLAG_CLUSTER_IP, "ClusterIP"),
+        (SVC_FLAG_NODE_PORT, "NodePort"),
+        (SVC_FLAG_EXTERNAL_IP, "ExternalIP"),
+        (SVC_FLAG_LOAD_BALANCER, "LoadBalancer"),
+        (SVC_FLAG_DROP_EMPTY, "DropEmpty"),
+        (SVC_FLAG_AFFINITY, "Affinity"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect()
+}
+
 pub fn run(bpffs: &Path, output: Output) -> anyhow::Result<()> {
     let dump = read(bpffs)?;
     match output {
@@ -132,7 +150,7 @@ fn table(dump: &Dump) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<40} {:<10} {:<8} BACKENDS",
+        "{:<40} {:<22} {:<8} BACKENDS",
         "FRONTEND", "FLAGS", "REV-NAT"
     );
     for f in &dump.frontends {
@@ -153,21 +171,23 @@ fn table(dump: &Dump) -> String {
                 format!("{addr} ({}, id {})", b.state, b.id)
             })
             .collect();
-        let first = if backends.is_empty() {
+        let first = if backends.is_empty() && f.flags.contains(&"DropEmpty") {
+            "(none here: connections dropped)".to_string()
+        } else if backends.is_empty() {
             "(none: connections refused)".to_string()
         } else {
             backends[0].clone()
         };
         let _ = writeln!(
             out,
-            "{:<40} {:<10} {:<8} {}",
+            "{:<40} {:<22} {:<8} {}",
             frontend,
             f.flags.join(","),
             f.rev_nat_id,
             first
         );
         for b in backends.iter().skip(1) {
-            let _ = writeln!(out, "{:<40} {:<10} {:<8} {}", "", "", "", b);
+            let _ = writeln!(out, "{:<40} {:<22} {:<8} {}", "", "", "", b);
         }
     }
     out

@@ -1,6 +1,6 @@
 //! `MapOps` on the real, pinned BPF maps.
 use aya::maps::{HashMap, Map, MapData, MapError};
-use svclb_common::{Backend, RevNat, ServiceKey, ServiceValue};
+use svclb_common::{AffinityMatchKey, Backend, RevNat, ServiceKey, ServiceValue};
 
 use super::barrier::RcuBarrier;
 use super::writer::{MapContents, MapOps};
@@ -10,6 +10,7 @@ pub struct KernelMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, u32, Backend>,
     pub rev_nat: HashMap<MapData, u32, RevNat>,
+    pub affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
     barrier: RcuBarrier,
 }
 
@@ -18,12 +19,19 @@ fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Data
 }
 
 impl KernelMaps {
-    pub fn new(services: Map, backends: Map, rev_nat: Map) -> Result<Self, DataplaneError> {
+    pub fn new(
+        services: Map,
+        backends: Map,
+        rev_nat: Map,
+        affinity_match: Map,
+    ) -> Result<Self, DataplaneError> {
         use svclb_common::maps::*;
         Ok(KernelMaps {
             services: HashMap::try_from(services).map_err(map_err(SERVICES, "open"))?,
             backends: HashMap::try_from(backends).map_err(map_err(BACKENDS, "open"))?,
             rev_nat: HashMap::try_from(rev_nat).map_err(map_err(REV_NAT, "open"))?,
+            affinity_match: HashMap::try_from(affinity_match)
+                .map_err(map_err(AFFINITY_MATCH, "open"))?,
             barrier: RcuBarrier::new().map_err(DataplaneError::Barrier)?,
         })
     }
@@ -80,6 +88,16 @@ impl MapOps for KernelMaps {
             .remove(&id)
             .map_err(map_err(svclb_common::maps::REV_NAT, "delete"))
     }
+    fn put_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DataplaneError> {
+        self.affinity_match
+            .insert(key, 1, 0)
+            .map_err(map_err(svclb_common::maps::AFFINITY_MATCH, "update"))
+    }
+    fn del_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DataplaneError> {
+        self.affinity_match
+            .remove(key)
+            .map_err(map_err(svclb_common::maps::AFFINITY_MATCH, "delete"))
+    }
     fn barrier(&mut self) -> Result<(), DataplaneError> {
         self.barrier.wait().map_err(DataplaneError::Barrier)
     }
@@ -89,6 +107,10 @@ impl MapOps for KernelMaps {
             services: entries(&self.services, SERVICES)?,
             backends: entries(&self.backends, BACKENDS)?,
             rev_nat: entries(&self.rev_nat, REV_NAT)?,
+            affinity_match: entries(&self.affinity_match, AFFINITY_MATCH)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect(),
         })
     }
 }

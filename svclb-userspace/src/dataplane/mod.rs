@@ -84,6 +84,7 @@ impl Dataplane {
             take(&mut ebpf, SERVICES)?,
             take(&mut ebpf, BACKENDS)?,
             take(&mut ebpf, REV_NAT)?,
+            take(&mut ebpf, AFFINITY_MATCH)?,
         )?;
         let writer = Writer::adopt(maps, Capacity::default())?;
         loader::attach(&mut ebpf, &config.cgroup, &config.bpffs)?;

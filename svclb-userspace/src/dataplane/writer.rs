@@ -2,19 +2,22 @@
 //! writes only the difference, in an order that keeps readers consistent.
 //!
 //! Readers (the socket programs) read a frontend's slot 0 (backend count),
-//! then one slot in 1..=count, then that slot's backend. So for every reader:
+//! then one slot in 1..=count, then that slot's backend; with session
+//! affinity they may instead take a remembered backend that the
+//! affinity-match map still lists for the frontend. So for every reader:
 //! - every slot within the count it read must exist, and
 //! - every backend a slot names must exist.
 //!
 //! An update of one service therefore goes:
 //! 1. upsert new backends (and changed backend states);
 //! 2. write changed backend slots 1..=new_count (a slot overwritten in place
-//!    flips atomically from one valid backend id to another);
+//!    flips atomically from one valid backend id to another) and add
+//!    affinity-match entries for new members;
 //! 3. write slot 0 with the new count: from here new readers use the new set;
 //! 4. delete slot 0 of frontends that are gone;
 //! 5. wait for an RCU grace period: readers that read an old count are done;
-//! 6. delete slots beyond the new counts, gone frontends' slots and rev-NAT
-//!    entries, and backends no slot names any more.
+//! 6. delete slots beyond the new counts, gone frontends' slots, rev-NAT and
+//!    affinity-match entries, and backends no slot names any more.
 //!
 //! Map hash elements are allocated without preallocation, so a value that is
 //! replaced while a reader copies it is freed only after a grace period too.
@@ -23,15 +26,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use svclb_common::{
-    maps, Backend as AbiBackend, RevNat, ServiceKey, ServiceValue, BACKEND_ACTIVE,
-    BACKEND_TERMINATING, SVC_FLAG_CLUSTER_IP,
+    maps, AffinityMatchKey, Backend as AbiBackend, RevNat, ServiceKey, ServiceValue,
+    BACKEND_ACTIVE, BACKEND_TERMINATING, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
 };
 
 use super::abi::{
     addr_from_abi, addr_to_abi, frontend_key, proto_from_abi, proto_to_abi, service_key,
 };
 use super::DataplaneError;
-use crate::model::{Frontend, FrontendKey, Protocol, ServiceId};
+use crate::model::{Frontend, FrontendKey, FrontendKind, Protocol, ServiceId, WhenEmpty};
 
 /// The map operations the writer needs; the kernel implementation is in
 /// `kernel.rs`, tests use an in-memory one that checks reader consistency.
@@ -43,6 +47,8 @@ pub trait MapOps {
     fn del_backend(&mut self, id: u32) -> Result<(), DataplaneError>;
     fn put_rev_nat(&mut self, id: u32, rev_nat: &RevNat) -> Result<(), DataplaneError>;
     fn del_rev_nat(&mut self, id: u32) -> Result<(), DataplaneError>;
+    fn put_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DataplaneError>;
+    fn del_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DataplaneError>;
     /// Returns once no reader that started before the call is running.
     fn barrier(&mut self) -> Result<(), DataplaneError>;
     /// Everything in the maps, for adopting state after a restart.
@@ -54,6 +60,7 @@ pub struct MapContents {
     pub services: Vec<(ServiceKey, ServiceValue)>,
     pub backends: Vec<(u32, AbiBackend)>,
     pub rev_nat: Vec<(u32, RevNat)>,
+    pub affinity_match: Vec<AffinityMatchKey>,
 }
 
 /// A backend as the maps know it: address, port and protocol.
@@ -67,13 +74,65 @@ struct BackendEntry {
     refs: u32,
 }
 
+/// Slot 0's content apart from the count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Record {
+    flags: u16,
+    affinity_timeout: u32,
+}
+
+impl Record {
+    fn of(f: &Frontend) -> Self {
+        let kind = match f.kind {
+            FrontendKind::ClusterIp => SVC_FLAG_CLUSTER_IP,
+            FrontendKind::NodePort => SVC_FLAG_NODE_PORT,
+            FrontendKind::ExternalIp => SVC_FLAG_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => SVC_FLAG_LOAD_BALANCER,
+        };
+        let drop = match f.when_empty {
+            WhenEmpty::Drop => SVC_FLAG_DROP_EMPTY,
+            WhenEmpty::Refuse => 0,
+        };
+        let affinity = if f.affinity_timeout.is_some() {
+            SVC_FLAG_AFFINITY
+        } else {
+            0
+        };
+        Record {
+            flags: kind | drop | affinity,
+            affinity_timeout: f.affinity_timeout.unwrap_or(0),
+        }
+    }
+
+    fn affinity(&self) -> bool {
+        self.flags & SVC_FLAG_AFFINITY != 0
+    }
+}
+
 #[derive(Clone, Debug)]
 struct AppliedFrontend {
     /// None: found in the maps at start-up and not claimed by a service yet.
     owner: Option<ServiceId>,
     rev_nat_id: u32,
+    record: Record,
     /// Backend ids of slots 1..=len.
     slots: Vec<u32>,
+}
+
+impl AppliedFrontend {
+    /// The affinity-match entries this frontend needs.
+    fn members(&self) -> BTreeSet<AffinityMatchKey> {
+        if !self.record.affinity() {
+            return BTreeSet::new();
+        }
+        self.slots
+            .iter()
+            .map(|&backend_id| AffinityMatchKey {
+                rev_nat_id: self.rev_nat_id,
+                backend_id,
+            })
+            .collect()
+    }
 }
 
 /// What one `apply` changed, for logs and metrics.
@@ -94,6 +153,8 @@ pub struct Writer<M: MapOps> {
     next_backend_id: u32,
     next_rev_nat_id: u32,
     capacity: Capacity,
+    /// Deletions waiting for the next `flush` (after a barrier).
+    pending: Deferred,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -116,13 +177,25 @@ impl Default for Capacity {
 struct Deferred {
     service_keys: Vec<ServiceKey>,
     rev_nat_ids: Vec<u32>,
+    affinity_match: Vec<AffinityMatchKey>,
+    /// Backend ids whose slot references went away.
     released: Vec<u32>,
+}
+
+impl Deferred {
+    fn is_empty(&self) -> bool {
+        self.service_keys.is_empty()
+            && self.rev_nat_ids.is_empty()
+            && self.affinity_match.is_empty()
+    }
 }
 
 impl<M: MapOps> Writer<M> {
     /// Adopt whatever the maps already hold (left by an earlier agent), so a
     /// restart rewrites nothing that is still right. Entries no reader can
-    /// reach (slots beyond a count, unreferenced backends) are removed.
+    /// reach (slots beyond a count, unreferenced backends) are removed, and
+    /// frontends the earlier agent left half-written are dropped for the
+    /// resync to write again.
     pub fn adopt(maps: M, capacity: Capacity) -> Result<Self, DataplaneError> {
         let contents = maps.read_all()?;
         let mut w = Writer {
@@ -134,32 +207,35 @@ impl<M: MapOps> Writer<M> {
             next_backend_id: 1,
             next_rev_nat_id: 1,
             capacity,
+            pending: Deferred::default(),
         };
         let mut slots: HashMap<(FrontendKey, u16), u32> = HashMap::new();
-        let mut garbage = Vec::new();
+        let mut garbage = Deferred::default();
         for (key, value) in &contents.services {
             match frontend_key(key) {
                 Some(fk) if key.slot == 0 => {
-                    w.frontends.insert(
-                        fk,
-                        AppliedFrontend {
-                            owner: None,
-                            rev_nat_id: value.rev_nat_id,
-                            slots: vec![0; value.count as usize],
+                    let applied = AppliedFrontend {
+                        owner: None,
+                        rev_nat_id: value.rev_nat_id,
+                        record: Record {
+                            flags: value.flags,
+                            affinity_timeout: value.affinity_timeout,
                         },
-                    );
+                        slots: vec![0; value.count as usize],
+                    };
+                    w.frontends.insert(fk, applied);
                     w.next_rev_nat_id = w.next_rev_nat_id.max(value.rev_nat_id + 1);
                 }
                 Some(fk) => {
                     slots.insert((fk, key.slot), value.backend_id);
                 }
-                None => garbage.push(*key),
+                None => garbage.service_keys.push(*key),
             }
         }
         for ((fk, slot), id) in slots {
             match w.frontends.get_mut(&fk) {
                 Some(f) if (slot as usize) <= f.slots.len() => f.slots[slot as usize - 1] = id,
-                _ => garbage.push(service_key(&fk, slot)),
+                _ => garbage.service_keys.push(service_key(&fk, slot)),
             }
         }
         let mut by_id: HashMap<u32, (BackendAddr, u8)> = HashMap::new();
@@ -172,9 +248,6 @@ impl<M: MapOps> Writer<M> {
                 None => w.maps.del_backend(*id)?,
             }
         }
-        // A frontend naming a backend that doesn't exist was never fully
-        // written (the agent died mid-update): drop it and let the resync
-        // write it again.
         let broken: Vec<FrontendKey> = w
             .frontends
             .iter()
@@ -184,10 +257,14 @@ impl<M: MapOps> Writer<M> {
         for fk in broken {
             let f = w.frontends.remove(&fk).expect("listed above");
             w.maps.del_service(&service_key(&fk, 0))?;
-            garbage.extend((1..=f.slots.len() as u16).map(|s| service_key(&fk, s)));
+            garbage
+                .service_keys
+                .extend((1..=f.slots.len() as u16).map(|s| service_key(&fk, s)));
         }
+        let mut members = BTreeSet::new();
         for f in w.frontends.values() {
             w.service_entries += 1 + f.slots.len();
+            members.extend(f.members());
             for id in &f.slots {
                 let (addr, state) = by_id[id];
                 w.by_addr.insert(addr, *id);
@@ -201,22 +278,30 @@ impl<M: MapOps> Writer<M> {
                     .refs += 1;
             }
         }
+        let found: BTreeSet<AffinityMatchKey> = contents.affinity_match.iter().copied().collect();
+        for key in members.difference(&found) {
+            w.maps.put_affinity_match(key)?;
+        }
+        garbage.affinity_match.extend(found.difference(&members));
         let live_rev_nat: BTreeSet<u32> = w.frontends.values().map(|f| f.rev_nat_id).collect();
-        if !garbage.is_empty() {
+        garbage.rev_nat_ids.extend(
+            contents
+                .rev_nat
+                .iter()
+                .map(|(id, _)| *id)
+                .filter(|id| !live_rev_nat.contains(id)),
+        );
+        let orphans: Vec<u32> = by_id
+            .keys()
+            .copied()
+            .filter(|id| !w.backends.contains_key(id))
+            .collect();
+        if !garbage.is_empty() || !orphans.is_empty() {
             w.maps.barrier()?;
         }
-        for key in garbage {
-            w.maps.del_service(&key)?;
-        }
-        for id in by_id.keys().filter(|id| !w.backends.contains_key(id)) {
-            w.maps.del_backend(*id)?;
-        }
-        for (id, _) in contents
-            .rev_nat
-            .iter()
-            .filter(|(id, _)| !live_rev_nat.contains(id))
-        {
-            w.maps.del_rev_nat(*id)?;
+        w.delete(&garbage)?;
+        for id in orphans {
+            w.maps.del_backend(id)?;
         }
         Ok(w)
     }
@@ -272,16 +357,12 @@ impl<M: MapOps> Writer<M> {
             }
         }
 
-        // 2.-3. Slots, then slot 0, per frontend.
-        let mut deferred = Deferred::default();
+        // 2.-3. Slots and affinity members, then slot 0, per frontend.
+        let mut deferred = std::mem::take(&mut self.pending);
         for f in &wanted {
-            let ids: Vec<u32> = f
-                .backends
-                .iter()
-                .map(|b| self.by_addr[&(b.addr, b.port, f.key.protocol)])
-                .collect();
-            let (rev_nat_id, old) = match self.frontends.get(&f.key) {
-                Some(a) => (a.rev_nat_id, a.slots.clone()),
+            let old = self.frontends.get(&f.key).cloned();
+            let rev_nat_id = match &old {
+                Some(a) => a.rev_nat_id,
                 None => {
                     let id = self.next_rev_nat_id;
                     self.next_rev_nat_id += 1;
@@ -292,12 +373,22 @@ impl<M: MapOps> Writer<M> {
                     };
                     self.maps.put_rev_nat(id, &rn)?;
                     stats.writes += 1;
-                    (id, Vec::new())
+                    id
                 }
             };
-            let is_new = !self.frontends.contains_key(&f.key);
-            for (i, id) in ids.iter().enumerate() {
-                if old.get(i) != Some(id) {
+            let new = AppliedFrontend {
+                owner: Some(owner.clone()),
+                rev_nat_id,
+                record: Record::of(f),
+                slots: f
+                    .backends
+                    .iter()
+                    .map(|b| self.by_addr[&(b.addr, b.port, f.key.protocol)])
+                    .collect(),
+            };
+            let old_slots = old.as_ref().map_or(&[][..], |a| &a.slots[..]);
+            for (i, id) in new.slots.iter().enumerate() {
+                if old_slots.get(i) != Some(id) {
                     let value = ServiceValue {
                         backend_id: *id,
                         ..ServiceValue::default()
@@ -307,50 +398,56 @@ impl<M: MapOps> Writer<M> {
                     stats.writes += 1;
                 }
             }
-            if is_new || old.len() != ids.len() {
+            let old_members = old
+                .as_ref()
+                .map(AppliedFrontend::members)
+                .unwrap_or_default();
+            let new_members = new.members();
+            for key in new_members.difference(&old_members) {
+                self.maps.put_affinity_match(key)?;
+                stats.writes += 1;
+            }
+            let unchanged = old
+                .as_ref()
+                .is_some_and(|a| a.slots.len() == new.slots.len() && a.record == new.record);
+            if !unchanged {
                 let value = ServiceValue {
-                    count: ids.len() as u16,
-                    flags: SVC_FLAG_CLUSTER_IP,
+                    count: new.slots.len() as u16,
+                    flags: new.record.flags,
                     rev_nat_id,
+                    affinity_timeout: new.record.affinity_timeout,
                     ..ServiceValue::default()
                 };
                 self.maps.put_service(&service_key(&f.key, 0), &value)?;
                 stats.writes += 1;
             }
             deferred
-                .service_keys
-                .extend((ids.len() + 1..=old.len()).map(|s| service_key(&f.key, s as u16)));
-            for id in &ids {
+                .affinity_match
+                .extend(old_members.difference(&new_members));
+            deferred.service_keys.extend(
+                (new.slots.len() + 1..=old_slots.len()).map(|s| service_key(&f.key, s as u16)),
+            );
+            for id in &new.slots {
                 self.backend_refs(*id, 1);
             }
-            deferred.released.extend(old.iter().copied());
+            for id in old_slots {
+                self.backend_refs(*id, -1);
+            }
+            deferred.released.extend(old_slots.iter().copied());
             self.service_entries =
-                self.service_entries + ids.len() + usize::from(is_new) - old.len();
-            self.frontends.insert(
-                f.key,
-                AppliedFrontend {
-                    owner: Some(owner.clone()),
-                    rev_nat_id,
-                    slots: ids,
-                },
-            );
+                self.service_entries + new.slots.len() + usize::from(old.is_none())
+                    - old_slots.len();
+            self.frontends.insert(f.key, new);
         }
 
         // 4. Frontends that are gone stop being found.
         for key in gone {
-            let a = self.frontends.remove(&key).expect("listed above");
-            self.maps.del_service(&service_key(&key, 0))?;
+            self.remove_frontend(key, &mut deferred)?;
             stats.deletes += 1;
-            deferred
-                .service_keys
-                .extend((1..=a.slots.len()).map(|s| service_key(&key, s as u16)));
-            deferred.rev_nat_ids.push(a.rev_nat_id);
-            deferred.released.extend(a.slots.iter().copied());
-            self.service_entries -= 1 + a.slots.len();
         }
 
-        // 5.-6.
-        stats.deletes += self.finish(deferred)?;
+        // 5.-6. happen in `flush`, once per batch of updates.
+        self.pending = deferred;
         if let Some((key, other)) = conflicts.first() {
             return Err(DataplaneError::Conflict {
                 service: owner.clone(),
@@ -371,19 +468,13 @@ impl<M: MapOps> Writer<M> {
             .map(|(k, _)| *k)
             .collect();
         let mut stats = ApplyStats::default();
-        let mut deferred = Deferred::default();
+        let mut deferred = std::mem::take(&mut self.pending);
         for key in unclaimed {
-            let a = self.frontends.remove(&key).expect("listed above");
-            self.maps.del_service(&service_key(&key, 0))?;
+            self.remove_frontend(key, &mut deferred)?;
             stats.deletes += 1;
-            deferred
-                .service_keys
-                .extend((1..=a.slots.len()).map(|s| service_key(&key, s as u16)));
-            deferred.rev_nat_ids.push(a.rev_nat_id);
-            deferred.released.extend(a.slots.iter().copied());
-            self.service_entries -= 1 + a.slots.len();
         }
-        stats.deletes += self.finish(deferred)?;
+        self.pending = deferred;
+        stats.deletes += self.flush()?;
         Ok(stats)
     }
 
@@ -396,17 +487,61 @@ impl<M: MapOps> Writer<M> {
         &self.maps
     }
 
+    /// Delete slot 0 now (new readers stop finding the frontend); the rest
+    /// goes after the barrier.
+    fn remove_frontend(
+        &mut self,
+        key: FrontendKey,
+        deferred: &mut Deferred,
+    ) -> Result<(), DataplaneError> {
+        let a = self
+            .frontends
+            .remove(&key)
+            .expect("callers list existing frontends");
+        self.maps.del_service(&service_key(&key, 0))?;
+        deferred
+            .service_keys
+            .extend((1..=a.slots.len()).map(|s| service_key(&key, s as u16)));
+        deferred.rev_nat_ids.push(a.rev_nat_id);
+        deferred.affinity_match.extend(a.members());
+        for id in &a.slots {
+            self.backend_refs(*id, -1);
+        }
+        deferred.released.extend(a.slots.iter().copied());
+        self.service_entries -= 1 + a.slots.len();
+        Ok(())
+    }
+
     fn backend_refs(&mut self, id: u32, delta: i32) {
         if let Some(e) = self.backends.get_mut(&id) {
             e.refs = e.refs.saturating_add_signed(delta);
         }
     }
 
-    fn finish(&mut self, d: Deferred) -> Result<usize, DataplaneError> {
-        for id in &d.released {
-            self.backend_refs(*id, -1);
-        }
-        // Only backends this update released can have become orphans.
+    /// Steps 5 and 6: wait for readers, then delete what they might still
+    /// have been using. Call after a batch of `apply`s (one grace period per
+    /// batch, off the path that makes changes visible). Entries that became
+    /// live again since (a frontend that grew back, a backend re-added) stay.
+    pub fn flush(&mut self) -> Result<usize, DataplaneError> {
+        let mut d = std::mem::take(&mut self.pending);
+        d.service_keys.retain(|k| {
+            let fk = frontend_key(k).expect("the writer only defers keys it wrote");
+            !self
+                .frontends
+                .get(&fk)
+                .is_some_and(|f| k.slot as usize <= f.slots.len())
+        });
+        let live: BTreeSet<AffinityMatchKey> = self
+            .frontends
+            .values()
+            .flat_map(AppliedFrontend::members)
+            .collect();
+        d.affinity_match.retain(|k| !live.contains(k));
+        d.affinity_match.sort_unstable();
+        d.affinity_match.dedup();
+        d.service_keys
+            .sort_unstable_by_key(|k| (k.addr, k.port, k.proto, k.slot));
+        d.service_keys.dedup();
         let mut orphans: Vec<u32> = d
             .released
             .iter()
@@ -415,19 +550,11 @@ impl<M: MapOps> Writer<M> {
             .collect();
         orphans.sort_unstable();
         orphans.dedup();
-        if d.service_keys.is_empty() && d.rev_nat_ids.is_empty() && orphans.is_empty() {
+        if d.is_empty() && orphans.is_empty() {
             return Ok(0);
         }
         self.maps.barrier()?;
-        let mut deletes = 0;
-        for key in &d.service_keys {
-            self.maps.del_service(key)?;
-            deletes += 1;
-        }
-        for id in &d.rev_nat_ids {
-            self.maps.del_rev_nat(*id)?;
-            deletes += 1;
-        }
+        let mut deletes = self.delete(&d)?;
         for id in orphans {
             let e = self.backends.remove(&id).expect("listed above");
             self.by_addr.remove(&e.addr);
@@ -435,6 +562,19 @@ impl<M: MapOps> Writer<M> {
             deletes += 1;
         }
         Ok(deletes)
+    }
+
+    fn delete(&mut self, d: &Deferred) -> Result<usize, DataplaneError> {
+        for key in &d.service_keys {
+            self.maps.del_service(key)?;
+        }
+        for id in &d.rev_nat_ids {
+            self.maps.del_rev_nat(*id)?;
+        }
+        for key in &d.affinity_match {
+            self.maps.del_affinity_match(key)?;
+        }
+        Ok(d.service_keys.len() + d.rev_nat_ids.len() + d.affinity_match.len())
     }
 
     /// Refuse, before writing anything, an update the maps can't hold, so a
@@ -453,7 +593,8 @@ impl<M: MapOps> Writer<M> {
                 None => 1 + f.backends.len(),
             })
             .sum();
-        let services = self.service_entries + added;
+        // Entries waiting for `flush` still take room.
+        let services = self.service_entries + self.pending.service_keys.len() + added;
         let new_backends: BTreeSet<BackendAddr> = wanted
             .iter()
             .flat_map(|f| f.backends.iter().map(|b| (b.addr, b.port, f.key.protocol)))

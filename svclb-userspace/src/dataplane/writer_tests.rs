@@ -13,6 +13,7 @@ struct FakeMaps {
     services: HashMap<ServiceKey, ServiceValue>,
     backends: HashMap<u32, AbiBackend>,
     rev_nat: HashMap<u32, RevNat>,
+    affinity_match: BTreeSet<AffinityMatchKey>,
     /// Per frontend (slot-0 key): every count a reader may still be acting on,
     /// i.e. counts written since the last barrier, plus the current one.
     reader_counts: HashMap<ServiceKey, BTreeSet<u16>>,
@@ -107,6 +108,19 @@ impl MapOps for FakeMaps {
         );
         Ok(())
     }
+    fn put_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DataplaneError> {
+        self.op()?;
+        self.affinity_match.insert(*key);
+        Ok(())
+    }
+    fn del_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DataplaneError> {
+        self.ops += 1;
+        assert!(
+            self.affinity_match.remove(key),
+            "deleting missing affinity match {key:?}"
+        );
+        Ok(())
+    }
     fn barrier(&mut self) -> Result<(), DataplaneError> {
         self.barriers += 1;
         // Readers that started before now are done; new ones see current counts.
@@ -123,14 +137,21 @@ impl MapOps for FakeMaps {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
+            affinity_match: self.affinity_match.iter().copied().collect(),
         })
     }
 }
 
+type Observed = BTreeMap<FrontendKey, (Vec<(IpAddr, u16, bool)>, Record)>;
+
 /// The maps' content as the model would describe it.
-fn observed(m: &FakeMaps) -> BTreeMap<FrontendKey, Vec<(IpAddr, u16, bool)>> {
+fn observed(m: &FakeMaps) -> Observed {
     let mut out = BTreeMap::new();
     for (k, v) in m.services.iter().filter(|(k, _)| k.slot == 0) {
+        let record = Record {
+            flags: v.flags,
+            affinity_timeout: v.affinity_timeout,
+        };
         let backends = (1..=v.count)
             .map(|s| {
                 let id = m.services[&FakeMaps::slot_key(k, s)].backend_id;
@@ -142,7 +163,7 @@ fn observed(m: &FakeMaps) -> BTreeMap<FrontendKey, Vec<(IpAddr, u16, bool)>> {
                 )
             })
             .collect();
-        out.insert(frontend_key(k).unwrap(), backends);
+        out.insert(frontend_key(k).unwrap(), (backends, record));
     }
     out
 }
@@ -174,22 +195,32 @@ fn assert_no_garbage(m: &FakeMaps) {
         m.rev_nat.keys().copied().collect(),
         "stale rev-NAT entries"
     );
+    // Affinity members: exactly the backends of affinity frontends.
+    let members: BTreeSet<AffinityMatchKey> = m
+        .services
+        .iter()
+        .filter(|(k, _)| {
+            k.slot != 0 && m.services[&FakeMaps::slot_key(k, 0)].flags & SVC_FLAG_AFFINITY != 0
+        })
+        .map(|(k, v)| AffinityMatchKey {
+            rev_nat_id: m.services[&FakeMaps::slot_key(k, 0)].rev_nat_id,
+            backend_id: v.backend_id,
+        })
+        .collect();
+    assert_eq!(members, m.affinity_match, "affinity members");
 }
 
-fn expected(
-    desired: &BTreeMap<ServiceId, Vec<Frontend>>,
-) -> BTreeMap<FrontendKey, Vec<(IpAddr, u16, bool)>> {
+fn expected(desired: &BTreeMap<ServiceId, Vec<Frontend>>) -> Observed {
     desired
         .values()
         .flatten()
         .map(|f| {
-            (
-                f.key,
-                f.backends
-                    .iter()
-                    .map(|b| (b.addr, b.port, b.terminating))
-                    .collect(),
-            )
+            let backends = f
+                .backends
+                .iter()
+                .map(|b| (b.addr, b.port, b.terminating))
+                .collect();
+            (f.key, (backends, Record::of(f)))
         })
         .collect()
 }
@@ -202,13 +233,13 @@ fn sid(name: &str) -> ServiceId {
 }
 
 fn fe(ip: &str, port: u16, protocol: Protocol, backends: &[(&str, u16)]) -> Frontend {
-    Frontend {
-        key: FrontendKey {
+    Frontend::cluster_ip(
+        FrontendKey {
             addr: ip.parse().unwrap(),
             port,
             protocol,
         },
-        backends: backends
+        backends
             .iter()
             .map(|(a, p)| Backend {
                 addr: a.parse().unwrap(),
@@ -216,7 +247,7 @@ fn fe(ip: &str, port: u16, protocol: Protocol, backends: &[(&str, u16)]) -> Fron
                 terminating: false,
             })
             .collect(),
-    }
+    )
 }
 
 fn writer() -> Writer<FakeMaps> {
@@ -254,12 +285,19 @@ fn creates_updates_and_removes_a_service() {
     );
     assert_eq!(
         w.maps().barriers,
+        barriers,
+        "the new set is visible before any wait"
+    );
+    w.flush().unwrap();
+    assert_eq!(
+        w.maps().barriers,
         barriers + 1,
         "shrinking waits for readers once"
     );
     assert_no_garbage(w.maps());
 
     w.apply(&a, &[]).unwrap();
+    w.flush().unwrap();
     assert!(
         w.maps().services.is_empty() && w.maps().backends.is_empty() && w.maps().rev_nat.is_empty()
     );
@@ -289,6 +327,29 @@ fn a_backend_turning_terminating_is_updated_in_place() {
         observed(w.maps()),
         expected(&BTreeMap::from([(sid("a"), v)]))
     );
+}
+
+#[test]
+fn switching_affinity_on_and_off_updates_members() {
+    let mut w = writer();
+    let mut v = vec![fe(
+        "198.19.0.10",
+        80,
+        Protocol::Tcp,
+        &[("198.18.1.2", 80), ("198.18.1.3", 80)],
+    )];
+    v[0].affinity_timeout = Some(10_800);
+    w.apply(&sid("a"), &v).unwrap();
+    assert_eq!(w.maps().affinity_match.len(), 2);
+    assert_eq!(
+        observed(w.maps()),
+        expected(&BTreeMap::from([(sid("a"), v.clone())]))
+    );
+    v[0].affinity_timeout = None;
+    w.apply(&sid("a"), &v).unwrap();
+    w.flush().unwrap();
+    assert!(w.maps().affinity_match.is_empty());
+    assert_no_garbage(w.maps());
 }
 
 #[test]
@@ -453,12 +514,19 @@ fn arb_frontends() -> impl Strategy<Value = Vec<Frontend>> {
         0u8..3,
         prop::sample::select(vec![Protocol::Tcp, Protocol::Udp]),
         backends,
+        prop::sample::select(vec![None, Some(10), Some(10_800)]),
+        any::<bool>(),
     )
-        .prop_map(|(h, protocol, backends)| Frontend {
+        .prop_map(|(h, protocol, backends, affinity_timeout, drop)| Frontend {
             key: FrontendKey {
                 addr: IpAddr::from([198, 19, 0, h]),
                 port: 80,
                 protocol,
+            },
+            kind: if h == 2 {
+                FrontendKind::ExternalIp
+            } else {
+                FrontendKind::ClusterIp
             },
             backends: backends
                 .into_iter()
@@ -468,6 +536,12 @@ fn arb_frontends() -> impl Strategy<Value = Vec<Frontend>> {
                     terminating: b >= 4,
                 })
                 .collect(),
+            when_empty: if drop {
+                WhenEmpty::Drop
+            } else {
+                WhenEmpty::Refuse
+            },
+            affinity_timeout,
         });
     prop::collection::vec(frontend, 0..4).prop_map(|mut v| {
         v.sort_by_key(|f| f.key);
@@ -481,10 +555,12 @@ proptest! {
     /// (checked after every map operation), the maps end up exactly as
     /// desired with no garbage, and a restart adopts them without writes.
     #[test]
-    fn any_update_sequence_is_consistent(steps in prop::collection::vec((0usize..3, arb_frontends()), 1..12)) {
+    fn any_update_sequence_is_consistent(steps in prop::collection::vec((0usize..3, arb_frontends(), any::<bool>()), 1..12)) {
         let mut w = writer();
         let mut desired: BTreeMap<ServiceId, Vec<Frontend>> = BTreeMap::new();
-        for (svc, frontends) in steps {
+        // Flushes come after some updates only: entries waiting for a flush
+        // may become live again before it.
+        for (svc, frontends, flush) in steps {
             let id = sid(&format!("s{svc}"));
             // Keys owned by another service are conflicts, which the writer skips.
             let owned_elsewhere: BTreeSet<FrontendKey> =
@@ -495,8 +571,13 @@ proptest! {
             let kept: Vec<Frontend> = frontends.into_iter().filter(|f| !owned_elsewhere.contains(&f.key)).collect();
             desired.insert(id, kept);
             prop_assert_eq!(observed(w.maps()), expected(&desired));
-            assert_no_garbage(w.maps());
+            if flush {
+                w.flush().unwrap();
+                assert_no_garbage(w.maps());
+            }
         }
+        w.flush().unwrap();
+        assert_no_garbage(w.maps());
         let maps = w.maps().clone();
         let mut restarted = Writer::adopt(maps, Capacity::default()).unwrap();
         let ops = restarted.maps().ops;

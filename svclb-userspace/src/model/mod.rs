@@ -40,12 +40,39 @@ impl Object {
         }
     }
 
+    pub fn object_kind(&self) -> ObjectKind {
+        match self {
+            Object::Service(_) => ObjectKind::Service,
+            Object::EndpointSlice(_) => ObjectKind::EndpointSlice,
+            Object::Node(_) => ObjectKind::Node,
+        }
+    }
+
     pub fn metadata(&self) -> &ObjectMeta {
         match self {
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
             Object::Node(o) => &o.metadata,
         }
+    }
+}
+
+/// The kinds of [`Object`], for operations on all objects of one kind
+/// (a watch's relist replaces one kind only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectKind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ObjectKind::Service => "Service",
+            ObjectKind::EndpointSlice => "EndpointSlice",
+            ObjectKind::Node => "Node",
+        })
     }
 }
 
@@ -104,18 +131,88 @@ pub struct Backend {
     pub terminating: bool,
 }
 
+/// Which kind of Service address a frontend is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    /// A nodePort on one of this node's addresses (or loopback).
+    NodePort,
+    /// One of spec.externalIPs.
+    ExternalIp,
+    /// A status.loadBalancer.ingress IP (ipMode VIP or unset).
+    LoadBalancer,
+}
+
+/// What a frontend with no backends does to new connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WhenEmpty {
+    /// The service has no endpoints: refuse (kube-proxy REJECTs).
+    #[default]
+    Refuse,
+    /// The service has endpoints, none usable under its Local traffic policy:
+    /// drop (kube-proxy DROPs).
+    Drop,
+}
+
 /// A frontend and the backends it load-balances over, in a canonical
-/// (sorted, de-duplicated) order. An empty list means "refuse connections".
+/// (sorted, de-duplicated) order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     pub key: FrontendKey,
+    pub kind: FrontendKind,
     pub backends: Vec<Backend>,
+    pub when_empty: WhenEmpty,
+    /// ClientIP session affinity timeout in seconds.
+    pub affinity_timeout: Option<u32>,
 }
 
-/// What this node needs to know about itself (zone, addresses: later issues).
+impl Frontend {
+    /// A ClusterIP frontend without affinity that refuses when empty.
+    pub fn cluster_ip(key: FrontendKey, backends: Vec<Backend>) -> Self {
+        Frontend {
+            key,
+            kind: FrontendKind::ClusterIp,
+            backends,
+            when_empty: WhenEmpty::Refuse,
+            affinity_timeout: None,
+        }
+    }
+}
+
+/// What translation needs to know about the node it runs for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeContext {
     pub name: String,
+    /// topology.kubernetes.io/zone, for topology-aware routing.
+    pub zone: Option<String>,
+    /// The node's InternalIP and ExternalIP addresses (NodePort frontends).
+    pub addresses: Vec<IpAddr>,
+}
+
+impl NodeContext {
+    /// This node as its Node object describes it (name only when unknown).
+    pub fn from_node(name: &str, node: Option<&Node>) -> Self {
+        let zone = node
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get("topology.kubernetes.io/zone"))
+            .filter(|z| !z.is_empty())
+            .cloned();
+        let mut addresses: Vec<IpAddr> = node
+            .and_then(|n| n.status.as_ref())
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        NodeContext {
+            name: name.to_string(),
+            zone,
+            addresses,
+        }
+    }
 }
 
 /// The result of translating one Service.

@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::{translate, ModelError, NodeContext, Object, ServiceId, Translation};
+use super::{translate, ModelError, NodeContext, Object, ObjectKind, ServiceId, Translation};
 
 /// The label the EndpointSlice controller puts on every slice it manages,
 /// naming its Service (in the slice's namespace).
@@ -159,6 +159,43 @@ impl ObjectStore {
         (affected, errors)
     }
 
+    /// Makes the store hold exactly `objs` among the objects of `kind` (the
+    /// result of one watch's relist), leaving the other kinds alone: upserts
+    /// all of `objs` and deletes the stored objects of `kind` not among them.
+    /// Like every mutation, re-delivering identical objects affects nothing.
+    pub fn replace_kind(
+        &mut self,
+        kind: ObjectKind,
+        objs: Vec<Object>,
+    ) -> (BTreeSet<ServiceId>, Vec<ModelError>) {
+        let listed: BTreeSet<(String, String)> = (objs.iter())
+            .filter(|obj| obj.object_kind() == kind)
+            .filter_map(key)
+            .collect();
+        let mut affected = BTreeSet::new();
+        let mut errors = Vec::new();
+        for obj in objs {
+            let (a, e) = self.upsert(obj);
+            affected.extend(a);
+            errors.extend(e);
+        }
+        let stored: Vec<(String, String)> = match kind {
+            ObjectKind::Service => (self.services.keys())
+                .map(|id| (id.namespace.clone(), id.name.clone()))
+                .collect(),
+            ObjectKind::EndpointSlice => self.slices.keys().cloned().collect(),
+            ObjectKind::Node => (self.nodes.keys())
+                .map(|name| (String::new(), name.clone()))
+                .collect(),
+        };
+        // Through delete(), so that what a deletion affects is decided in
+        // one place.
+        for (namespace, name) in stored.into_iter().filter(|k| !listed.contains(k)) {
+            affected.extend(self.delete(&named(kind, namespace, name)));
+        }
+        (affected, errors)
+    }
+
     /// The Service's translation from the stored objects; None when the
     /// Service is not stored.
     pub fn translate(&self, id: &ServiceId, node: &NodeContext) -> Option<Translation> {
@@ -232,6 +269,29 @@ fn normalize(meta: &mut ObjectMeta) {
     meta.managed_fields = None;
 }
 
+/// An object with only kind, namespace and name: enough for delete().
+fn named(kind: ObjectKind, namespace: String, name: String) -> Object {
+    let metadata = ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace).filter(|n| !n.is_empty()),
+        ..ObjectMeta::default()
+    };
+    match kind {
+        ObjectKind::Service => Object::Service(Box::new(Service {
+            metadata,
+            ..Service::default()
+        })),
+        ObjectKind::EndpointSlice => Object::EndpointSlice(Box::new(EndpointSlice {
+            metadata,
+            ..EndpointSlice::default()
+        })),
+        ObjectKind::Node => Object::Node(Box::new(Node {
+            metadata,
+            ..Node::default()
+        })),
+    }
+}
+
 fn unkeyed(obj: &Object) -> ModelError {
     let object = match obj {
         Object::Node(_) => "<unnamed>".to_string(),
@@ -241,5 +301,128 @@ fn unkeyed(obj: &Object) -> ModelError {
         kind: obj.kind(),
         object,
         reason: "metadata.name is missing; ignored".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn svc(name: &str, ip: &str, resource_version: &str) -> Object {
+        let v = json!({
+            "metadata": {"name": name, "namespace": "demo", "resourceVersion": resource_version},
+            "spec": {"clusterIP": ip, "ports": [{"port": 80}]},
+        });
+        Object::Service(Box::new(serde_json::from_value(v).unwrap()))
+    }
+
+    fn slice(name: &str, service: &str, addr: &str) -> Object {
+        let v = json!({
+            "metadata": {
+                "name": name,
+                "namespace": "demo",
+                "labels": {LABEL_SERVICE_NAME: service},
+            },
+            "addressType": "IPv4",
+            "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": [addr]}],
+        });
+        Object::EndpointSlice(Box::new(serde_json::from_value(v).unwrap()))
+    }
+
+    fn node(name: &str) -> Object {
+        let v = json!({"metadata": {"name": name}});
+        Object::Node(Box::new(serde_json::from_value(v).unwrap()))
+    }
+
+    fn ids(names: &[&str]) -> BTreeSet<ServiceId> {
+        let id = |name: &&str| ServiceId {
+            namespace: "demo".to_string(),
+            name: name.to_string(),
+        };
+        names.iter().map(id).collect()
+    }
+
+    fn replace(
+        store: &mut ObjectStore,
+        kind: ObjectKind,
+        objs: Vec<Object>,
+    ) -> BTreeSet<ServiceId> {
+        let (affected, errors) = store.replace_kind(kind, objs);
+        assert!(errors.is_empty(), "{errors:?}");
+        affected
+    }
+
+    #[test]
+    fn replace_kind_replaces_only_that_kind() {
+        let mut store = ObjectStore::new();
+        let (affected, _) = store.replace_all(vec![
+            svc("a", "198.18.0.10", "1"),
+            svc("b", "198.18.0.11", "1"),
+            slice("sa", "a", "198.19.0.1"),
+            slice("sb", "b", "198.19.0.2"),
+            node("n1"),
+        ]);
+        assert_eq!(affected, ids(&["a", "b"]));
+
+        // A relist: a unchanged but for its resourceVersion, b gone, c new.
+        // Slices and nodes stay.
+        let services = || vec![svc("a", "198.18.0.10", "7"), svc("c", "198.18.0.12", "7")];
+        assert_eq!(
+            replace(&mut store, ObjectKind::Service, services()),
+            ids(&["b", "c"])
+        );
+        let stored: BTreeSet<ServiceId> = store.service_ids().cloned().collect();
+        assert_eq!(stored, ids(&["a", "c"]));
+        assert!(store.node("n1").is_some());
+        let node_ctx = NodeContext::default();
+        let a = store.translate(&ids(&["a"]).pop_first().unwrap(), &node_ctx);
+        assert_eq!(a.unwrap().frontends[0].backends.len(), 1);
+
+        // The same relist again changes nothing: no map writes follow.
+        assert_eq!(
+            replace(&mut store, ObjectKind::Service, services()),
+            ids(&[])
+        );
+
+        // Slices: sb's removal affects b (which is gone, translate says None).
+        let slices = || vec![slice("sa", "a", "198.19.0.1")];
+        assert_eq!(
+            replace(&mut store, ObjectKind::EndpointSlice, slices()),
+            ids(&["b"])
+        );
+        assert_eq!(
+            replace(&mut store, ObjectKind::EndpointSlice, slices()),
+            ids(&[])
+        );
+        assert_eq!(store.service_ids().count(), 2);
+
+        assert_eq!(
+            replace(&mut store, ObjectKind::Node, vec![node("n1")]),
+            ids(&[])
+        );
+        assert!(store.node("n1").is_some());
+        assert_eq!(replace(&mut store, ObjectKind::Node, vec![]), ids(&[]));
+        assert!(store.node("n1").is_none());
+        assert_eq!(store.service_ids().count(), 2);
+    }
+
+    #[test]
+    fn replace_kind_keys_match_upsert() {
+        // A Service without namespace is stored in "default"; relisting it
+        // must find it there rather than delete and re-add it.
+        let mut store = ObjectStore::new();
+        let web = || {
+            let v = json!({"metadata": {"name": "web"}, "spec": {"clusterIP": "198.18.0.10"}});
+            vec![Object::Service(Box::new(
+                serde_json::from_value(v).unwrap(),
+            ))]
+        };
+        assert_eq!(replace(&mut store, ObjectKind::Service, web()).len(), 1);
+        assert_eq!(replace(&mut store, ObjectKind::Service, web()), ids(&[]));
+        assert_eq!(replace(&mut store, ObjectKind::Service, vec![]).len(), 1);
+        assert_eq!(store.service_ids().count(), 0);
     }
 }

@@ -281,14 +281,14 @@ fn frontends_and_backends() {
             warnings: &[],
         },
         Case {
-            name: "NodePort and LoadBalancer services get their cluster IP frontends",
+            name: "LoadBalancer services get cluster IP and NodePort (loopback) frontends",
             svc: web(json!({
                 "type": "LoadBalancer",
                 "clusterIP": "198.18.0.10",
                 "ports": [{"port": 80, "nodePort": 30080}],
             })),
             slices: vec![],
-            frontends: &["198.18.0.10:80/TCP -> "],
+            frontends: &["127.0.0.1:30080/TCP -> ", "198.18.0.10:80/TCP -> "],
             warnings: &[],
         },
         Case {
@@ -1057,4 +1057,219 @@ mod properties {
             prop_assert!(affected.is_empty());
         }
     }
+}
+
+/// This node: n1 in zone-a with one address per family.
+fn node_n1() -> NodeContext {
+    NodeContext {
+        name: "n1".into(),
+        zone: Some("zone-a".into()),
+        addresses: vec!["198.18.9.1".parse().unwrap(), "fd00:9::1".parse().unwrap()],
+    }
+}
+
+/// An endpoint on `node` with zone hints.
+fn ep(addr: &str, node: &str, ready: bool, terminating: bool, zones: &[&str]) -> Value {
+    let mut e = json!({
+        "addresses": [addr],
+        "nodeName": node,
+        "conditions": {"ready": ready, "serving": ready || terminating, "terminating": terminating},
+    });
+    if !zones.is_empty() {
+        let zones: Vec<Value> = zones.iter().map(|z| json!({"name": z})).collect();
+        e["hints"] = json!({"forZones": zones});
+    }
+    e
+}
+
+/// "kind frontend -> backends [drop] [affinity N]" for every frontend.
+fn render_full(t: &Translation) -> Vec<String> {
+    t.frontends
+        .iter()
+        .map(|f| {
+            let backends: Vec<String> = f
+                .backends
+                .iter()
+                .map(|b| {
+                    let mark = if b.terminating { " (t)" } else { "" };
+                    format!("{}{mark}", SocketAddr::new(b.addr, b.port))
+                })
+                .collect();
+            let mut line = format!("{:?} {} -> {}", f.kind, f.key, backends.join(", "));
+            if f.when_empty == WhenEmpty::Drop {
+                line.push_str(" [drop]");
+            }
+            if let Some(t) = f.affinity_timeout {
+                line.push_str(&format!(" [affinity {t}]"));
+            }
+            line
+        })
+        .collect()
+}
+
+fn run_on(node: &NodeContext, svc: Value, endpoints: Value) -> Translation {
+    let svc = service(svc);
+    let slices = [slice(web_slice("a", json!([{"port": 8080}]), endpoints))];
+    let refs: Vec<&EndpointSlice> = slices.iter().collect();
+    translate(&svc, &refs, node)
+}
+
+/// kube-proxy's CategorizeEndpoints and traffic-policy cases, one per row:
+/// (name, extra spec fields / metadata, endpoints, expected frontends).
+#[test]
+fn traffic_policies_topology_and_external_frontends() {
+    let node = node_n1();
+    let base = |extra: Value| {
+        let mut spec = json!({"clusterIP": "198.18.0.10", "ports": [{"port": 80}]});
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        web(spec)
+    };
+    let local = |a: &str| ep(a, "n1", true, false, &[]);
+    let remote = |a: &str| ep(a, "n2", true, false, &[]);
+    let cases: Vec<(&str, Value, Value, Vec<&str>)> = vec![
+        (
+            "ITP Cluster uses every ready endpoint",
+            base(json!({})),
+            json!([local("198.18.1.2"), remote("198.18.2.2")]),
+            vec!["ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080, 198.18.2.2:8080"],
+        ),
+        (
+            "ITP Local uses only this node's endpoints",
+            base(json!({"internalTrafficPolicy": "Local"})),
+            json!([local("198.18.1.2"), remote("198.18.2.2")]),
+            vec!["ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080"],
+        ),
+        (
+            "ITP Local without local endpoints drops (endpoints exist elsewhere)",
+            base(json!({"internalTrafficPolicy": "Local"})),
+            json!([remote("198.18.2.2")]),
+            vec!["ClusterIp 198.18.0.10:80/TCP ->  [drop]"],
+        ),
+        (
+            "ITP Local with no endpoints at all refuses",
+            base(json!({"internalTrafficPolicy": "Local"})),
+            json!([]),
+            vec!["ClusterIp 198.18.0.10:80/TCP -> "],
+        ),
+        (
+            "ITP Local falls back to local serving-terminating endpoints, not remote ready ones",
+            base(json!({"internalTrafficPolicy": "Local"})),
+            json!([ep("198.18.1.2", "n1", false, true, &[]), remote("198.18.2.2")]),
+            vec!["ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080 (t)"],
+        ),
+        (
+            "topology: hints used when all ready endpoints have them and one is for this zone",
+            base(json!({"trafficDistribution": "PreferClose"})),
+            json!([ep("198.18.1.2", "n1", true, false, &["zone-a"]), ep("198.18.2.2", "n2", true, false, &["zone-b"])]),
+            vec!["ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080"],
+        ),
+        (
+            "topology: the topology-mode Auto annotation enables hints too",
+            json!({"metadata": {"name": "web", "namespace": "demo", "annotations": {"service.kubernetes.io/topology-mode": "Auto"}},
+                   "spec": {"clusterIP": "198.18.0.10", "ports": [{"port": 80}]}}),
+            json!([ep("198.18.1.2", "n1", true, false, &["zone-a"]), ep("198.18.2.2", "n2", true, false, &["zone-b"])]),
+            vec!["ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080"],
+        ),
+        (
+            "topology: hints ignored unless asked for",
+            base(json!({})),
+            json!([ep("198.18.1.2", "n1", true, false, &["zone-a"]), ep("198.18.2.2", "n2", true, false, &["zone-b"])]),
+            vec!["ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080, 198.18.2.2:8080"],
+        ),
+        (
+            "topology: one ready endpoint without hints disables them",
+            base(json!({"trafficDistribution": "PreferClose"})),
+            json!([ep("198.18.1.2", "n1", true, false, &["zone-a"]), ep("198.18.2.2", "n2", true, false, &[])]),
+            vec!["ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080, 198.18.2.2:8080"],
+        ),
+        (
+            "topology: no hint for this zone disables them",
+            base(json!({"trafficDistribution": "PreferClose"})),
+            json!([ep("198.18.1.2", "n1", true, false, &["zone-b"]), ep("198.18.2.2", "n2", true, false, &["zone-c"])]),
+            vec!["ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080, 198.18.2.2:8080"],
+        ),
+        (
+            "NodePort: node addresses and loopback of the service's family",
+            base(json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]})),
+            json!([remote("198.18.2.2")]),
+            vec![
+                "NodePort 127.0.0.1:30080/TCP -> 198.18.2.2:8080",
+                "ClusterIp 198.18.0.10:80/TCP -> 198.18.2.2:8080",
+                "NodePort 198.18.9.1:30080/TCP -> 198.18.2.2:8080",
+            ],
+        ),
+        (
+            "externalIPs and LB ingress (ipMode Proxy ignored); ETP Local still uses all endpoints from inside the node",
+            json!({"metadata": {"name": "web", "namespace": "demo"},
+                   "spec": {"type": "LoadBalancer", "clusterIP": "198.18.0.10", "externalTrafficPolicy": "Local",
+                            "externalIPs": ["198.19.7.7"], "ports": [{"port": 80}]},
+                   "status": {"loadBalancer": {"ingress": [{"ip": "198.19.8.8"}, {"ip": "198.19.9.9", "ipMode": "Proxy"}]}}}),
+            json!([local("198.18.1.2"), remote("198.18.2.2")]),
+            vec![
+                "ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080, 198.18.2.2:8080",
+                "ExternalIp 198.19.7.7:80/TCP -> 198.18.1.2:8080, 198.18.2.2:8080",
+                "LoadBalancer 198.19.8.8:80/TCP -> 198.18.1.2:8080, 198.18.2.2:8080",
+            ],
+        ),
+        (
+            "ETP Local and ITP Local: external addresses use local endpoints",
+            base(json!({"externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local", "externalIPs": ["198.19.7.7"]})),
+            json!([local("198.18.1.2"), remote("198.18.2.2")]),
+            vec![
+                "ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080",
+                "ExternalIp 198.19.7.7:80/TCP -> 198.18.1.2:8080",
+            ],
+        ),
+        (
+            "session affinity ClientIP defaults to 10800 s",
+            base(json!({"sessionAffinity": "ClientIP"})),
+            json!([local("198.18.1.2")]),
+            vec!["ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080 [affinity 10800]"],
+        ),
+        (
+            "session affinity with a timeout",
+            base(json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}})),
+            json!([local("198.18.1.2")]),
+            vec!["ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080 [affinity 60]"],
+        ),
+    ];
+    for (name, svc, endpoints, want) in cases {
+        let t = run_on(&node, svc, endpoints);
+        assert_eq!(render_full(&t), want, "case {name:?}");
+        assert!(t.warnings.is_empty(), "case {name:?}: {:?}", t.warnings);
+    }
+}
+
+#[test]
+fn invalid_affinity_timeout_warns_and_uses_the_default() {
+    let svc = web(
+        json!({"clusterIP": "198.18.0.10", "ports": [{"port": 80}], "sessionAffinity": "ClientIP",
+                         "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}}),
+    );
+    let t = run_on(&node_n1(), svc, json!([]));
+    assert_eq!(t.frontends[0].affinity_timeout, Some(10_800));
+    assert!(warnings(&t)[0].contains("demo/web") && warnings(&t)[0].contains("timeoutSeconds"));
+}
+
+#[test]
+fn node_context_from_node_object() {
+    let node: Node = serde_json::from_value(json!({
+        "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+        "status": {"addresses": [
+            {"type": "InternalIP", "address": "198.18.9.1"},
+            {"type": "Hostname", "address": "n1"},
+            {"type": "ExternalIP", "address": "fd00:9::1"},
+        ]},
+    }))
+    .unwrap();
+    assert_eq!(NodeContext::from_node("n1", Some(&node)), node_n1());
+    assert_eq!(
+        NodeContext::from_node("n1", None),
+        NodeContext {
+            name: "n1".into(),
+            ..Default::default()
+        }
+    );
 }

@@ -14,7 +14,10 @@ use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use svclb_common::MAX_BACKENDS_PER_FRONTEND;
 
-use super::{Backend, Frontend, FrontendKey, ModelError, NodeContext, Protocol, Translation};
+use super::{
+    Backend, Frontend, FrontendKey, FrontendKind, ModelError, NodeContext, Protocol, Translation,
+    WhenEmpty,
+};
 
 /// Values of [`Translation::skipped`]: why a Service is deliberately not proxied.
 pub mod skip {
@@ -36,7 +39,7 @@ const ENDPOINT_SLICE: &str = "EndpointSlice";
 /// Translates one Service. `slices` must all belong to it (the caller indexes
 /// them by the `kubernetes.io/service-name` label); their order does not
 /// matter. Deterministic: the same input gives the same output.
-pub fn translate(svc: &Service, slices: &[&EndpointSlice], _node: &NodeContext) -> Translation {
+pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -> Translation {
     let mut out = Translation::default();
     let namespace = non_empty(svc.metadata.namespace.as_deref()).unwrap_or("default");
     let Some(name) = non_empty(svc.metadata.name.as_deref()) else {
@@ -55,8 +58,6 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], _node: &NodeContext) 
         return out;
     }
     match spec.and_then(|s| s.type_.as_deref()) {
-        // NodePort and LoadBalancer services also have a cluster IP; their
-        // extra frontends are not modelled yet.
         None | Some("ClusterIP" | "NodePort" | "LoadBalancer") => {}
         Some(other) => {
             let reason = format!("unknown type {other:?}; not proxied");
@@ -70,17 +71,25 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], _node: &NodeContext) 
     let ports = service_ports(spec, &object, warn);
     let slices: Vec<ParsedSlice> = slices
         .iter()
-        .filter_map(|s| parse_slice(s, namespace, warn))
+        .filter_map(|s| parse_slice(s, namespace, node, warn))
         .collect();
+    let policy = Policy::of(svc, node);
+    let affinity_timeout = session_affinity(spec, &object, warn);
+    let external_ips = external_ips(svc, &object, warn);
 
-    for &addr in &ips {
-        for port in &ports {
+    for port in &ports {
+        let mut push = |addr: IpAddr, kind: FrontendKind| {
             let key = FrontendKey {
                 addr,
-                port: port.port,
+                port: if kind == FrontendKind::NodePort {
+                    port.node_port.expect("only asked for with a node port")
+                } else {
+                    port.port
+                },
                 protocol: port.protocol,
             };
-            let mut backends = backends_for(is_v4(&addr), port, &slices);
+            let sets = EndpointSets::of(is_v4(&addr), port, &slices, &policy);
+            let (mut backends, when_empty) = sets.for_kind(kind, &policy);
             if backends.len() > usize::from(MAX_BACKENDS_PER_FRONTEND) {
                 let reason = format!(
                     "frontend {key} has {} backends; only the first {MAX_BACKENDS_PER_FRONTEND} are used",
@@ -89,10 +98,30 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], _node: &NodeContext) 
                 warn.push(invalid(SERVICE, object.clone(), reason));
                 backends.truncate(usize::from(MAX_BACKENDS_PER_FRONTEND));
             }
-            out.frontends.push(Frontend { key, backends });
+            out.frontends.push(Frontend {
+                key,
+                kind,
+                backends,
+                when_empty,
+                affinity_timeout,
+            });
+        };
+        for &addr in &ips {
+            push(addr, FrontendKind::ClusterIp);
+        }
+        if port.node_port.is_some() {
+            for addr in node_port_addresses(&ips, node) {
+                push(addr, FrontendKind::NodePort);
+            }
+        }
+        for &(addr, kind) in &external_ips {
+            push(addr, kind);
         }
     }
-    out.frontends.sort_by_key(|f| f.key);
+    // The same address can be both an external IP and a load-balancer IP;
+    // keep one frontend per key (the first, after sorting by kind).
+    out.frontends.sort_by_key(|f| (f.key, f.kind));
+    out.frontends.dedup_by_key(|f| f.key);
     // Slice warnings come in slice order; sorting makes the output independent
     // of it, and de-duplication drops repeats from identical slices.
     out.warnings
@@ -159,6 +188,8 @@ struct SvcPort<'a> {
     name: &'a str,
     port: u16,
     protocol: Protocol,
+    /// Only for NodePort and LoadBalancer services that have one.
+    node_port: Option<u16>,
 }
 
 fn service_ports<'a>(
@@ -168,6 +199,10 @@ fn service_ports<'a>(
 ) -> Vec<SvcPort<'a>> {
     let mut ports: Vec<SvcPort> = Vec::new();
     let all = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
+    let node_ports = matches!(
+        spec.and_then(|s| s.type_.as_deref()),
+        Some("NodePort" | "LoadBalancer")
+    );
     for p in all {
         let name = p.name.as_deref().unwrap_or("");
         let mut skip = |problem: String| {
@@ -192,10 +227,23 @@ fn service_ports<'a>(
             skip(format!("duplicate of an earlier {protocol} port"));
             continue;
         }
+        let node_port = match (node_ports, p.node_port) {
+            (true, Some(n)) => match valid_port(n) {
+                Some(n) => Some(n),
+                None => {
+                    let reason =
+                        format!("port {port}: nodePort {n} must be 1-65535; nodePort skipped");
+                    warn.push(invalid(SERVICE, object, reason));
+                    None
+                }
+            },
+            _ => None,
+        };
         ports.push(SvcPort {
             name,
             port,
             protocol,
+            node_port,
         });
     }
     ports
@@ -228,13 +276,23 @@ struct ParsedSlice {
     v4: bool,
     /// (name, protocol, port)
     ports: Vec<(String, Protocol, u16)>,
-    endpoints: Vec<(IpAddr, Usable)>,
+    endpoints: Vec<ParsedEndpoint>,
+}
+
+struct ParsedEndpoint {
+    addr: IpAddr,
+    usable: Usable,
+    /// On this node (endpoint.nodeName).
+    local: bool,
+    /// hints.forZones; empty when the endpoint has no hints.
+    zones: Vec<String>,
 }
 
 /// None for slices that can never contribute (FQDN, unknown address type).
 fn parse_slice(
     slice: &EndpointSlice,
     svc_namespace: &str,
+    node: &NodeContext,
     warn: &mut Vec<ModelError>,
 ) -> Option<ParsedSlice> {
     let meta = &slice.metadata;
@@ -262,7 +320,7 @@ fn parse_slice(
     let endpoints = slice
         .endpoints
         .iter()
-        .filter_map(|e| parse_endpoint(e, v4, &object, warn))
+        .filter_map(|e| parse_endpoint(e, v4, node, &object, warn))
         .collect();
     Some(ParsedSlice {
         v4,
@@ -292,9 +350,10 @@ fn parse_slice_port(
 fn parse_endpoint(
     e: &Endpoint,
     v4: bool,
+    node: &NodeContext,
     object: &str,
     warn: &mut Vec<ModelError>,
-) -> Option<(IpAddr, Usable)> {
+) -> Option<ParsedEndpoint> {
     // Conditions as kube-proxy reads them: ready unless told otherwise,
     // serving defaults to ready, terminating only when said so.
     let c = e.conditions.clone().unwrap_or_default();
@@ -310,7 +369,7 @@ fn parse_endpoint(
     };
     // kube-proxy uses the first address only; the others are duplicates of
     // the same Pod by API definition.
-    let mut problem = |reason: String| -> Option<(IpAddr, Usable)> {
+    let mut problem = |reason: String| -> Option<ParsedEndpoint> {
         warn.push(invalid(
             ENDPOINT_SLICE,
             object,
@@ -322,7 +381,19 @@ fn parse_endpoint(
         return problem("endpoint has no addresses".to_string());
     };
     match text.parse::<IpAddr>() {
-        Ok(addr) if is_v4(&addr) == v4 => Some((addr, usable)),
+        Ok(addr) if is_v4(&addr) == v4 => Some(ParsedEndpoint {
+            addr,
+            usable,
+            local: !node.name.is_empty() && e.node_name.as_deref() == Some(node.name.as_str()),
+            zones: e
+                .hints
+                .as_ref()
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect(),
+        }),
         Ok(addr) => problem(format!(
             "endpoint address {addr} does not match the slice's addressType"
         )),
@@ -330,40 +401,232 @@ fn parse_endpoint(
     }
 }
 
-/// The backends of one frontend: slices of its family, ports matched by
-/// name and protocol (this is how named targetPorts resolve), ready
-/// endpoints or else serving-and-terminating ones. Sorted, de-duplicated.
-fn backends_for(v4: bool, port: &SvcPort, slices: &[ParsedSlice]) -> Vec<Backend> {
-    let mut ready = BTreeSet::new();
-    let mut terminating = BTreeSet::new();
-    for slice in slices.iter().filter(|s| s.v4 == v4) {
-        let matching = slice
-            .ports
+/// A Service's traffic policies as they apply on this node.
+struct Policy<'a> {
+    internal_local: bool,
+    external_local: bool,
+    /// Topology-aware routing is asked for (trafficDistribution, or the
+    /// topology-mode / topology-aware-hints annotation set to Auto).
+    topology: bool,
+    zone: Option<&'a str>,
+}
+
+impl<'a> Policy<'a> {
+    fn of(svc: &Service, node: &'a NodeContext) -> Self {
+        let spec = svc.spec.as_ref();
+        let annotation = |k: &str| {
+            svc.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(k))
+                .map(String::as_str)
+        };
+        // kube-proxy: trafficDistribution (any value) makes it use hints;
+        // otherwise the annotation must say Auto.
+        let mode = annotation("service.kubernetes.io/topology-mode")
+            .or_else(|| annotation("service.kubernetes.io/topology-aware-hints"));
+        let topology = spec.is_some_and(|s| s.traffic_distribution.is_some())
+            || matches!(mode, Some("Auto" | "auto"));
+        Policy {
+            internal_local: spec.and_then(|s| s.internal_traffic_policy.as_deref())
+                == Some("Local"),
+            external_local: spec.and_then(|s| s.external_traffic_policy.as_deref())
+                == Some("Local"),
+            topology,
+            zone: node.zone.as_deref(),
+        }
+    }
+}
+
+/// kube-proxy's CategorizeEndpoints for one port and address family.
+struct EndpointSets {
+    /// Ready endpoints (zone-filtered when topology applies), or else the
+    /// serving-and-terminating ones.
+    cluster: Vec<Backend>,
+    /// This node's ready endpoints, or else its serving-and-terminating ones.
+    local: Vec<Backend>,
+    /// Some endpoint anywhere is usable: an empty set under a Local policy
+    /// then drops instead of refusing.
+    any: bool,
+}
+
+impl EndpointSets {
+    fn of(v4: bool, port: &SvcPort, slices: &[ParsedSlice], policy: &Policy) -> Self {
+        // (backend address, port) -> endpoint; the first occurrence wins.
+        let mut endpoints: Vec<(u16, &ParsedEndpoint)> = Vec::new();
+        for slice in slices.iter().filter(|s| s.v4 == v4) {
+            let matching = slice
+                .ports
+                .iter()
+                .filter(|(name, protocol, _)| name == port.name && *protocol == port.protocol);
+            for &(_, _, number) in matching {
+                endpoints.extend(slice.endpoints.iter().map(|e| (number, e)));
+            }
+        }
+        let ready = |e: &ParsedEndpoint| matches!(e.usable, Usable::Ready);
+        let terminating = |e: &ParsedEndpoint| matches!(e.usable, Usable::ServingTerminating);
+        let use_topology = policy.topology
+            && policy.zone.is_some_and(|zone| {
+                // Hints count only if every ready endpoint has them and one
+                // is for this zone; otherwise all endpoints are used.
+                let ready: Vec<&ParsedEndpoint> = endpoints
+                    .iter()
+                    .map(|(_, e)| *e)
+                    .filter(|e| ready(e))
+                    .collect();
+                ready.iter().all(|e| !e.zones.is_empty())
+                    && ready.iter().any(|e| e.zones.iter().any(|z| z == zone))
+            });
+        let in_zone = |e: &ParsedEndpoint| {
+            !use_topology || e.zones.iter().any(|z| Some(z.as_str()) == policy.zone)
+        };
+        let pick = |f: &dyn Fn(&ParsedEndpoint) -> bool, is_terminating: bool| -> Vec<Backend> {
+            let set: BTreeSet<(IpAddr, u16)> = endpoints
+                .iter()
+                .filter(|(_, e)| f(e))
+                .map(|(n, e)| (e.addr, *n))
+                .collect();
+            set.into_iter()
+                .map(|(addr, port)| Backend {
+                    addr,
+                    port,
+                    terminating: is_terminating,
+                })
+                .collect()
+        };
+        let mut cluster = pick(&|e| ready(e) && in_zone(e), false);
+        if cluster.is_empty() {
+            cluster = pick(&terminating, true);
+        }
+        let mut local = pick(&|e| ready(e) && e.local, false);
+        if local.is_empty() {
+            local = pick(&|e| terminating(e) && e.local, true);
+        }
+        let any = endpoints.iter().any(|(_, e)| ready(e) || terminating(e));
+        EndpointSets {
+            cluster,
+            local,
+            any,
+        }
+    }
+
+    /// The backends for a frontend of `kind` reached through the socket hooks
+    /// (traffic from this node), and what to do when there are none.
+    fn for_kind(self, kind: FrontendKind, policy: &Policy) -> (Vec<Backend>, WhenEmpty) {
+        let local = match kind {
+            FrontendKind::ClusterIp => policy.internal_local,
+            // From inside the node, kube-proxy sends traffic for external
+            // addresses to the cluster-wide endpoints even with
+            // externalTrafficPolicy Local ("short-circuit"), unless the
+            // internal policy is Local too, which leaves no cluster chain.
+            _ => policy.external_local && policy.internal_local,
+        };
+        if local {
+            // Canonical: Drop only where it matters, on an empty set.
+            let when_empty = if self.any && self.local.is_empty() {
+                WhenEmpty::Drop
+            } else {
+                WhenEmpty::Refuse
+            };
+            (self.local, when_empty)
+        } else {
+            (self.cluster, WhenEmpty::Refuse)
+        }
+    }
+}
+
+/// ClientIP affinity timeout: sessionAffinityConfig.clientIP.timeoutSeconds,
+/// 10800 s by default, as the API server does.
+fn session_affinity(
+    spec: Option<&ServiceSpec>,
+    object: &str,
+    warn: &mut Vec<ModelError>,
+) -> Option<u32> {
+    let spec = spec?;
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .unwrap_or(DEFAULT_AFFINITY_TIMEOUT);
+    match u32::try_from(timeout) {
+        Ok(t) if (1..=MAX_AFFINITY_TIMEOUT).contains(&t) => Some(t),
+        _ => {
+            let reason = format!(
+                "sessionAffinityConfig timeoutSeconds {timeout} must be 1-{MAX_AFFINITY_TIMEOUT}; using {DEFAULT_AFFINITY_TIMEOUT}"
+            );
+            warn.push(invalid(SERVICE, object, reason));
+            Some(DEFAULT_AFFINITY_TIMEOUT as u32)
+        }
+    }
+}
+
+const DEFAULT_AFFINITY_TIMEOUT: i32 = 10_800;
+const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
+
+/// spec.externalIPs and status.loadBalancer.ingress IPs (ipMode VIP or
+/// unset; with Proxy the load balancer delivers to the node, not the VIP).
+fn external_ips(
+    svc: &Service,
+    object: &str,
+    warn: &mut Vec<ModelError>,
+) -> Vec<(IpAddr, FrontendKind)> {
+    let mut out = Vec::new();
+    let mut add = |text: &str, kind: FrontendKind, what: &str| match text.parse::<IpAddr>() {
+        Ok(ip) => out.push((ip, kind)),
+        Err(_) => {
+            let reason = format!("{what} {text:?} is not an IP address; skipped");
+            warn.push(invalid(SERVICE, object, reason));
+        }
+    };
+    let spec = svc.spec.as_ref();
+    for ip in spec
+        .and_then(|s| s.external_ips.as_deref())
+        .unwrap_or_default()
+    {
+        add(ip, FrontendKind::ExternalIp, "externalIP");
+    }
+    if spec.and_then(|s| s.type_.as_deref()) == Some("LoadBalancer") {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_deref())
+            .unwrap_or_default();
+        for i in ingress
             .iter()
-            .filter(|(name, protocol, _)| name == port.name && *protocol == port.protocol);
-        for &(_, _, number) in matching {
-            for &(addr, usable) in &slice.endpoints {
-                match usable {
-                    Usable::Ready => ready.insert((addr, number)),
-                    Usable::ServingTerminating => terminating.insert((addr, number)),
-                };
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+        {
+            if let Some(ip) = i.ip.as_deref() {
+                add(ip, FrontendKind::LoadBalancer, "load balancer ingress IP");
             }
         }
     }
-    let (set, is_terminating) = if ready.is_empty() {
-        (terminating, true)
-    } else {
-        (ready, false)
-    };
-    // BTreeSet order is (addr, port), the same as Backend's order when the
-    // terminating flag is the same for all.
-    set.into_iter()
-        .map(|(addr, port)| Backend {
-            addr,
-            port,
-            terminating: is_terminating,
-        })
-        .collect()
+    out
+}
+
+/// NodePort frontends: this node's addresses and loopback, in the
+/// Service's IP families.
+fn node_port_addresses(cluster_ips: &[IpAddr], node: &NodeContext) -> Vec<IpAddr> {
+    let has_v4 = cluster_ips.iter().any(is_v4);
+    let has_v6 = cluster_ips.iter().any(|ip| !is_v4(ip));
+    let loopback = [
+        has_v4.then_some(IpAddr::from([127, 0, 0, 1])),
+        has_v6.then_some(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+    ];
+    let mut addrs: Vec<IpAddr> = node
+        .addresses
+        .iter()
+        .copied()
+        .filter(|ip| if is_v4(ip) { has_v4 } else { has_v6 })
+        .chain(loopback.into_iter().flatten())
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs
 }
 
 fn is_v4(addr: &IpAddr) -> bool {
