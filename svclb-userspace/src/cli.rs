@@ -31,6 +31,10 @@ pub struct RunArgs {
     /// this directory (and watch it) instead of the Kubernetes API.
     #[arg(long)]
     pub manifests: Option<PathBuf>,
+    /// kubeconfig file for the Kubernetes API (default: $KUBECONFIG,
+    /// ~/.kube/config, then the in-cluster service account).
+    #[arg(long, conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
     /// This node's name.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
@@ -40,6 +44,12 @@ pub struct RunArgs {
     /// bpffs directory for this agent's pinned maps and links (one per agent).
     #[arg(long, default_value = "/sys/fs/bpf/svclb")]
     pub bpffs: PathBuf,
+    /// Serve kube-proxy compatible /healthz and /livez on this address.
+    #[arg(long, default_value = crate::health::DEFAULT_HEALTHZ_BIND_ADDRESS)]
+    pub healthz_bind_address: std::net::SocketAddr,
+    /// Serve Prometheus /metrics and /proxyMode on this address.
+    #[arg(long, default_value = crate::metrics::DEFAULT_METRICS_BIND_ADDRESS)]
+    pub metrics_bind_address: std::net::SocketAddr,
 }
 
 #[derive(Debug, Subcommand)]

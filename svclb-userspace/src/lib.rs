@@ -12,5 +12,8 @@ pub mod agent;
 pub mod cli;
 pub mod dataplane;
 pub mod dump;
+pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod source;

@@ -1,0 +1,726 @@
+//! Prometheus metrics (/metrics), /proxyMode and /healthz on
+//! --metrics-bind-address, as kube-proxy serves them.
+//!
+//! kube-proxy's metric names, help texts and buckets (pkg/proxy/metrics) are
+//! kept where svclb does the same thing, so existing dashboards and alerts
+//! work. Left out, because svclb has nothing that matches them: the
+//! full/partial sync split and rule counts of the iptables mode, nftables
+//! failures, conntrack reconciler, pending-change gauges. Recent kube-proxy
+//! releases also label some metrics with ip_family; svclb syncs both
+//! families in one pass, so it reports them unlabelled (sums are equal).
+//!
+//! svclb's own: `svclb_bpf_map_entries` / `svclb_bpf_map_capacity`
+//! {map} and `svclb_translation_errors_total` {reason}.
+//!
+//! The text format is written by hand: a dozen series do not justify a
+//! metrics library.
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::http::{HttpError, Response, Server, TEXT};
+
+pub const DEFAULT_METRICS_BIND_ADDRESS: &str = "127.0.0.1:10249";
+
+/// What /proxyMode answers (kube-proxy: iptables, ipvs, nftables, ...).
+pub const PROXY_MODE: &str = "ebpf";
+
+/// Prometheus text exposition format 0.0.4.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// kube-proxy's sync buckets: ExponentialBuckets(0.001, 2, 15).
+const SYNC_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096,
+    8.192, 16.384,
+];
+
+/// kube-proxy's network programming buckets: 0 (component-base's
+/// MergeBuckets starts with it), 0.25 s, 0.5 s, 1..59 s, 60..115 s by 5,
+/// 120..300 s by 30.
+fn network_programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.0, 0.25, 0.5];
+    b.extend((1..=59).map(f64::from));
+    b.extend((60..=115).step_by(5).map(f64::from));
+    b.extend((120..=300).step_by(30).map(f64::from));
+    b
+}
+
+/// The agent's metrics, shared (`Arc`) between the sync loop and the server.
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    sync_duration: Histogram,
+    network_programming: Histogram,
+    last_sync: f64,
+    last_queued: f64,
+    service_changes: u64,
+    endpoint_changes: u64,
+    healthz: BTreeMap<u16, u64>,
+    livez: BTreeMap<u16, u64>,
+    /// map name -> (entries, capacity)
+    maps: BTreeMap<String, (usize, usize)>,
+    translation_errors: BTreeMap<String, u64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Metrics {
+            inner: Mutex::new(Inner {
+                sync_duration: Histogram::new(SYNC_BUCKETS.to_vec()),
+                network_programming: Histogram::new(network_programming_buckets()),
+                last_sync: 0.0,
+                last_queued: 0.0,
+                service_changes: 0,
+                endpoint_changes: 0,
+                healthz: BTreeMap::new(),
+                livez: BTreeMap::new(),
+                maps: BTreeMap::new(),
+                translation_errors: BTreeMap::new(),
+            }),
+        }
+    }
+
+    /// A sync (applying queued changes to the maps) finished successfully.
+    pub fn observe_sync(&self, duration: Duration) {
+        let mut m = self.inner();
+        m.sync_duration.observe(duration.as_secs_f64());
+        m.last_sync = unix_now();
+    }
+
+    /// A sync was requested: changes arrived that are not applied yet.
+    pub fn sync_queued(&self) {
+        self.inner().last_queued = unix_now();
+    }
+
+    pub fn service_changes(&self, n: u64) {
+        self.inner().service_changes += n;
+    }
+
+    pub fn endpoint_changes(&self, n: u64) {
+        self.inner().endpoint_changes += n;
+    }
+
+    /// From an EndpointSlice's endpoints.kubernetes.io/last-change-trigger-time
+    /// to its change being in the maps.
+    pub fn observe_network_programming(&self, duration: Duration) {
+        self.inner()
+            .network_programming
+            .observe(duration.as_secs_f64());
+    }
+
+    pub fn set_map_usage(&self, map: &str, entries: usize, capacity: usize) {
+        self.inner()
+            .maps
+            .insert(map.to_owned(), (entries, capacity));
+    }
+
+    /// An object or service that could not be translated or applied.
+    /// `reason` must be a short fixed word (it becomes a label value).
+    pub fn translation_error(&self, reason: &str) {
+        *self
+            .inner()
+            .translation_errors
+            .entry(reason.to_owned())
+            .or_default() += 1;
+    }
+
+    pub fn healthz_response(&self, code: u16) {
+        *self.inner().healthz.entry(code).or_default() += 1;
+    }
+
+    pub fn livez_response(&self, code: u16) {
+        *self.inner().livez.entry(code).or_default() += 1;
+    }
+
+    /// Every metric in the text exposition format, families sorted by name
+    /// as Prometheus client libraries do.
+    pub fn render(&self) -> String {
+        let m = self.inner();
+        let mut out = String::new();
+        let alpha = |help: &str| format!("[ALPHA] {help}");
+
+        m.network_programming.render(
+            &mut out,
+            "kubeproxy_network_programming_duration_seconds",
+            &alpha("In Cluster Network Programming Latency in seconds"),
+        );
+        labelled(
+            &mut out,
+            "kubeproxy_proxy_healthz_total",
+            &alpha("Cumulative proxy healthz HTTP status"),
+            "counter",
+            "code",
+            m.healthz.iter().map(|(c, n)| (c.to_string(), *n as f64)),
+        );
+        labelled(
+            &mut out,
+            "kubeproxy_proxy_livez_total",
+            &alpha("Cumulative proxy livez HTTP status"),
+            "counter",
+            "code",
+            m.livez.iter().map(|(c, n)| (c.to_string(), *n as f64)),
+        );
+        m.sync_duration.render(
+            &mut out,
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            &alpha("SyncProxyRules latency in seconds"),
+        );
+        single(
+            &mut out,
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+            &alpha("Cumulative proxy rules Endpoint changes"),
+            "counter",
+            m.endpoint_changes as f64,
+        );
+        single(
+            &mut out,
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            &alpha("The last time a sync of proxy rules was queued"),
+            "gauge",
+            m.last_queued,
+        );
+        single(
+            &mut out,
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            &alpha("The last time proxy rules were successfully synced"),
+            "gauge",
+            m.last_sync,
+        );
+        single(
+            &mut out,
+            "kubeproxy_sync_proxy_rules_service_changes_total",
+            &alpha("Cumulative proxy rules Service changes"),
+            "counter",
+            m.service_changes as f64,
+        );
+        labelled(
+            &mut out,
+            "svclb_bpf_map_capacity",
+            "Maximum number of entries of each BPF map",
+            "gauge",
+            "map",
+            m.maps.iter().map(|(k, (_, cap))| (k.clone(), *cap as f64)),
+        );
+        labelled(
+            &mut out,
+            "svclb_bpf_map_entries",
+            "Entries in use in each BPF map",
+            "gauge",
+            "map",
+            m.maps.iter().map(|(k, (n, _))| (k.clone(), *n as f64)),
+        );
+        labelled(
+            &mut out,
+            "svclb_translation_errors_total",
+            "Objects or services svclb could not translate or apply, by reason",
+            "counter",
+            "reason",
+            m.translation_errors
+                .iter()
+                .map(|(k, n)| (k.clone(), *n as f64)),
+        );
+        out
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Plain counters: still meaningful after a panicking holder.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Serve /metrics, /proxyMode and /healthz on `addr` until the task is dropped.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(), HttpError> {
+    serve_on(Server::bind(addr).await?, metrics).await;
+    Ok(())
+}
+
+/// Serve on an already bound server (bind first to fail early, or to use port 0).
+pub async fn serve_on(server: Server, metrics: Arc<Metrics>) {
+    tracing::info!(addr = %server.local_addr(), "serving /metrics and /proxyMode");
+    server
+        .run(move |path| match path {
+            "/metrics" => Response::new(200, CONTENT_TYPE, metrics.render()),
+            "/proxyMode" => Response::new(200, TEXT, PROXY_MODE),
+            // kube-proxy's metrics port has the apiserver's plain healthz too.
+            "/healthz" => Response::new(200, TEXT, "ok"),
+            _ => Response::not_found(),
+        })
+        .await
+}
+
+struct Histogram {
+    /// Upper bounds, ascending; +Inf is implicit.
+    bounds: Vec<f64>,
+    /// Observations per bucket (not cumulative); one more for +Inf.
+    counts: Vec<u64>,
+    sum: f64,
+}
+
+impl Histogram {
+    fn new(bounds: Vec<f64>) -> Self {
+        let counts = vec![0; bounds.len() + 1];
+        Histogram {
+            bounds,
+            counts,
+            sum: 0.0,
+        }
+    }
+
+    fn observe(&mut self, v: f64) {
+        // Buckets are "less than or equal": v lands in the first bound >= v.
+        let i = self.bounds.partition_point(|b| *b < v);
+        self.counts[i] += 1;
+        self.sum += v;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        header(out, name, help, "histogram");
+        let mut cumulative = 0;
+        let les = self
+            .bounds
+            .iter()
+            .map(|b| number(*b))
+            .chain(["+Inf".into()]);
+        for (le, n) in les.zip(&self.counts) {
+            cumulative += n;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_sum {}", number(self.sum));
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn single(out: &mut String, name: &str, help: &str, kind: &str, value: f64) {
+    header(out, name, help, kind);
+    let _ = writeln!(out, "{name} {}", number(value));
+}
+
+/// A family with one label. Like Go's client, nothing at all (no HELP/TYPE)
+/// until some label value has been seen.
+fn labelled(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    kind: &str,
+    label: &str,
+    values: impl Iterator<Item = (String, f64)>,
+) {
+    let mut values = values.peekable();
+    if values.peek().is_none() {
+        return;
+    }
+    header(out, name, help, kind);
+    for (v, n) in values {
+        let _ = writeln!(out, "{name}{{{label}=\"{}\"}} {}", escape(&v), number(n));
+    }
+}
+
+/// Label values escape backslash, double quote and newline.
+fn escape(v: &str) -> String {
+    v.replace('\\', r"\\")
+        .replace('"', "\\\"")
+        .replace('\n', r"\n")
+}
+
+/// A sample value: Rust's shortest round-trip decimal, which Prometheus
+/// parses like Go's output; infinities and NaN as the format spells them.
+fn number(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        v.to_string()
+    }
+}
+
+/// The annotation the EndpointSlice controller sets to when the change it
+/// reflects happened (a Pod became ready, say).
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The start of an EndpointSlice change for kubeproxy_network_programming_duration_seconds:
+/// observe `now - t` once the change is in the maps. None without a
+/// readable annotation. Like kube-proxy, skip times before the agent
+/// started (a restart would report the age of the cluster) and deletions
+/// (the annotation is then the time of the last update).
+pub fn last_change_trigger_time(
+    slice: &k8s_openapi::api::discovery::v1::EndpointSlice,
+) -> Option<SystemTime> {
+    let value = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(LAST_CHANGE_TRIGGER_TIME)?;
+    let t: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
+    Some(t.into())
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One parsed sample line.
+    #[derive(Debug)]
+    struct Sample {
+        name: String,
+        labels: Vec<(String, String)>,
+        value: f64,
+    }
+
+    fn is_name(s: &str) -> bool {
+        let mut chars = s.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+
+    fn parse_value(s: &str) -> f64 {
+        match s {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            "NaN" => f64::NAN,
+            _ => s.parse().unwrap_or_else(|_| panic!("bad value {s:?}")),
+        }
+    }
+
+    /// Parse the exposition text strictly: every line is `# HELP name text`,
+    /// `# TYPE name kind` or `name{labels} value`, each sample belongs to the
+    /// family last declared with TYPE. Returns (types, samples).
+    fn parse(text: &str) -> (BTreeMap<String, String>, Vec<Sample>) {
+        assert!(text.ends_with('\n'), "no final newline");
+        let mut types = BTreeMap::new();
+        let mut samples = Vec::new();
+        let mut family = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest.split_once(' ').expect(line);
+                assert!(is_name(name) && !help.is_empty(), "{line}");
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect(line);
+                assert!(is_name(name), "{line}");
+                assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+                assert!(
+                    types.insert(name.to_owned(), kind.to_owned()).is_none(),
+                    "{line}"
+                );
+                family = name.to_owned();
+            } else {
+                let (series, value) = line.rsplit_once(' ').expect(line);
+                let (name, labels) = match series.split_once('{') {
+                    None => (series, Vec::new()),
+                    Some((name, rest)) => {
+                        let inner = rest.strip_suffix('}').expect(line);
+                        let labels = inner
+                            .split(',')
+                            .map(|kv| {
+                                let (k, v) = kv.split_once('=').expect(line);
+                                assert!(is_name(k), "{line}");
+                                let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"'));
+                                (k.to_owned(), v.expect(line).to_owned())
+                            })
+                            .collect();
+                        (name, labels)
+                    }
+                };
+                assert!(is_name(name), "{line}");
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .filter(|b| types.get(*b).is_some_and(|k| k == "histogram"))
+                    .unwrap_or(name);
+                assert_eq!(base, family, "sample outside its family: {line}");
+                samples.push(Sample {
+                    name: name.to_owned(),
+                    labels,
+                    value: parse_value(value),
+                });
+            }
+        }
+        (types, samples)
+    }
+
+    /// Checks a histogram's buckets are ascending, cumulative, end with
+    /// +Inf == _count, and _sum is present. Returns (le, count) pairs.
+    fn check_histogram(samples: &[Sample], name: &str) -> Vec<(f64, f64)> {
+        let bucket = format!("{name}_bucket");
+        let buckets: Vec<(f64, f64)> = samples
+            .iter()
+            .filter(|s| s.name == bucket)
+            .map(|s| {
+                assert_eq!(s.labels.len(), 1);
+                assert_eq!(s.labels[0].0, "le");
+                (parse_value(&s.labels[0].1), s.value)
+            })
+            .collect();
+        assert!(!buckets.is_empty(), "{name}: no buckets");
+        for w in buckets.windows(2) {
+            assert!(w[0].0 < w[1].0, "{name}: le not ascending: {w:?}");
+            assert!(w[0].1 <= w[1].1, "{name}: not cumulative: {w:?}");
+        }
+        let (last_le, last_count) = *buckets.last().unwrap();
+        assert_eq!(last_le, f64::INFINITY, "{name}: no +Inf bucket");
+        let get = |suffix: &str| {
+            let n = format!("{name}{suffix}");
+            let found: Vec<_> = samples.iter().filter(|s| s.name == n).collect();
+            assert_eq!(found.len(), 1, "{n}");
+            found[0].value
+        };
+        assert_eq!(get("_count"), last_count, "{name}: +Inf != _count");
+        assert!(get("_sum") >= 0.0);
+        buckets
+    }
+
+    fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+        let found: Vec<_> = samples
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && s.labels.len() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "{name} {labels:?}");
+        found[0].value
+    }
+
+    #[test]
+    fn fresh_metrics_parse_with_zeroes() {
+        let text = Metrics::new().render();
+        let (types, samples) = parse(&text);
+        assert_eq!(
+            types.keys().map(String::as_str).collect::<Vec<_>>(),
+            [
+                "kubeproxy_network_programming_duration_seconds",
+                "kubeproxy_sync_proxy_rules_duration_seconds",
+                "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                "kubeproxy_sync_proxy_rules_service_changes_total",
+            ]
+        );
+        assert!(samples.iter().all(|s| s.value == 0.0), "{text}");
+        let sync = check_histogram(&samples, "kubeproxy_sync_proxy_rules_duration_seconds");
+        assert_eq!(sync.len(), 16); // 15 buckets + +Inf
+        assert_eq!(sync[0].0, 0.001);
+        assert_eq!(sync[14].0, 16.384);
+        let np = check_histogram(&samples, "kubeproxy_network_programming_duration_seconds");
+        let les: Vec<f64> = np.iter().map(|b| b.0).collect();
+        assert_eq!(les.len(), 1 + 2 + 59 + 12 + 7 + 1);
+        assert_eq!(&les[..5], &[0.0, 0.25, 0.5, 1.0, 2.0]);
+        assert!(les.contains(&59.0) && les.contains(&115.0) && les.contains(&150.0));
+        assert_eq!(les[les.len() - 2], 300.0);
+    }
+
+    #[test]
+    fn observations_show_up() {
+        let m = Metrics::new();
+        m.observe_sync(Duration::from_millis(3)); // le=0.004
+        m.observe_sync(Duration::from_millis(4)); // le=0.004 (inclusive)
+        m.observe_sync(Duration::from_secs(20)); // only +Inf
+        m.sync_queued();
+        m.service_changes(3);
+        m.service_changes(2);
+        m.endpoint_changes(7);
+        m.observe_network_programming(Duration::from_millis(300)); // le=0.5
+        m.set_map_usage("services", 16, 262_144);
+        m.set_map_usage("backends", 12, 131_072);
+        m.set_map_usage("services", 20, 262_144); // replaces
+        m.translation_error("invalid");
+        m.translation_error("invalid");
+        m.translation_error("maps_full");
+        m.translation_error("odd \"label\"\\\n");
+        m.healthz_response(200);
+        m.livez_response(503);
+
+        let text = m.render();
+        let (types, samples) = parse(&text);
+        assert_eq!(types["svclb_bpf_map_entries"], "gauge");
+        assert_eq!(types["svclb_translation_errors_total"], "counter");
+        assert_eq!(types["kubeproxy_proxy_healthz_total"], "counter");
+
+        let sync = check_histogram(&samples, "kubeproxy_sync_proxy_rules_duration_seconds");
+        let at = |buckets: &[(f64, f64)], le: f64| buckets.iter().find(|b| b.0 == le).unwrap().1;
+        assert_eq!(at(&sync, 0.002), 0.0);
+        assert_eq!(at(&sync, 0.004), 2.0);
+        assert_eq!(at(&sync, 16.384), 2.0);
+        assert_eq!(at(&sync, f64::INFINITY), 3.0);
+        let sum = value(
+            &samples,
+            "kubeproxy_sync_proxy_rules_duration_seconds_sum",
+            &[],
+        );
+        assert!((sum - 20.007).abs() < 1e-9, "{sum}");
+
+        let np = check_histogram(&samples, "kubeproxy_network_programming_duration_seconds");
+        assert_eq!(at(&np, 0.25), 0.0);
+        assert_eq!(at(&np, 0.5), 1.0);
+
+        let now = unix_now();
+        for name in [
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        ] {
+            let t = value(&samples, name, &[]);
+            assert!(t > now - 60.0 && t <= now, "{name} {t}");
+        }
+        assert_eq!(
+            value(
+                &samples,
+                "kubeproxy_sync_proxy_rules_service_changes_total",
+                &[]
+            ),
+            5.0
+        );
+        assert_eq!(
+            value(
+                &samples,
+                "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+                &[]
+            ),
+            7.0
+        );
+        assert_eq!(
+            value(&samples, "svclb_bpf_map_entries", &[("map", "services")]),
+            20.0
+        );
+        assert_eq!(
+            value(&samples, "svclb_bpf_map_entries", &[("map", "backends")]),
+            12.0
+        );
+        assert_eq!(
+            value(&samples, "svclb_bpf_map_capacity", &[("map", "services")]),
+            262_144.0
+        );
+        assert_eq!(
+            value(
+                &samples,
+                "svclb_translation_errors_total",
+                &[("reason", "invalid")]
+            ),
+            2.0
+        );
+        assert!(text.contains(r#"svclb_translation_errors_total{reason="odd \"label\"\\\n"} 1"#));
+        assert_eq!(
+            value(
+                &samples,
+                "kubeproxy_proxy_healthz_total",
+                &[("code", "200")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(&samples, "kubeproxy_proxy_livez_total", &[("code", "503")]),
+            1.0
+        );
+
+        // Families come sorted by name, as from Go's registry.
+        let order: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap())
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted);
+    }
+
+    #[test]
+    fn kube_proxy_help_texts() {
+        let text = Metrics::new().render();
+        assert!(text.contains(
+            "# HELP kubeproxy_sync_proxy_rules_duration_seconds [ALPHA] SyncProxyRules latency in seconds\n\
+             # TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram\n\
+             kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.001\"} 0\n"
+        ));
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"0\"} 0\n")
+        );
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"} 0\n")
+        );
+        assert!(
+            text.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"+Inf\"} 0\n")
+        );
+    }
+
+    #[test]
+    fn trigger_time_annotation() {
+        use k8s_openapi::api::discovery::v1::EndpointSlice;
+        let slice = |value: Option<&str>| {
+            let mut s = EndpointSlice::default();
+            s.metadata.annotations =
+                value.map(|v| [(LAST_CHANGE_TRIGGER_TIME.to_owned(), v.to_owned())].into());
+            s
+        };
+        assert_eq!(
+            last_change_trigger_time(&slice(Some("2024-02-29T12:34:56.5Z"))),
+            Some(UNIX_EPOCH + Duration::from_millis(1_709_210_096_500))
+        );
+        assert_eq!(
+            last_change_trigger_time(&slice(Some("2024-02-29T13:34:56+01:00"))),
+            Some(UNIX_EPOCH + Duration::from_secs(1_709_210_096))
+        );
+        assert_eq!(last_change_trigger_time(&slice(Some("yesterday"))), None);
+        assert_eq!(last_change_trigger_time(&slice(None)), None);
+    }
+
+    #[tokio::test]
+    async fn serves_over_tcp() {
+        let metrics = Arc::new(Metrics::new());
+        metrics.service_changes(4);
+        let server = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = server.local_addr();
+        tokio::spawn(serve_on(server, metrics.clone()));
+
+        let (status, headers, body) = crate::http::get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(headers.contains(&("content-type".into(), CONTENT_TYPE.into())));
+        let (_, samples) = parse(&body);
+        assert_eq!(
+            value(
+                &samples,
+                "kubeproxy_sync_proxy_rules_service_changes_total",
+                &[]
+            ),
+            4.0
+        );
+
+        let (status, headers, body) = crate::http::get(addr, "/proxyMode").await;
+        assert_eq!((status, body.as_str()), (200, "ebpf"));
+        assert!(headers.contains(&("content-type".into(), TEXT.into())));
+        assert_eq!(crate::http::get(addr, "/healthz").await.2, "ok");
+        assert_eq!(crate::http::get(addr, "/livez").await.0, 404);
+
+        // Later changes show on the next scrape.
+        metrics.set_map_usage("backends", 3, 10);
+        let (_, _, body) = crate::http::get(addr, "/metrics").await;
+        let (_, samples) = parse(&body);
+        assert_eq!(
+            value(&samples, "svclb_bpf_map_entries", &[("map", "backends")]),
+            3.0
+        );
+    }
+}

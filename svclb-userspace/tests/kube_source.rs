@@ -1,0 +1,600 @@
+//! The Kubernetes API source end to end: the real `svclb` agent, through
+//! kube-rs, against an HTTP-level mock API server (tests/mock_api), with
+//! what lands in the real, pinned BPF maps read back by `svclb maps dump`.
+//!
+//! Needs root (it attaches BPF programs, to a cgroup of its own). Addresses
+//! come from 198.18.0.0/15 and fd00::/8; no traffic is sent: the only
+//! sockets are the agent's connections to the mock on 127.0.0.1.
+
+mod mock_api;
+
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use mock_api::{Fault, MockApi, Resource, ALL};
+use serde_json::{json, Value};
+
+/// How long anything may take that involves kube-rs' retry backoff
+/// (exponential from 0.8 s) or loading the programs.
+const DEADLINE: Duration = Duration::from_secs(60);
+/// A watch event must reach the maps within a second (issue 3); here it
+/// takes about 10 ms, so this is still a generous deadline.
+const EVENT_DEADLINE: Duration = Duration::from_secs(1);
+const SYNC_MARKER: &str = "initial sync complete";
+const NODE: &str = "n1";
+
+// ---- objects ----
+
+fn service(name: &str, ip: &str, port: u16) -> Value {
+    json!({
+        "kind": "Service",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": "demo"},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": ip,
+            "clusterIPs": [ip],
+            "ports": [{"name": "http", "port": port, "protocol": "TCP", "targetPort": 8080}],
+        },
+    })
+}
+
+fn slice(name: &str, service: &str, addrs: &[&str]) -> Value {
+    let family = if addrs.iter().any(|a| a.contains(':')) {
+        "IPv6"
+    } else {
+        "IPv4"
+    };
+    let endpoints: Vec<Value> = (addrs.iter())
+        .map(|a| json!({"addresses": [a], "conditions": {"ready": true}}))
+        .collect();
+    json!({
+        "kind": "EndpointSlice",
+        "apiVersion": "discovery.k8s.io/v1",
+        "metadata": {
+            "name": name,
+            "namespace": "demo",
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": family,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    })
+}
+
+fn node(name: &str) -> Value {
+    json!({"kind": "Node", "apiVersion": "v1", "metadata": {"name": name}})
+}
+
+/// A mock API server holding `objects` and this node.
+fn mock_with(objects: Vec<Value>) -> MockApi {
+    let mock = MockApi::start();
+    mock.apply(node(NODE));
+    for obj in objects {
+        mock.apply(obj);
+    }
+    mock
+}
+
+// ---- the agent and its node ----
+
+/// One agent's world: a cgroup, a bpffs pin directory and a scratch
+/// directory (kubeconfig, logs). Dropping it kills the agent and removes
+/// all three, also when the test panicked.
+struct Env {
+    scratch: PathBuf,
+    bpffs: PathBuf,
+    cgroup: PathBuf,
+    kubeconfig: PathBuf,
+    agent: Option<Child>,
+    log: PathBuf,
+    starts: usize,
+}
+
+impl Env {
+    fn new(test: &str, mock: &MockApi) -> Env {
+        // SAFETY: geteuid(2) has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        assert!(root, "these tests attach BPF programs: run them as root");
+        let unique = format!("svclb-kube-{test}-{}", std::process::id());
+        let bpffs = ensure_bpffs().join(&unique);
+        let cgroup = cgroup2_root().join(&unique);
+        let scratch = std::env::temp_dir().join(&unique);
+        fs::create_dir_all(&scratch).unwrap();
+        // From here on, Drop cleans up.
+        let env = Env {
+            log: scratch.join("agent-0.log"),
+            kubeconfig: scratch.join("kubeconfig"),
+            scratch,
+            bpffs,
+            cgroup,
+            agent: None,
+            starts: 0,
+        };
+        fs::write(&env.kubeconfig, mock.kubeconfig()).unwrap();
+        let cgroup = &env.cgroup;
+        fs::create_dir(cgroup).unwrap_or_else(|e| panic!("creating {}: {e}", cgroup.display()));
+        env
+    }
+
+    /// Starts `svclb run` against the mock; its log goes to a new file.
+    fn start_agent(&mut self) {
+        assert!(self.agent.is_none(), "an agent is running");
+        self.starts += 1;
+        self.log = self.scratch.join(format!("agent-{}.log", self.starts));
+        let log = File::create(&self.log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_svclb"))
+            .arg("run")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["--node-name", NODE])
+            // Several agents share the host's network namespace here: let
+            // each bind its own ports instead of kube-proxy's defaults.
+            .args(["--healthz-bind-address", "127.0.0.1:0"])
+            .args(["--metrics-bind-address", "127.0.0.1:0"])
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .env("RUST_LOG", "info")
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting svclb");
+        self.agent = Some(child);
+    }
+
+    /// Stops the agent as a DaemonSet update would (SIGTERM); programs and
+    /// maps stay pinned.
+    fn stop_agent(&mut self) {
+        let mut child = self.agent.take().expect("no agent running");
+        // SAFETY: kill(2) on our own child, which has not been reaped yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the agent ignored SIGTERM");
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The maps as `svclb maps dump` prints them, one line per frontend:
+    /// "198.18.0.10:80/TCP -> 198.19.0.1:8080 198.19.0.2:8080", sorted.
+    /// Before the agent pinned its maps, the dump's error is the one line.
+    fn dump(&self) -> Vec<String> {
+        let out = Command::new(env!("CARGO_BIN_EXE_svclb"))
+            .args(["maps", "dump", "--output", "json", "--bpffs"])
+            .arg(&self.bpffs)
+            .output()
+            .expect("running svclb maps dump");
+        if !out.status.success() {
+            return vec![String::from_utf8_lossy(&out.stderr).into_owned()];
+        }
+        let dump: Value = serde_json::from_slice(&out.stdout).expect("dump JSON");
+        let addr = |v: &Value| {
+            let a = v["address"].as_str().unwrap();
+            let port = &v["port"];
+            if a.contains(':') {
+                format!("[{a}]:{port}")
+            } else {
+                format!("{a}:{port}")
+            }
+        };
+        let mut lines: Vec<String> = (dump["frontends"].as_array().unwrap().iter())
+            .map(|f| {
+                let mut backends: Vec<String> = (f["backends"].as_array().unwrap().iter())
+                    .map(|b| match b["state"].as_str().unwrap() {
+                        "active" => addr(b),
+                        state => format!("{}({state})", addr(b)),
+                    })
+                    .collect();
+                backends.sort();
+                let protocol = f["protocol"].as_str().unwrap();
+                format!("{}/{protocol} -> {}", addr(f), backends.join(" "))
+            })
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    /// Polls until the maps hold exactly `want`; panics after `within`.
+    fn wait_for_maps(&mut self, want: &[&str], within: Duration) {
+        let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        let start = Instant::now();
+        self.wait_until(&format!("maps {want:#?}"), within, |env| env.dump() == want);
+        eprintln!("maps as expected after {:?}", start.elapsed());
+    }
+
+    fn wait_for_log(&mut self, needle: &str, within: Duration) {
+        self.wait_until(&format!("log line {needle:?}"), within, |env| {
+            env.log_text().contains(needle)
+        });
+    }
+
+    /// Polls `done` every 20 ms. Fails early when the agent exits. (Drop
+    /// prints the agent's log when a test fails.)
+    fn wait_until(&mut self, what: &str, within: Duration, mut done: impl FnMut(&Env) -> bool) {
+        let deadline = Instant::now() + within;
+        loop {
+            if done(self) {
+                return;
+            }
+            if let Some(agent) = self.agent.as_mut() {
+                if let Some(status) = agent.try_wait().unwrap() {
+                    panic!("the agent exited ({status}) waiting for {what}");
+                }
+            }
+            if Instant::now() > deadline {
+                let maps = self.dump();
+                panic!("timed out after {within:?} waiting for {what}\nmaps now: {maps:#?}");
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// How many times the agent changed the maps for demo/NAME, from its
+    /// "applied service=..." log lines (written after the maps).
+    fn applied(&self, name: &str) -> usize {
+        let service = format!("service=demo/{name} ");
+        (self.log_text().lines())
+            .filter(|l| l.contains(" applied ") && l.contains(&service))
+            .count()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("agent log {}:\n{}", self.log.display(), self.log_text());
+        }
+        // Unpinning the links detaches the programs.
+        let _ = fs::remove_dir_all(&self.bpffs);
+        let _ = fs::remove_dir(&self.cgroup);
+        let _ = fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// The cgroup2 mount point (the whole hierarchy), from mountinfo.
+fn cgroup2_root() -> PathBuf {
+    let root = mounts("cgroup2").into_iter().next();
+    root.expect("no cgroup2 mount in /proc/self/mountinfo")
+}
+
+/// /sys/fs/bpf, mounted if it is not a bpf filesystem yet. The check and
+/// mount hold the lock file the svclb-tests harness uses, because a second
+/// bpffs stacked on the first would hide the first one's pins.
+fn ensure_bpffs() -> PathBuf {
+    let path = PathBuf::from("/sys/fs/bpf");
+    let lock = File::create("/run/svclb-tests.lock").expect("creating /run/svclb-tests.lock");
+    // SAFETY: flock(2) on a descriptor we own; released when `lock` closes.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    if !mounts("bpf").contains(&path) {
+        fs::create_dir_all(&path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mount -t bpf bpf /sys/fs/bpf failed");
+    }
+    path
+}
+
+/// Mount points of whole file systems (root "/") of this type.
+fn mounts(fstype: &str) -> Vec<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    (mountinfo.lines())
+        .filter_map(|line| {
+            // id parent major:minor root mountpoint opts ... - fstype source opts
+            let (left, right) = line.split_once(" - ")?;
+            let fields: Vec<&str> = left.split_whitespace().collect();
+            let whole = fields.get(3) == Some(&"/");
+            let matches = right.split_whitespace().next() == Some(fstype);
+            (whole && matches).then_some(())?;
+            Some(PathBuf::from(fields.get(4)?))
+        })
+        .collect()
+}
+
+// ---- tests ----
+
+#[test]
+fn initial_list_then_watch_events() {
+    let mock = mock_with(vec![
+        service("web", "198.18.0.10", 80),
+        slice("web-a", "web", &["198.19.0.1"]),
+        service("web6", "fd00::10", 80),
+        slice("web6-a", "web6", &["fd00::1:1"]),
+    ]);
+    let mut env = Env::new("events", &mock);
+    env.start_agent();
+    env.wait_for_maps(
+        &[
+            "198.18.0.10:80/TCP -> 198.19.0.1:8080",
+            "[fd00::10]:80/TCP -> [fd00::1:1]:8080",
+        ],
+        DEADLINE,
+    );
+    env.wait_for_log(SYNC_MARKER, EVENT_DEADLINE);
+
+    // A slice: ADDED, MODIFIED, DELETED.
+    mock.apply(slice("web-b", "web", &["198.19.0.2"]));
+    let web6 = "[fd00::10]:80/TCP -> [fd00::1:1]:8080";
+    env.wait_for_maps(
+        &[
+            "198.18.0.10:80/TCP -> 198.19.0.1:8080 198.19.0.2:8080",
+            web6,
+        ],
+        EVENT_DEADLINE,
+    );
+    mock.apply(slice("web-a", "web", &["198.19.0.3"]));
+    env.wait_for_maps(
+        &[
+            "198.18.0.10:80/TCP -> 198.19.0.2:8080 198.19.0.3:8080",
+            web6,
+        ],
+        EVENT_DEADLINE,
+    );
+    mock.delete("EndpointSlice", "demo", "web-b");
+    env.wait_for_maps(
+        &["198.18.0.10:80/TCP -> 198.19.0.3:8080", web6],
+        EVENT_DEADLINE,
+    );
+
+    // A service: MODIFIED (new port), ADDED, DELETED.
+    mock.apply(service("web", "198.18.0.10", 81));
+    env.wait_for_maps(
+        &["198.18.0.10:81/TCP -> 198.19.0.3:8080", web6],
+        EVENT_DEADLINE,
+    );
+    mock.apply(slice("api-a", "api", &["198.19.0.9"]));
+    mock.apply(service("api", "198.18.0.20", 443));
+    let api = "198.18.0.20:443/TCP -> 198.19.0.9:8080";
+    env.wait_for_maps(
+        &["198.18.0.10:81/TCP -> 198.19.0.3:8080", api, web6],
+        EVENT_DEADLINE,
+    );
+    mock.delete("Service", "demo", "api");
+    env.wait_for_maps(
+        &["198.18.0.10:81/TCP -> 198.19.0.3:8080", web6],
+        EVENT_DEADLINE,
+    );
+
+    // Bookmarks move the watch's resourceVersion and change nothing: the
+    // watches go on, without errors or relists.
+    for r in ALL {
+        mock.bookmark(r);
+    }
+    mock.delete("Service", "demo", "web6");
+    env.wait_for_maps(&["198.18.0.10:81/TCP -> 198.19.0.3:8080"], EVENT_DEADLINE);
+    assert!(!env.log_text().contains("watch failed"), "a watch failed");
+    for r in ALL {
+        assert_eq!(mock.counts(r).lists, 1, "{r:?}: no relist");
+    }
+}
+
+#[test]
+fn disconnect_and_reconnect_converge() {
+    let mock = mock_with(vec![
+        service("web", "198.18.0.10", 80),
+        slice("web-a", "web", &["198.19.0.1"]),
+        service("db", "198.18.0.11", 5432),
+        slice("db-a", "db", &["198.19.0.5"]),
+    ]);
+    let mut env = Env::new("disconnect", &mock);
+    env.start_agent();
+    let before = [
+        "198.18.0.10:80/TCP -> 198.19.0.1:8080",
+        "198.18.0.11:5432/TCP -> 198.19.0.5:8080",
+    ];
+    env.wait_for_maps(&before, DEADLINE);
+    env.wait_for_log(SYNC_MARKER, EVENT_DEADLINE);
+
+    // The API server becomes unreachable: watches break, reconnects fail.
+    let failed: Vec<usize> = ALL.iter().map(|r| mock.counts(*r).failed).collect();
+    for r in ALL {
+        mock.set_fault(r, Fault::Hangup);
+    }
+    env.wait_until("failed reconnects", DEADLINE, |_| {
+        ALL.iter()
+            .zip(&failed)
+            .all(|(r, n)| mock.counts(*r).failed > *n)
+    });
+    // Changes while disconnected: nothing reaches the agent, the dataplane
+    // stays as it was.
+    mock.apply(slice("web-a", "web", &["198.19.0.2"]));
+    mock.delete("EndpointSlice", "demo", "db-a");
+    mock.apply(service("api", "198.18.0.20", 443));
+    sleep(Duration::from_millis(500));
+    assert_eq!(env.dump(), before);
+
+    // Back: the watches resume where they were and catch up.
+    for r in ALL {
+        mock.set_fault(r, Fault::None);
+    }
+    env.wait_for_maps(
+        &[
+            "198.18.0.10:80/TCP -> 198.19.0.2:8080",
+            "198.18.0.11:5432/TCP -> ",
+            "198.18.0.20:443/TCP -> ",
+        ],
+        DEADLINE,
+    );
+    assert!(env.log_text().contains("watch failed"), "errors are logged");
+    // And keep watching.
+    mock.apply(slice("api-a", "api", &["198.19.0.9"]));
+    env.wait_for_maps(
+        &[
+            "198.18.0.10:80/TCP -> 198.19.0.2:8080",
+            "198.18.0.11:5432/TCP -> ",
+            "198.18.0.20:443/TCP -> 198.19.0.9:8080",
+        ],
+        EVENT_DEADLINE,
+    );
+
+    // A plain disconnect (no outage) is just as harmless.
+    for r in ALL {
+        mock.disconnect(r);
+    }
+    mock.apply(slice("db-a", "db", &["198.19.0.6"]));
+    env.wait_for_maps(
+        &[
+            "198.18.0.10:80/TCP -> 198.19.0.2:8080",
+            "198.18.0.11:5432/TCP -> 198.19.0.6:8080",
+            "198.18.0.20:443/TCP -> 198.19.0.9:8080",
+        ],
+        DEADLINE,
+    );
+}
+
+#[test]
+fn gone_relists_and_converges() {
+    let mock = mock_with(vec![
+        service("web", "198.18.0.10", 80),
+        slice("web-a", "web", &["198.19.0.1"]),
+        service("old", "198.18.0.12", 80),
+        slice("old-a", "old", &["198.19.0.7"]),
+    ]);
+    let mut env = Env::new("gone", &mock);
+    env.start_agent();
+    env.wait_for_maps(
+        &[
+            "198.18.0.10:80/TCP -> 198.19.0.1:8080",
+            "198.18.0.12:80/TCP -> 198.19.0.7:8080",
+        ],
+        DEADLINE,
+    );
+    env.wait_for_log(SYNC_MARKER, EVENT_DEADLINE);
+
+    // Disconnected while objects are deleted and changed, and the server's
+    // history is compacted meanwhile: resuming gets 410 Gone, so the
+    // watcher must relist, and the relist must delete what is gone.
+    let failed: Vec<usize> = ALL.iter().map(|r| mock.counts(*r).failed).collect();
+    for r in ALL {
+        mock.set_fault(r, Fault::Hangup);
+    }
+    env.wait_until("failed reconnects", DEADLINE, |_| {
+        ALL.iter()
+            .zip(&failed)
+            .all(|(r, n)| mock.counts(*r).failed > *n)
+    });
+    mock.delete("Service", "demo", "old");
+    mock.delete("EndpointSlice", "demo", "old-a");
+    mock.apply(slice("web-a", "web", &["198.19.0.2"]));
+    for r in ALL {
+        mock.expire(r);
+        mock.set_fault(r, Fault::None);
+    }
+    env.wait_for_maps(&["198.18.0.10:80/TCP -> 198.19.0.2:8080"], DEADLINE);
+    env.wait_until("410 Gone and a relist of every kind", DEADLINE, |_| {
+        (ALL.iter())
+            .map(|r| mock.counts(*r))
+            .all(|c| c.gone >= 1 && c.lists >= 2)
+    });
+
+    // A relist that finds nothing changed writes nothing. Once both
+    // relisted kinds watch again, their relists are queued at the agent;
+    // a service added then is processed after them.
+    let relisted = [Resource::Services, Resource::EndpointSlices];
+    let lists: Vec<usize> = relisted.iter().map(|r| mock.counts(*r).lists).collect();
+    for r in relisted {
+        mock.expire(r);
+    }
+    env.wait_until("relists", DEADLINE, |_| {
+        (relisted.iter().zip(&lists))
+            .all(|(r, n)| mock.counts(*r).lists > *n && mock.watchers(*r) > 0)
+    });
+    mock.apply(service("marker", "198.18.0.30", 80));
+    env.wait_for_maps(
+        &[
+            "198.18.0.10:80/TCP -> 198.19.0.2:8080",
+            "198.18.0.30:80/TCP -> ",
+        ],
+        DEADLINE,
+    );
+    // The log is complete once the agent has exited: web was written for
+    // the first sync and for web-a's change, and never for a relist.
+    env.stop_agent();
+    assert_eq!(
+        env.applied("web"),
+        2,
+        "relisting unchanged objects rewrote web"
+    );
+}
+
+#[test]
+fn restart_does_not_prune_before_sync() {
+    let mock = mock_with(vec![
+        service("keep", "198.18.0.10", 80),
+        slice("keep-a", "keep", &["198.19.0.1"]),
+        service("stale", "198.18.0.11", 80),
+        slice("stale-a", "stale", &["198.19.0.2"]),
+    ]);
+    let mut env = Env::new("restart", &mock);
+    env.start_agent();
+    let before = [
+        "198.18.0.10:80/TCP -> 198.19.0.1:8080",
+        "198.18.0.11:80/TCP -> 198.19.0.2:8080",
+    ];
+    env.wait_for_maps(&before, DEADLINE);
+    env.wait_for_log(SYNC_MARKER, EVENT_DEADLINE);
+    env.stop_agent();
+
+    // While no agent runs, stale goes away and keep changes; the API
+    // server then fails every request when the next agent starts.
+    mock.delete("Service", "demo", "stale");
+    mock.delete("EndpointSlice", "demo", "stale-a");
+    mock.apply(slice("keep-a", "keep", &["198.19.0.3"]));
+    for r in ALL {
+        mock.set_fault(r, Fault::Status(500));
+    }
+    let failed: Vec<usize> = ALL.iter().map(|r| mock.counts(*r).failed).collect();
+    env.start_agent();
+    env.wait_until("failed lists", DEADLINE, |_| {
+        ALL.iter()
+            .zip(&failed)
+            .all(|(r, n)| mock.counts(*r).failed >= n + 2)
+    });
+    assert_eq!(
+        env.dump(),
+        before,
+        "the maps are left alone before any list"
+    );
+
+    // Services list fine now, slices and the node still fail: still not
+    // synced, so nothing is written or removed.
+    let lists = mock.counts(Resource::Services).lists;
+    mock.set_fault(Resource::Services, Fault::None);
+    let failed = mock.counts(Resource::EndpointSlices).failed;
+    env.wait_until("a services list and more failures", DEADLINE, |_| {
+        mock.counts(Resource::Services).lists > lists
+            && mock.counts(Resource::EndpointSlices).failed > failed
+    });
+    assert_eq!(
+        env.dump(),
+        before,
+        "the maps are left alone before a full sync"
+    );
+    assert!(!env.log_text().contains(SYNC_MARKER));
+
+    mock.set_fault(Resource::EndpointSlices, Fault::None);
+    mock.set_fault(Resource::Nodes, Fault::None);
+    env.wait_for_maps(&["198.18.0.10:80/TCP -> 198.19.0.3:8080"], DEADLINE);
+    env.wait_for_log(SYNC_MARKER, EVENT_DEADLINE);
+}

@@ -1,0 +1,487 @@
+//! A Kubernetes API server at the HTTP level, just enough for kube-rs
+//! watchers of Services, EndpointSlices and Nodes: list responses with a
+//! resourceVersion and `?watch=true` streams of newline-delimited JSON
+//! events, driven by the test (push events, bookmarks, disconnects, 410
+//! Gone, failing requests).
+//!
+//! It speaks plain HTTP/1.1, one request per connection (`Connection:
+//! close`), on 127.0.0.1 only. The API is synchronous so tests can be plain
+//! `#[test]`s; the server runs on its own runtime, stopped on drop.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// The collections the mock serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resource {
+    Services,
+    EndpointSlices,
+    Nodes,
+}
+
+pub const ALL: [Resource; 3] = [
+    Resource::Services,
+    Resource::EndpointSlices,
+    Resource::Nodes,
+];
+
+impl Resource {
+    fn path(self) -> &'static str {
+        match self {
+            Resource::Services => "/api/v1/services",
+            Resource::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
+            Resource::Nodes => "/api/v1/nodes",
+        }
+    }
+
+    fn of_kind(kind: &str) -> Resource {
+        match kind {
+            "Service" => Resource::Services,
+            "EndpointSlice" => Resource::EndpointSlices,
+            "Node" => Resource::Nodes,
+            _ => panic!("the mock API serves no {kind}"),
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Resource::Services => "Service",
+            Resource::EndpointSlices => "EndpointSlice",
+            Resource::Nodes => "Node",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Resource::EndpointSlices => "discovery.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How the mock answers requests for a collection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fault {
+    /// Normally.
+    #[default]
+    None,
+    /// With this HTTP status and a Status body.
+    Status(u16),
+    /// By closing the connection without a response (server unreachable).
+    Hangup,
+}
+
+/// Requests answered for one collection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub lists: usize,
+    pub watches: usize,
+    /// Requests answered with a Fault.
+    pub failed: usize,
+    /// Watches answered with 410 Gone.
+    pub gone: usize,
+}
+
+/// A live watch connection: its field selector's name, and where its
+/// event lines go.
+struct Watcher {
+    name: Option<String>,
+    tx: mpsc::UnboundedSender<String>,
+}
+
+#[derive(Default)]
+struct Collection {
+    /// (namespace, name) -> object, with its resourceVersion.
+    objects: BTreeMap<(String, String), Value>,
+    /// Every change: (resourceVersion, event type, object).
+    log: Vec<(u64, &'static str, Value)>,
+    /// A watch from a resourceVersion below this gets 410 Gone.
+    compacted: u64,
+    watchers: Vec<Watcher>,
+    fault: Fault,
+    counts: Counts,
+}
+
+#[derive(Default)]
+struct State {
+    /// The last resourceVersion handed out, across collections like etcd's.
+    rv: u64,
+    collections: [Collection; 3],
+}
+
+impl State {
+    fn collection(&mut self, r: Resource) -> &mut Collection {
+        &mut self.collections[r.index()]
+    }
+}
+
+pub struct MockApi {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl MockApi {
+    pub fn start() -> MockApi {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("mock API runtime");
+        let listener = runtime
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .expect("binding the mock API server");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State {
+            rv: 1,
+            ..State::default()
+        }));
+        let shared = state.clone();
+        runtime.spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(serve(conn, shared.clone()));
+            }
+        });
+        MockApi {
+            addr,
+            state,
+            runtime: Some(runtime),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig for this server: plain HTTP, no credentials.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters:\n- name: mock\n  cluster:\n    server: {}\n\
+             users:\n- name: mock\n  user: {{}}\n\
+             contexts:\n- name: mock\n  context:\n    cluster: mock\n    user: mock\n\
+             current-context: mock\n",
+            self.url()
+        )
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap()
+    }
+
+    /// Creates or replaces an object (its `kind` picks the collection):
+    /// ADDED or MODIFIED to the watchers.
+    pub fn apply(&self, mut obj: Value) {
+        let r = Resource::of_kind(obj["kind"].as_str().expect("object without kind"));
+        let mut state = self.state();
+        state.rv += 1;
+        let rv = state.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let c = state.collection(r);
+        let kind = match c.objects.insert(key(&obj), obj.clone()) {
+            None => "ADDED",
+            Some(_) => "MODIFIED",
+        };
+        c.record(rv, kind, obj);
+    }
+
+    /// Deletes an object: DELETED to the watchers.
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) {
+        let r = Resource::of_kind(kind);
+        let mut state = self.state();
+        state.rv += 1;
+        let rv = state.rv;
+        let c = state.collection(r);
+        let mut obj = (c.objects.remove(&(namespace.to_string(), name.to_string())))
+            .unwrap_or_else(|| panic!("no {kind} {namespace}/{name} to delete"));
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        c.record(rv, "DELETED", obj);
+    }
+
+    /// Sends a BOOKMARK with the current resourceVersion to r's watchers.
+    pub fn bookmark(&self, r: Resource) {
+        let mut state = self.state();
+        let rv = state.rv;
+        let obj = json!({
+            "kind": r.kind(),
+            "apiVersion": r.api_version(),
+            "metadata": {"resourceVersion": rv.to_string()},
+        });
+        let line = event_line("BOOKMARK", &obj);
+        let c = state.collection(r);
+        c.watchers.retain(|w| w.tx.send(line.clone()).is_ok());
+    }
+
+    /// Breaks r's watch connections (no final chunk: a lost connection).
+    pub fn disconnect(&self, r: Resource) {
+        self.state().collection(r).watchers.clear();
+    }
+
+    /// Forgets r's history, as etcd compaction does: every watch that
+    /// resumes from before now gets 410 Gone, so its client relists. Live
+    /// watches are cut so that they resume.
+    pub fn expire(&self, r: Resource) {
+        let mut state = self.state();
+        state.rv += 1;
+        let rv = state.rv;
+        let c = state.collection(r);
+        c.compacted = rv;
+        c.log.clear();
+        c.watchers.clear();
+    }
+
+    /// Answers r's requests with `fault` from now on (Fault::None: normally).
+    /// Watches already streaming are cut unless the fault is None.
+    pub fn set_fault(&self, r: Resource, fault: Fault) {
+        let mut state = self.state();
+        let c = state.collection(r);
+        c.fault = fault;
+        if fault != Fault::None {
+            c.watchers.clear();
+        }
+    }
+
+    pub fn counts(&self, r: Resource) -> Counts {
+        self.state().collection(r).counts
+    }
+
+    /// Live watch connections of r.
+    pub fn watchers(&self, r: Resource) -> usize {
+        let mut state = self.state();
+        let c = state.collection(r);
+        c.watchers.retain(|w| !w.tx.is_closed());
+        c.watchers.len()
+    }
+}
+
+impl Drop for MockApi {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Collection {
+    fn record(&mut self, rv: u64, kind: &'static str, obj: Value) {
+        let line = event_line(kind, &obj);
+        let name = obj["metadata"]["name"].as_str().map(str::to_string);
+        self.watchers.retain(|w| {
+            let wanted = w.name.is_none() || w.name == name;
+            !wanted || w.tx.send(line.clone()).is_ok()
+        });
+        self.log.push((rv, kind, obj));
+    }
+}
+
+fn key(obj: &Value) -> (String, String) {
+    let meta = &obj["metadata"];
+    let namespace = meta["namespace"].as_str().unwrap_or("").to_string();
+    let name = meta["name"]
+        .as_str()
+        .expect("object without name")
+        .to_string();
+    (namespace, name)
+}
+
+fn event_line(kind: &str, obj: &Value) -> String {
+    format!("{}\n", json!({"type": kind, "object": obj}))
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+/// What to send back for a request.
+enum Answer {
+    /// Close the connection without a response.
+    Hangup,
+    /// A complete JSON response.
+    Json(u16, Value),
+    /// A watch stream: these lines, then (when given) what the channel
+    /// brings until it is closed.
+    Watch(Vec<String>, Option<mpsc::UnboundedReceiver<String>>),
+}
+
+/// One request, one response, then the connection closes.
+async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>) {
+    let Some(target) = read_request(&mut conn).await else {
+        return;
+    };
+    let answer = answer(&target, &mut state.lock().unwrap());
+    let _ = match answer {
+        Answer::Hangup => Ok(()),
+        Answer::Json(code, body) => respond(&mut conn, code, &body).await,
+        Answer::Watch(first, live) => stream(&mut conn, first, live).await,
+    };
+}
+
+fn answer(target: &str, state: &mut State) -> Answer {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let query: BTreeMap<String, String> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), percent_decode(v)))
+        .collect();
+    let Some(r) = ALL.into_iter().find(|r| r.path() == path) else {
+        let body = status(404, "NotFound", &format!("the mock serves no {path}"));
+        return Answer::Json(404, body);
+    };
+    let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    // Only metadata.name=X is supported: the Node watch uses it.
+    let name = query.get("fieldSelector").map(|s| {
+        let name = s.strip_prefix("metadata.name=");
+        name.expect("unsupported fieldSelector").to_string()
+    });
+    let rv = state.rv;
+    let c = state.collection(r);
+    match c.fault {
+        Fault::None => {}
+        Fault::Hangup => {
+            c.counts.failed += 1;
+            return Answer::Hangup;
+        }
+        Fault::Status(code) => {
+            c.counts.failed += 1;
+            return Answer::Json(code, status(code, "InternalError", "injected by the test"));
+        }
+    }
+    let selected =
+        |obj: &Value| name.is_none() || obj["metadata"]["name"].as_str() == name.as_deref();
+    if !watch {
+        c.counts.lists += 1;
+        let items: Vec<Value> = c
+            .objects
+            .values()
+            .filter(|o| selected(o))
+            .cloned()
+            .collect();
+        let list = json!({
+            "kind": format!("{}List", r.kind()),
+            "apiVersion": r.api_version(),
+            "metadata": {"resourceVersion": rv.to_string()},
+            "items": items,
+        });
+        return Answer::Json(200, list);
+    }
+    c.counts.watches += 1;
+    let from: u64 = (query.get("resourceVersion"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // As the API server does for an expired resourceVersion: 200, then an
+    // ERROR event with a 410 Status, then the end of the stream.
+    if from < c.compacted {
+        c.counts.gone += 1;
+        let message = format!("too old resource version: {from} ({rv})");
+        let line = event_line("ERROR", &status(410, "Expired", &message));
+        return Answer::Watch(vec![line], None);
+    }
+    // Replaying and registering under one lock: no event is missed or doubled.
+    let replay: Vec<String> = (c.log.iter())
+        .filter(|(v, _, obj)| *v > from && selected(obj))
+        .map(|(_, kind, obj)| event_line(kind, obj))
+        .collect();
+    let (tx, rx) = mpsc::unbounded_channel();
+    c.watchers.push(Watcher { name, tx });
+    Answer::Watch(replay, Some(rx))
+}
+
+/// Reads the request head; returns the request target of a GET.
+async fn read_request(conn: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).await.ok()?;
+        if n == 0 || head.len() > 64 * 1024 {
+            return None;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let mut words = head.lines().next()?.split_whitespace();
+    (words.next()? == "GET").then_some(())?;
+    words.next().map(str::to_string)
+}
+
+async fn respond(conn: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
+    let body = body.to_string();
+    let head = format!(
+        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await?;
+    conn.write_all(body.as_bytes()).await?;
+    conn.shutdown().await
+}
+
+/// A chunked watch response: `first`, then whatever `live` pushes. Ends
+/// cleanly after `first` without `live`; when `live` is dropped (a
+/// disconnect), the connection is closed mid-stream.
+async fn stream(
+    conn: &mut TcpStream,
+    first: Vec<String>,
+    live: Option<mpsc::UnboundedReceiver<String>>,
+) -> std::io::Result<()> {
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    conn.write_all(head.as_bytes()).await?;
+    for line in first {
+        write_chunk(conn, &line).await?;
+    }
+    let Some(mut live) = live else {
+        return conn.write_all(b"0\r\n\r\n").await;
+    };
+    while let Some(line) = live.recv().await {
+        write_chunk(conn, &line).await?;
+    }
+    Ok(())
+}
+
+async fn write_chunk(conn: &mut TcpStream, data: &str) -> std::io::Result<()> {
+    let chunk = format!("{:x}\r\n{data}\r\n", data.len());
+    conn.write_all(chunk.as_bytes()).await?;
+    conn.flush().await
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
