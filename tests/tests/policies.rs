@@ -115,7 +115,7 @@ impl Env {
         client: usize,
         addr: &str,
         port: u16,
-        count: usize,
+        count: u32,
     ) -> Result<Vec<ProbeResult>> {
         let c = Connect::tcp(ip(addr), port).count(count).timeout_ms(500);
         self.clients[client].connect(&self.node, &c)

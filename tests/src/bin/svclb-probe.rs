@@ -7,6 +7,9 @@
 //!   new load-balancing decision), one JSON line per attempt.
 //! - `hold`: a long-lived connection plus a stream of new ones, to show
 //!   that nothing breaks while the agent restarts.
+//! - `rate`: as many request/replies as it can for a duration, taking
+//!   one or more targets in turn, then one JSON line with each target's
+//!   ops/s (the benchmarks' client).
 //! - `whoami`: where the probe runs (cgroup, netns), for harness self-tests.
 
 use std::collections::BTreeMap;
@@ -81,6 +84,25 @@ enum Cmd {
         #[arg(long)]
         until_eof: bool,
     },
+    /// Back-to-back request/replies for DURATION, taking the targets in
+    /// turn (one request each), then one JSON line: {"proto","seconds",
+    /// "results":[{"target","ops","errors","seconds","ops_per_sec",
+    /// "first_error"}]}, where a target's seconds is the time spent in its
+    /// own requests. tcp: a new connection per request (connect, one
+    /// request/reply, close); udp: one unconnected socket per target,
+    /// sendto + recvfrom per request.
+    Rate {
+        /// ADDR:PORT ([ADDR]:PORT for IPv6); repeat to interleave targets.
+        #[arg(long = "target", required = true)]
+        targets: Vec<SocketAddr>,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: Proto,
+        #[arg(long)]
+        duration_ms: u64,
+        /// Receive timeout per reply (a lost datagram costs this much).
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
     /// Print {"pid","cgroup","netns"} of this process.
     Whoami,
 }
@@ -131,6 +153,17 @@ fn main() -> ExitCode {
             );
             Ok(())
         }
+        Cmd::Rate {
+            targets,
+            proto,
+            duration_ms,
+            timeout_ms,
+        } => rate(
+            &targets,
+            proto,
+            Duration::from_millis(duration_ms),
+            Duration::from_millis(timeout_ms),
+        ),
         Cmd::Whoami => {
             let v = json!({
                 "pid": std::process::id(),
@@ -485,4 +518,131 @@ fn hold(
             "servers": servers,
         })
     );
+}
+
+// ---- rate ----
+
+/// Read until the reply's final newline (a reply is one short line, so
+/// this is almost always a single read).
+fn read_reply(mut r: impl Read, buf: &mut [u8]) -> io::Result<()> {
+    let mut n = 0;
+    loop {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(m) => {
+                n += m;
+                if buf[n - 1] == b'\n' {
+                    return Ok(());
+                }
+                if n == buf.len() {
+                    return Err(io::ErrorKind::InvalidData.into());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One short TCP connection. Plain blocking connect and no extra socket
+/// options: every syscall here is part of what is measured.
+fn tcp_op(target: SocketAddr, timeout: Duration, buf: &mut [u8]) -> Result<(), Failure> {
+    let mut s = TcpStream::connect(target).map_err(Failure::at("connect"))?;
+    // Bounds a lost reply; one setsockopt, the same in every mode.
+    s.set_read_timeout(Some(timeout))
+        .map_err(Failure::at("socket"))?;
+    s.write_all(b"hi\n").map_err(Failure::at("send"))?;
+    read_reply(&s, buf).map_err(Failure::at("recv"))
+}
+
+fn udp_op(s: &UdpSocket, target: SocketAddr, buf: &mut [u8]) -> Result<(), Failure> {
+    s.send_to(b"hi\n", target).map_err(Failure::at("send"))?;
+    let (n, _) = s.recv_from(buf).map_err(Failure::at("recv"))?;
+    if n == 0 || buf[n - 1] != b'\n' {
+        return Err(Failure::at("recv")(io::ErrorKind::InvalidData.into()));
+    }
+    Ok(())
+}
+
+/// What `rate` counted for one target.
+#[derive(Default)]
+struct Tally {
+    ops: u64,
+    errors: u64,
+    busy: Duration,
+    first_error: Option<String>,
+}
+
+fn rate(
+    targets: &[SocketAddr],
+    proto: Proto,
+    duration: Duration,
+    timeout: Duration,
+) -> Result<(), String> {
+    // UDP: a socket per target, so that state one target leaves on a
+    // socket (svclb's reverse translation entry) never affects another.
+    let mut udp = Vec::new();
+    if let Proto::Udp = proto {
+        for t in targets {
+            let any: SocketAddr = match t {
+                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+                SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            let s = UdpSocket::bind(any).map_err(|e| format!("udp socket: {e}"))?;
+            s.set_read_timeout(Some(timeout))
+                .map_err(|e| format!("udp socket: {e}"))?;
+            udp.push(s);
+        }
+    }
+    let mut tallies: Vec<Tally> = targets.iter().map(|_| Tally::default()).collect();
+    let mut buf = [0u8; 256];
+    let start = Instant::now();
+    // Targets take turns request by request, so whatever else loads the
+    // machine hits them alike. Two clock reads per request: the same
+    // overhead for every target.
+    'run: loop {
+        for (i, &target) in targets.iter().enumerate() {
+            let t0 = Instant::now();
+            if t0 - start >= duration {
+                break 'run;
+            }
+            let r = match proto {
+                Proto::Tcp => tcp_op(target, timeout, &mut buf),
+                Proto::Udp => udp_op(&udp[i], target, &mut buf),
+            };
+            let tally = &mut tallies[i];
+            tally.busy += t0.elapsed();
+            match r {
+                Ok(()) => tally.ops += 1,
+                Err(f) => {
+                    tally.errors += 1;
+                    tally.first_error.get_or_insert_with(|| f.short());
+                }
+            }
+        }
+    }
+    let results: Vec<Value> = targets
+        .iter()
+        .zip(&tallies)
+        .map(|(t, c)| {
+            let secs = c.busy.as_secs_f64();
+            json!({
+                "target": t.to_string(),
+                "ops": c.ops,
+                "errors": c.errors,
+                "seconds": secs,
+                "ops_per_sec": if secs > 0.0 { c.ops as f64 / secs } else { 0.0 },
+                "first_error": c.first_error,
+            })
+        })
+        .collect();
+    println!(
+        "{}",
+        json!({
+            "proto": match proto { Proto::Tcp => "tcp", Proto::Udp => "udp" },
+            "seconds": start.elapsed().as_secs_f64(),
+            "results": results,
+        })
+    );
+    Ok(())
 }
