@@ -145,6 +145,8 @@ pub struct ApplyStats {
 pub struct Writer<M: MapOps> {
     maps: M,
     frontends: BTreeMap<FrontendKey, AppliedFrontend>,
+    /// The frontends each service owns (an index of `frontends`).
+    by_owner: HashMap<ServiceId, BTreeSet<FrontendKey>>,
     backends: HashMap<u32, BackendEntry>,
     by_addr: HashMap<BackendAddr, u32>,
     /// Entries in use in the services and backends maps, to refuse an update
@@ -177,7 +179,9 @@ impl Default for Capacity {
 struct Deferred {
     service_keys: Vec<ServiceKey>,
     rev_nat_ids: Vec<u32>,
-    affinity_match: Vec<AffinityMatchKey>,
+    /// With the frontend they belonged to, to tell whether they are live
+    /// again by the time of the flush.
+    affinity_match: Vec<(FrontendKey, AffinityMatchKey)>,
     /// Backend ids whose slot references went away.
     released: Vec<u32>,
 }
@@ -201,6 +205,7 @@ impl<M: MapOps> Writer<M> {
         let mut w = Writer {
             maps,
             frontends: BTreeMap::new(),
+            by_owner: HashMap::new(),
             backends: HashMap::new(),
             by_addr: HashMap::new(),
             service_entries: 0,
@@ -282,7 +287,7 @@ impl<M: MapOps> Writer<M> {
         for key in members.difference(&found) {
             w.maps.put_affinity_match(key)?;
         }
-        garbage.affinity_match.extend(found.difference(&members));
+        let stale_members: Vec<AffinityMatchKey> = found.difference(&members).copied().collect();
         let live_rev_nat: BTreeSet<u32> = w.frontends.values().map(|f| f.rev_nat_id).collect();
         garbage.rev_nat_ids.extend(
             contents
@@ -296,10 +301,13 @@ impl<M: MapOps> Writer<M> {
             .copied()
             .filter(|id| !w.backends.contains_key(id))
             .collect();
-        if !garbage.is_empty() || !orphans.is_empty() {
+        if !garbage.is_empty() || !orphans.is_empty() || !stale_members.is_empty() {
             w.maps.barrier()?;
         }
         w.delete(&garbage)?;
+        for key in &stale_members {
+            w.maps.del_affinity_match(key)?;
+        }
         for id in orphans {
             w.maps.del_backend(id)?;
         }
@@ -324,10 +332,12 @@ impl<M: MapOps> Writer<M> {
         }
         let wanted_keys: BTreeSet<FrontendKey> = wanted.iter().map(|f| f.key).collect();
         let gone: Vec<FrontendKey> = self
-            .frontends
-            .iter()
-            .filter(|(k, a)| a.owner.as_ref() == Some(owner) && !wanted_keys.contains(k))
-            .map(|(k, _)| *k)
+            .by_owner
+            .get(owner)
+            .into_iter()
+            .flatten()
+            .filter(|k| !wanted_keys.contains(k))
+            .copied()
             .collect();
         self.check_capacity(owner, &wanted)?;
 
@@ -423,7 +433,7 @@ impl<M: MapOps> Writer<M> {
             }
             deferred
                 .affinity_match
-                .extend(old_members.difference(&new_members));
+                .extend(old_members.difference(&new_members).map(|k| (f.key, *k)));
             deferred.service_keys.extend(
                 (new.slots.len() + 1..=old_slots.len()).map(|s| service_key(&f.key, s as u16)),
             );
@@ -437,6 +447,10 @@ impl<M: MapOps> Writer<M> {
             self.service_entries =
                 self.service_entries + new.slots.len() + usize::from(old.is_none())
                     - old_slots.len();
+            self.by_owner
+                .entry(owner.clone())
+                .or_default()
+                .insert(f.key);
             self.frontends.insert(f.key, new);
         }
 
@@ -503,7 +517,16 @@ impl<M: MapOps> Writer<M> {
             .service_keys
             .extend((1..=a.slots.len()).map(|s| service_key(&key, s as u16)));
         deferred.rev_nat_ids.push(a.rev_nat_id);
-        deferred.affinity_match.extend(a.members());
+        deferred
+            .affinity_match
+            .extend(a.members().into_iter().map(|k| (key, k)));
+        if let Some(owned) = a.owner.as_ref().and_then(|o| self.by_owner.get_mut(o)) {
+            owned.remove(&key);
+            if owned.is_empty() {
+                self.by_owner
+                    .remove(a.owner.as_ref().expect("just matched"));
+            }
+        }
         for id in &a.slots {
             self.backend_refs(*id, -1);
         }
@@ -531,12 +554,13 @@ impl<M: MapOps> Writer<M> {
                 .get(&fk)
                 .is_some_and(|f| k.slot as usize <= f.slots.len())
         });
-        let live: BTreeSet<AffinityMatchKey> = self
-            .frontends
-            .values()
-            .flat_map(AppliedFrontend::members)
-            .collect();
-        d.affinity_match.retain(|k| !live.contains(k));
+        d.affinity_match.retain(|(fk, k)| {
+            !self.frontends.get(fk).is_some_and(|f| {
+                f.rev_nat_id == k.rev_nat_id
+                    && f.record.affinity()
+                    && f.slots.contains(&k.backend_id)
+            })
+        });
         d.affinity_match.sort_unstable();
         d.affinity_match.dedup();
         d.service_keys
@@ -571,7 +595,7 @@ impl<M: MapOps> Writer<M> {
         for id in &d.rev_nat_ids {
             self.maps.del_rev_nat(*id)?;
         }
-        for key in &d.affinity_match {
+        for (_, key) in &d.affinity_match {
             self.maps.del_affinity_match(key)?;
         }
         Ok(d.service_keys.len() + d.rev_nat_ids.len() + d.affinity_match.len())
