@@ -549,10 +549,9 @@ impl<M: MapOps> Writer<M> {
         let mut d = std::mem::take(&mut self.pending);
         d.service_keys.retain(|k| {
             let fk = frontend_key(k).expect("the writer only defers keys it wrote");
-            !self
-                .frontends
+            self.frontends
                 .get(&fk)
-                .is_some_and(|f| k.slot as usize <= f.slots.len())
+                .is_none_or(|f| k.slot as usize > f.slots.len())
         });
         d.affinity_match.retain(|(fk, k)| {
             !self.frontends.get(fk).is_some_and(|f| {
