@@ -79,3 +79,32 @@ pub fn poll_until<T>(
         thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Whether the running kernel is at least `major.minor`.
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let num = |p: Option<&str>| p.and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
+    (num(parts.next()), num(parts.next())) >= (major, minor)
+}
+
+/// The errno a connect to a frontend without endpoints fails with: svclb
+/// sets ECONNREFUSED with bpf_set_retval, which cgroup programs have from
+/// Linux 5.18; before that the kernel reports the documented EPERM.
+pub fn refused_errno() -> &'static str {
+    if kernel_at_least(5, 18) {
+        "ECONNREFUSED"
+    } else {
+        "EPERM"
+    }
+}
+
+/// The errno a connect that kube-proxy would drop (a Local traffic policy
+/// without local endpoints) fails with; EPERM before Linux 5.18 likewise.
+pub fn dropped_errno() -> &'static str {
+    if kernel_at_least(5, 18) {
+        "ETIMEDOUT"
+    } else {
+        "EPERM"
+    }
+}

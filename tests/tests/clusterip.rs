@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use svclb_tests::{
-    by_error, by_server, poll_until, Agent, Cluster, Connect, EndpointSpec, Hold, Node, Pod,
-    PortSpec, ProbeResult, Proto, ServiceSpec, SliceSpec,
+    by_error, by_server, poll_until, refused_errno, Agent, Cluster, Connect, EndpointSpec, Hold,
+    Node, Pod, PortSpec, ProbeResult, Proto, ServiceSpec, SliceSpec,
 };
 
 const SVC4: &str = "198.19.0.10";
@@ -404,7 +404,7 @@ fn service_without_endpoints_refuses_connections() -> Result<()> {
         let errors = by_error(&r);
         assert_eq!(
             errors,
-            BTreeMap::from([("ECONNREFUSED".to_string(), 5)]),
+            BTreeMap::from([(refused_errno().to_string(), 5)]),
             "{addr}: {r:?}\n{}",
             env.log_tail()
         );

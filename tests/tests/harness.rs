@@ -5,7 +5,6 @@ use std::os::unix::fs::MetadataExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use anyhow::Result;
 use serde_json::Value;
@@ -71,10 +70,11 @@ fn hold_reports_requests_and_connections() -> Result<()> {
     let a = node.add_pod("a")?;
     let b = node.add_pod("b")?;
     b.spawn_server("b", &[8080])?;
-    let hold = a.spawn_hold(&node, &Hold::new(b.ipv6(), 8080, 60_000, 20).until_eof())?;
-    std::thread::sleep(Duration::from_millis(300));
+    // A fixed run (1 s, a request every 20 ms) that ends by itself: counting
+    // works however slowly the machine runs (the VM matrix emulates CPUs).
+    let hold = a.spawn_hold(&node, &Hold::new(b.ipv6(), 8080, 1_000, 20))?;
     let s = hold.finish_hold()?;
-    assert!(s.requests >= 5 && s.new_connections >= 5, "{s:?}");
+    assert!(s.requests >= 3 && s.new_connections >= 3, "{s:?}");
     assert_eq!((s.failures, s.new_connection_failures), (0, 0), "{s:?}");
     assert!(s.servers.contains_key("b"), "{s:?}");
     Ok(())

@@ -15,8 +15,8 @@ use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use svclb_tests::manifests::to_yaml;
 use svclb_tests::{
-    by_error, by_server, poll_until, Agent, Cluster, Connect, EndpointSpec, Node, Pod, PortSpec,
-    ProbeResult, ServiceSpec, SliceSpec,
+    by_error, by_server, dropped_errno, poll_until, refused_errno, Agent, Cluster, Connect,
+    EndpointSpec, Node, Pod, PortSpec, ProbeResult, ServiceSpec, SliceSpec,
 };
 
 const SVC: &str = "198.19.0.20";
@@ -176,16 +176,16 @@ fn internal_traffic_policy_local_uses_this_nodes_endpoints_and_drops_without_the
     );
 
     // Endpoints only elsewhere: kube-proxy drops (the client times out);
-    // svclb fails the connect at once with ETIMEDOUT.
+    // svclb fails the connect at once with ETIMEDOUT (EPERM before 5.18).
     env.slice(&[(2, "n2", None)])?;
     env.converge("ITP Local, no local endpoint", SVC, 80, |r| {
-        all_failed_with(r, "ETIMEDOUT")
+        all_failed_with(r, dropped_errno())
     })?;
 
     // No endpoints at all: refused, as for any service.
     env.slice(&[])?;
     env.converge("no endpoints", SVC, 80, |r| {
-        all_failed_with(r, "ECONNREFUSED")
+        all_failed_with(r, refused_errno())
     })?;
     Ok(())
 }

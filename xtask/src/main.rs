@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod setup;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -32,11 +33,23 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The integration tests in QEMU VMs on other kernels (Debian cloud kernels).
+    VmTest {
+        /// Kernel version to test: 5.10, 6.1 or 6.12; repeatable.
+        #[arg(long = "kernel", value_name = "VERSION")]
+        kernels: Vec<String>,
+        /// Every kernel of the matrix (also the default without --kernel).
+        #[arg(long, conflicts_with = "kernels")]
+        all: bool,
+        /// After `--`: passed to the test binaries (a name filter, --test-threads=N, ...).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// The demo: a simulated cluster in namespaces, traffic to a ClusterIP, maps dump, scaling.
     Demo,
     /// Benchmarks; prints rates and ratios against a baseline measured in the same run.
     Bench {
-        /// Which benchmark: sock
+        /// Which benchmark: sock, control-plane
         which: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -56,6 +69,10 @@ fn main() -> Result<()> {
             build(false)?;
             test(&args)
         }
+        Cmd::VmTest { kernels, all, args } => {
+            setup::run()?;
+            vm::run(if all { &[] } else { &kernels }, &args)
+        }
         Cmd::Demo => {
             setup::run()?;
             build(true)?;
@@ -66,7 +83,8 @@ fn main() -> Result<()> {
             build(true)?;
             match which.as_str() {
                 "sock" => run_tool("svclb-bench-sock", &args),
-                other => bail!("unknown benchmark {other:?}; available: sock"),
+                "control-plane" => run_tool("svclb-bench-control-plane", &args),
+                other => bail!("unknown benchmark {other:?}; available: sock, control-plane"),
             }
         }
     }

@@ -16,10 +16,19 @@ const APT: &[(&str, &str)] = &[
     ("iptables", "iptables"),
 ];
 
+/// What `vm-test` needs on top of [`APT`]; installed only when it runs, so
+/// host-only testing does not pay for QEMU.
+pub const VM_APT: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
+    ("dpkg-deb", "dpkg"),
+    ("xz", "xz-utils"),
+];
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> Result<()> {
-    apt_packages()?;
+    apt_packages(APT)?;
     rust_src()?;
     bpf_linker()
 }
@@ -32,8 +41,8 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT
+pub fn apt_packages(list: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = list
         .iter()
         .filter(|(cmd, _)| !have(cmd))
         .map(|(_, pkg)| *pkg)
