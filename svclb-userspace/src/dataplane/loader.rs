@@ -97,6 +97,13 @@ pub fn load(bpffs: &Path) -> Result<Ebpf, DataplaneError> {
         aya::util::KernelVersion::current()
             .is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 18, 0)),
     );
+    if has_set_retval == 0 {
+        tracing::warn!(
+            "kernel older than 5.18 (no bpf_set_retval for cgroup programs): connects to services \
+             without endpoints fail with EPERM instead of ECONNREFUSED, and dropped ones with EPERM \
+             instead of ETIMEDOUT"
+        );
+    }
     EbpfLoader::new()
         .default_map_pin_directory(bpffs)
         .override_global(globals::HAS_SET_RETVAL, &has_set_retval, true)
