@@ -30,6 +30,21 @@ pub mod maps {
     /// [`crate::AffinityMatchKey`] -> u8: the backends of each affinity
     /// frontend, so a remembered backend that left the service is not reused.
     pub const AFFINITY_MATCH: &str = "SVCLB_AFF_MATCH";
+    /// [`crate::MaglevKey`] -> [`crate::MaglevChunk`]: the Maglev lookup
+    /// tables of external frontends, in chunks, two generations at most.
+    pub const MAGLEV: &str = "SVCLB_MAGLEV";
+    /// [`crate::FlowKey`] -> [`crate::Flow`] (LRU): connection tracking for
+    /// external traffic, one entry per direction the programs translate.
+    pub const CONNTRACK: &str = "SVCLB_CT";
+    /// LPM trie [`crate::SourceRangeKey`] -> u8: loadBalancerSourceRanges.
+    pub const SOURCE_RANGES: &str = "SVCLB_SRC_RANGES";
+    /// Array of one [`crate::XdpConfig`], written by the agent.
+    pub const XDP_CONFIG: &str = "SVCLB_XDP_CONFIG";
+    /// Per-CPU array of u64 counters, indexed by `crate::stats::*`.
+    pub const STATS: &str = "SVCLB_STATS";
+    /// Devmap (hash by ifindex) of the devices XDP may redirect to: the
+    /// agent's --devices. Anything else (pod veths) goes through the stack.
+    pub const TX_DEVICES: &str = "SVCLB_TX_DEVICES";
 
     pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
     pub const BACKENDS_MAX_ENTRIES: u32 = 131_072;
@@ -37,6 +52,12 @@ pub mod maps {
     pub const SOCK_REV_NAT_MAX_ENTRIES: u32 = 262_144;
     pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
     pub const AFFINITY_MATCH_MAX_ENTRIES: u32 = 131_072;
+    /// 16 chunks per table at the default table size: 16k tables.
+    pub const MAGLEV_MAX_ENTRIES: u32 = 262_144;
+    /// Default; the agent sets it from --conntrack-size.
+    pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+    pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 16_384;
+    pub const TX_DEVICES_MAX_ENTRIES: u32 = 64;
     /// `BPF_F_NO_PREALLOC`: the writer relies on freed elements being
     /// RCU-deferred, so a reader holding a value never sees it reused.
     pub const NO_PREALLOC: u32 = 1;
@@ -53,8 +74,10 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
 
-/// Which traffic a frontend serves. Only in-cluster socket traffic so far.
+/// Which traffic a frontend serves: connections made on this node (the
+/// socket hooks), or packets arriving from outside (XDP).
 pub const SCOPE_SOCKET: u8 = 0;
+pub const SCOPE_EXTERNAL: u8 = 1;
 
 /// Most backends one frontend may have (slots 1..=count).
 pub const MAX_BACKENDS_PER_FRONTEND: u16 = 4096;
@@ -77,6 +100,12 @@ pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 3;
 pub const SVC_FLAG_DROP_EMPTY: u16 = 1 << 4;
 /// ClientIP session affinity; `ServiceValue::affinity_timeout` is set.
 pub const SVC_FLAG_AFFINITY: u16 = 1 << 5;
+/// External scope: only clients in the frontend's source ranges
+/// ([`maps::SOURCE_RANGES`]) may connect.
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 6;
+/// External scope: externalTrafficPolicy Local (informational; the backend
+/// set already holds only local endpoints).
+pub const SVC_FLAG_LOCAL: u16 = 1 << 7;
 
 /// Key of the services map. Slot 0 holds the frontend record; slots
 /// 1..=count hold the backend ids the frontend load-balances over.
@@ -92,7 +121,8 @@ pub struct ServiceKey {
 }
 
 /// Value of the services map. In slot 0: `count`, `rev_nat_id`, `flags`,
-/// `affinity_timeout`; in slots 1..: `backend_id`. One type keeps every map
+/// `affinity_timeout` and, for external frontends, the Maglev table's
+/// generation and size; in slots 1..: `backend_id`. One type keeps every map
 /// value the same size.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -103,6 +133,11 @@ pub struct ServiceValue {
     pub rev_nat_id: u32,
     /// Seconds (with `SVC_FLAG_AFFINITY`).
     pub affinity_timeout: u32,
+    /// Which of the frontend's Maglev tables is current (0 or 1).
+    pub maglev_generation: u16,
+    pub _pad: u16,
+    /// Entries in the Maglev table (a prime); 0 for socket frontends.
+    pub maglev_size: u32,
 }
 
 #[repr(C)]
@@ -112,7 +147,10 @@ pub struct Backend {
     pub port: u16,
     pub proto: u8,
     pub state: u8,
-    pub _pad: u32,
+    /// 1 when the endpoint runs on this node: external traffic reaches it
+    /// with the client's address; other backends are reached through SNAT.
+    pub local: u8,
+    pub _pad: [u8; 3],
 }
 
 #[repr(C)]
@@ -169,6 +207,139 @@ pub struct AffinityMatchKey {
     pub backend_id: u32,
 }
 
+/// Maglev table entries per [`MaglevChunk`]: 4000-byte values fit the
+/// kernel's 4 KiB allocation class with the element header.
+pub const MAGLEV_CHUNK: u32 = 1000;
+/// Largest table size the agent accepts (a prime).
+pub const MAGLEV_MAX_SIZE: u32 = 131_071;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct MaglevKey {
+    pub rev_nat_id: u32,
+    pub generation: u16,
+    /// Table index / MAGLEV_CHUNK.
+    pub chunk: u16,
+}
+
+/// Backend ids of table entries chunk*MAGLEV_CHUNK.. (0 past the table's end).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct MaglevChunk {
+    pub backend_ids: [u32; MAGLEV_CHUNK as usize],
+}
+
+/// A flow as a packet shows it, in the direction the entry translates.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `Flow::direction`: which program applies the entry.
+/// XDP, on packets arriving at the node's devices.
+pub const FLOW_INGRESS: u8 = 0;
+/// tc egress on the node's devices: replies of local backends.
+pub const FLOW_EGRESS: u8 = 1;
+
+/// What to turn a tracked packet's addresses and ports into.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Flow {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    /// The backend of a client-to-backend entry (checked on every hit, so
+    /// flows to a removed backend pick a new one); 0 for reply entries.
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+    pub direction: u8,
+    pub _pad: [u8; 3],
+}
+
+/// LPM trie key data (the trie's prefix length comes before it): the
+/// prefix length counts the 32 bits of `rev_nat_id_be` (big-endian, so the
+/// frontend always matches exactly) plus the address prefix (IPv4 prefixes
+/// are IPv4-mapped: 96 more bits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SourceRangeKey {
+    pub rev_nat_id_be: u32,
+    pub addr: [u32; 4],
+}
+
+/// Per-node settings of the external path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct XdpConfig {
+    /// The node's addresses that SNATed traffic to remote backends leaves
+    /// from (IPv4-mapped / IPv6); all zero when the node has none.
+    pub snat_addr4: [u32; 4],
+    pub snat_addr6: [u32; 4],
+    /// SNAT source port range, inclusive, host order.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad: u32,
+}
+
+/// Indexes of the [`maps::STATS`] counters.
+pub mod stats {
+    /// Conntrack entries created (client-to-backend direction).
+    pub const CT_CREATED: u32 = 0;
+    /// New flows dropped: no SNAT port free after a few tries.
+    pub const SNAT_EXHAUSTED: u32 = 1;
+    /// New flows dropped: no (local) backend.
+    pub const NO_BACKEND: u32 = 2;
+    /// New flows dropped: client outside loadBalancerSourceRanges.
+    pub const SOURCE_RANGE_DENIED: u32 = 3;
+    /// Packets passed untouched because they are fragments or carry IP options.
+    pub const UNSUPPORTED: u32 = 4;
+    /// Packets translated and sent out by XDP (TX or redirect).
+    pub const XDP_FORWARDED: u32 = 5;
+    /// Packets translated and handed to the stack.
+    pub const XDP_PASSED: u32 = 6;
+    /// ICMP errors translated.
+    pub const ICMP_TRANSLATED: u32 = 7;
+    pub const COUNT: u32 = 8;
+}
+
+/// The flow hash Maglev indexes with. Only the client's address, port and
+/// the protocol go in, so every node maps a client's flow to the same
+/// backend whichever node address it reached; affinity frontends pass
+/// port 0 (client address only). Every node must compute it identically.
+#[inline(always)]
+pub fn flow_hash(src: &[u32; 4], sport: u16, proto: u8) -> u32 {
+    let mut h: u32 = 0x9e37_79b9 ^ proto as u32;
+    let mut i = 0;
+    while i < 4 {
+        h = mix(h ^ u32::from_be(src[i]));
+        i += 1;
+    }
+    fmix(mix(h ^ sport as u32))
+}
+
+#[inline(always)]
+const fn mix(h: u32) -> u32 {
+    h.wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593)
+}
+
+#[inline(always)]
+const fn fmix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
 /// The IPv4-mapped form of an IPv4 address given as the network-order u32
 /// that `bpf_sock_addr.user_ip4` holds.
 #[inline(always)]
@@ -195,4 +366,10 @@ mod user {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::Affinity {}
     unsafe impl aya::Pod for super::AffinityMatchKey {}
+    unsafe impl aya::Pod for super::MaglevKey {}
+    unsafe impl aya::Pod for super::MaglevChunk {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::SourceRangeKey {}
+    unsafe impl aya::Pod for super::XdpConfig {}
 }

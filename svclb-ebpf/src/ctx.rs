@@ -142,3 +142,64 @@ pub fn lookup_lru<K, V: Copy>(map: &LruHashMap<K, V>, key: &K) -> Option<V> {
     // stale reverse translation for one datagram, never an invalid pointer.
     unsafe { map.get(key).copied() }
 }
+
+/// Copy an LRU map value into `out`; false when absent. For values too big
+/// to pass around by value on the 512-byte stack.
+#[inline(always)]
+pub fn lookup_lru_into<K, V: Copy>(map: &LruHashMap<K, V>, key: &K, out: &mut V) -> bool {
+    match map.get_ptr(key) {
+        Some(p) => {
+            // SAFETY: a pointer from a successful lookup, copied at once (see
+            // `lookup_lru`).
+            *out = unsafe { *p };
+            true
+        }
+        None => false,
+    }
+}
+
+/// One entry of a Maglev table chunk, without copying the 4 KB chunk onto
+/// the 512-byte stack.
+#[inline(always)]
+pub fn maglev_entry(key: &svclb_common::MaglevKey, index: u32) -> Option<u32> {
+    let chunk = crate::maps::MAGLEV.get_ptr(key)?;
+    // The compiler knows callers pass `x % MAGLEV_CHUNK` and would drop the
+    // bounds check the verifier needs; a volatile read hides that.
+    // SAFETY: reading a local.
+    let index = unsafe { core::ptr::read_volatile(&index) } as usize;
+    // SAFETY: the pointer comes from a successful lookup of a
+    // BPF_F_NO_PREALLOC map, so the element stays valid until an RCU grace
+    // period after its removal; `get` bounds-checks the index.
+    unsafe { (*chunk).backend_ids.get(index).copied() }
+}
+
+/// The SNAT address of the family and the port range; None when the agent
+/// has set no address for the family (or no valid range).
+#[inline(always)]
+pub fn snat_config(v6: bool) -> Option<([u32; 4], u16, u16)> {
+    let cfg = crate::maps::XDP_CONFIG.get(0)?;
+    let addr = if v6 { cfg.snat_addr6 } else { cfg.snat_addr4 };
+    if addr == [0; 4] || cfg.snat_port_min == 0 || cfg.snat_port_max < cfg.snat_port_min {
+        return None;
+    }
+    Some((addr, cfg.snat_port_min, cfg.snat_port_max))
+}
+
+/// Bump one of the `svclb_common::stats` counters (per CPU, no atomics).
+#[inline(always)]
+pub fn count(stat: u32) {
+    if let Some(p) = crate::maps::STATS.get_ptr_mut(stat) {
+        // SAFETY: a per-CPU array element of this CPU, valid for the
+        // program's run; nothing else on this CPU runs concurrently.
+        unsafe { *p += 1 };
+    }
+}
+
+/// This CPU's per-packet working memory.
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut crate::external::Scratch> {
+    let p = crate::maps::SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU array element, valid while the program runs; an XDP
+    // program runs to completion on its CPU, so no other reference exists.
+    Some(unsafe { &mut *p })
+}

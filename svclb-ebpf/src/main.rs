@@ -1,13 +1,20 @@
-//! svclb's eBPF programs. One module per attach point; `lb` holds the service
-//! lookup and backend selection they share; `maps` declares the maps; `ctx`
-//! is the only place that touches the kernel context with `unsafe`.
+//! svclb's eBPF programs. One module per attach point (`sock`: cgroup socket
+//! hooks, `xdp`: external traffic, `tc`: replies of local backends); `lb`
+//! and `external` hold the lookups and backend choice they use; `csum` is
+//! checksum arithmetic; `maps` declares the maps. `ctx` and `pkt` are the
+//! only modules with `unsafe` (kernel context, packet memory, helpers).
 #![no_std]
 #![no_main]
 
+mod csum;
 mod ctx;
+mod external;
 mod lb;
 mod maps;
+mod pkt;
 mod sock;
+mod tc;
+mod xdp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -2,12 +2,13 @@
 //! outlive the agent process. Names and layouts come from svclb-common.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     Global,
 };
 use svclb_common::{
-    maps::*, Affinity, AffinityKey, AffinityMatchKey, Backend, RevNat, ServiceKey, ServiceValue,
-    SockRevNat, SockRevNatKey,
+    maps::*, stats, Affinity, AffinityKey, AffinityMatchKey, Backend, Flow, FlowKey, MaglevChunk,
+    MaglevKey, RevNat, ServiceKey, ServiceValue, SockRevNat, SockRevNatKey, SourceRangeKey,
+    XdpConfig,
 };
 
 #[map(name = "SVCLB_SERVICES")]
@@ -31,6 +32,30 @@ pub static AFFINITY: LruHashMap<AffinityKey, Affinity> =
 #[map(name = "SVCLB_AFF_MATCH")]
 pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> =
     HashMap::pinned(AFFINITY_MATCH_MAX_ENTRIES, NO_PREALLOC);
+
+#[map(name = "SVCLB_MAGLEV")]
+pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> =
+    HashMap::pinned(MAGLEV_MAX_ENTRIES, NO_PREALLOC);
+
+#[map(name = "SVCLB_CT")]
+pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+
+#[map(name = "SVCLB_SRC_RANGES")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::pinned(SOURCE_RANGES_MAX_ENTRIES, 0);
+
+#[map(name = "SVCLB_XDP_CONFIG")]
+pub static XDP_CONFIG: Array<XdpConfig> = Array::pinned(1, 0);
+
+#[map(name = "SVCLB_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+#[map(name = "SVCLB_TX_DEVICES")]
+pub static TX_DEVICES: DevMapHash = DevMapHash::pinned(TX_DEVICES_MAX_ENTRIES, 0);
+
+/// Not pinned: per-packet working memory of the XDP program.
+#[map(name = "SVCLB_SCRATCH")]
+pub static SCRATCH: PerCpuArray<crate::external::Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Set by the loader (svclb_common::globals::HAS_SET_RETVAL).
 #[unsafe(no_mangle)]

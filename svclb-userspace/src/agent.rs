@@ -47,6 +47,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut dataplane = Dataplane::start(&DataplaneConfig {
         bpffs: args.bpffs.clone(),
         cgroup: cgroup.clone(),
+        devices: args.devices.clone(),
+        xdp_mode: args.xdp_mode,
+        maglev_table_size: args.maglev_table_size,
+        conntrack_size: args.conntrack_size,
+        snat_ports: args.snat_ports,
     })
     .context("starting the dataplane")?;
     tracing::info!(cgroup = %cgroup.display(), bpffs = %args.bpffs.display(), node = %node.name, "programs attached");
@@ -99,6 +104,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let current = NodeContext::from_node(&args.node_name, store.node(&args.node_name));
         if current != node {
             tracing::info!(zone = ?current.zone, addresses = ?current.addresses, "node changed");
+            if let Err(e) = dataplane.set_node_addresses(&current.addresses) {
+                tracing::error!(error = %e, "setting the node's SNAT addresses");
+            }
             node = current;
             pending.extend(store.service_ids().cloned());
         }

@@ -50,6 +50,41 @@ pub struct RunArgs {
     /// Serve Prometheus /metrics and /proxyMode on this address.
     #[arg(long, default_value = crate::metrics::DEFAULT_METRICS_BIND_ADDRESS)]
     pub metrics_bind_address: std::net::SocketAddr,
+    /// The node's external devices (comma-separated): NodePort, LoadBalancer
+    /// and ExternalIP traffic from outside is handled there by XDP, and
+    /// replies by tc egress. None: only traffic from this node is served.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// XDP attach mode on --devices.
+    #[arg(long, value_enum, default_value_t = crate::dataplane::XdpModeChoice::Auto)]
+    pub xdp_mode: crate::dataplane::XdpModeChoice,
+    /// Entries per Maglev table (a prime, >= 100 x the largest backend count).
+    #[arg(long, default_value_t = crate::dataplane::maglev::DEFAULT_TABLE_SIZE, value_parser = parse_maglev_size)]
+    pub maglev_table_size: u32,
+    /// Conntrack entries for external traffic (LRU: the oldest flows are
+    /// evicted when full; see svclb_conntrack_evictions_total).
+    #[arg(long, default_value_t = svclb_common::maps::CONNTRACK_MAX_ENTRIES)]
+    pub conntrack_size: u32,
+    /// Source ports for SNAT to remote backends, MIN-MAX. Keep it outside
+    /// net.ipv4.ip_local_port_range (32768-60999 by default).
+    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+    pub snat_ports: (u16, u16),
+}
+
+fn parse_maglev_size(s: &str) -> Result<u32, String> {
+    let m: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    crate::dataplane::maglev::validate_table_size(m)?;
+    Ok(m)
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or("expected MIN-MAX")?;
+    let a: u16 = a.trim().parse().map_err(|e| format!("{e}"))?;
+    let b: u16 = b.trim().parse().map_err(|e| format!("{e}"))?;
+    if a == 0 || a > b {
+        return Err("need 1 <= MIN <= MAX".into());
+    }
+    Ok((a, b))
 }
 
 #[derive(Debug, Subcommand)]

@@ -89,10 +89,10 @@ fn main() -> anyhow::Result<()> {
         cgroup: cgroup2_root()?.join(&name),
     };
     std::fs::create_dir_all(&scratch.cgroup).context("creating the bench cgroup")?;
-    let mut dataplane = Dataplane::start(&DataplaneConfig {
-        bpffs: scratch.bpffs.clone(),
-        cgroup: scratch.cgroup.clone(),
-    })?;
+    let mut dataplane = Dataplane::start(&DataplaneConfig::socket_only(
+        scratch.bpffs.clone(),
+        scratch.cgroup.clone(),
+    ))?;
     let node = NodeContext::from_node("bench-node", None);
 
     // Objects as a watcher's initial list would deliver them.

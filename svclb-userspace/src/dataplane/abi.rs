@@ -1,9 +1,9 @@
 //! Conversions between the model's types and the kernel ABI (svclb-common).
 use std::net::{IpAddr, Ipv6Addr};
 
-use svclb_common::{ServiceKey, PROTO_TCP, PROTO_UDP, SCOPE_SOCKET};
+use svclb_common::{ServiceKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_SOCKET};
 
-use crate::model::{FrontendKey, Protocol};
+use crate::model::{FrontendKey, Protocol, Scope};
 
 /// An address as the maps hold it: 16 bytes in network order, IPv4 mapped.
 pub fn addr_to_abi(ip: IpAddr) -> [u32; 4] {
@@ -49,7 +49,10 @@ pub fn service_key(key: &FrontendKey, slot: u16) -> ServiceKey {
         addr: addr_to_abi(key.addr),
         port: key.port,
         proto: proto_to_abi(key.protocol),
-        scope: SCOPE_SOCKET,
+        scope: match key.scope {
+            Scope::Socket => SCOPE_SOCKET,
+            Scope::External => SCOPE_EXTERNAL,
+        },
         slot,
         _pad: 0,
     }
@@ -58,13 +61,16 @@ pub fn service_key(key: &FrontendKey, slot: u16) -> ServiceKey {
 /// The frontend a services-map key belongs to; None for keys svclb can't
 /// have written (unknown protocol or scope).
 pub fn frontend_key(key: &ServiceKey) -> Option<FrontendKey> {
-    if key.scope != SCOPE_SOCKET {
-        return None;
-    }
+    let scope = match key.scope {
+        SCOPE_SOCKET => Scope::Socket,
+        SCOPE_EXTERNAL => Scope::External,
+        _ => return None,
+    };
     Some(FrontendKey {
         addr: addr_from_abi(key.addr),
         port: key.port,
         protocol: proto_from_abi(key.proto)?,
+        scope,
     })
 }
 

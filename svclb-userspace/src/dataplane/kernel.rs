@@ -1,9 +1,13 @@
 //! `MapOps` on the real, pinned BPF maps.
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, Map, MapData, MapError};
-use svclb_common::{AffinityMatchKey, Backend, RevNat, ServiceKey, ServiceValue};
+use svclb_common::{
+    AffinityMatchKey, Backend, MaglevChunk, MaglevKey, RevNat, ServiceKey, ServiceValue,
+    SourceRangeKey,
+};
 
 use super::barrier::RcuBarrier;
-use super::writer::{MapContents, MapOps};
+use super::writer::{MapContents, MapOps, SourceRange};
 use super::DataplaneError;
 
 pub struct KernelMaps {
@@ -11,7 +15,19 @@ pub struct KernelMaps {
     pub backends: HashMap<MapData, u32, Backend>,
     pub rev_nat: HashMap<MapData, u32, RevNat>,
     pub affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
+    pub maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     barrier: RcuBarrier,
+}
+
+/// The maps the writer owns, as taken from the loaded object.
+pub struct WriterMaps {
+    pub services: Map,
+    pub backends: Map,
+    pub rev_nat: Map,
+    pub affinity_match: Map,
+    pub maglev: Map,
+    pub source_ranges: Map,
 }
 
 fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -19,19 +35,17 @@ fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Data
 }
 
 impl KernelMaps {
-    pub fn new(
-        services: Map,
-        backends: Map,
-        rev_nat: Map,
-        affinity_match: Map,
-    ) -> Result<Self, DataplaneError> {
+    pub fn new(m: WriterMaps) -> Result<Self, DataplaneError> {
         use svclb_common::maps::*;
         Ok(KernelMaps {
-            services: HashMap::try_from(services).map_err(map_err(SERVICES, "open"))?,
-            backends: HashMap::try_from(backends).map_err(map_err(BACKENDS, "open"))?,
-            rev_nat: HashMap::try_from(rev_nat).map_err(map_err(REV_NAT, "open"))?,
-            affinity_match: HashMap::try_from(affinity_match)
+            services: HashMap::try_from(m.services).map_err(map_err(SERVICES, "open"))?,
+            backends: HashMap::try_from(m.backends).map_err(map_err(BACKENDS, "open"))?,
+            rev_nat: HashMap::try_from(m.rev_nat).map_err(map_err(REV_NAT, "open"))?,
+            affinity_match: HashMap::try_from(m.affinity_match)
                 .map_err(map_err(AFFINITY_MATCH, "open"))?,
+            maglev: HashMap::try_from(m.maglev).map_err(map_err(MAGLEV, "open"))?,
+            source_ranges: LpmTrie::try_from(m.source_ranges)
+                .map_err(map_err(SOURCE_RANGES, "open"))?,
             barrier: RcuBarrier::new().map_err(DataplaneError::Barrier)?,
         })
     }
@@ -98,6 +112,26 @@ impl MapOps for KernelMaps {
             .remove(key)
             .map_err(map_err(svclb_common::maps::AFFINITY_MATCH, "delete"))
     }
+    fn put_maglev(&mut self, key: &MaglevKey, chunk: &MaglevChunk) -> Result<(), DataplaneError> {
+        self.maglev
+            .insert(key, chunk, 0)
+            .map_err(map_err(svclb_common::maps::MAGLEV, "update"))
+    }
+    fn del_maglev(&mut self, key: &MaglevKey) -> Result<(), DataplaneError> {
+        self.maglev
+            .remove(key)
+            .map_err(map_err(svclb_common::maps::MAGLEV, "delete"))
+    }
+    fn put_source_range(&mut self, key: &SourceRange) -> Result<(), DataplaneError> {
+        self.source_ranges
+            .insert(&LpmKey::new(key.prefix_len, key.abi()), 1, 0)
+            .map_err(map_err(svclb_common::maps::SOURCE_RANGES, "update"))
+    }
+    fn del_source_range(&mut self, key: &SourceRange) -> Result<(), DataplaneError> {
+        self.source_ranges
+            .remove(&LpmKey::new(key.prefix_len, key.abi()))
+            .map_err(map_err(svclb_common::maps::SOURCE_RANGES, "delete"))
+    }
     fn barrier(&mut self) -> Result<(), DataplaneError> {
         self.barrier.wait().map_err(DataplaneError::Barrier)
     }
@@ -111,6 +145,25 @@ impl MapOps for KernelMaps {
                 .into_iter()
                 .map(|(k, _)| k)
                 .collect(),
+            maglev: self
+                .maglev
+                .keys()
+                .filter_map(|k| match k {
+                    Err(MapError::KeyNotFound) => None,
+                    other => Some(other),
+                })
+                .collect::<Result<_, _>>()
+                .map_err(map_err(MAGLEV, "read"))?,
+            source_ranges: self
+                .source_ranges
+                .keys()
+                .filter_map(|k| match k {
+                    Err(MapError::KeyNotFound) => None,
+                    other => Some(other),
+                })
+                .map(|k| k.map(|k| SourceRange::from_abi(k.prefix_len(), &k.data())))
+                .collect::<Result<_, _>>()
+                .map_err(map_err(SOURCE_RANGES, "read"))?,
         })
     }
 }

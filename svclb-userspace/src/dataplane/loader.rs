@@ -9,7 +9,12 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use aya::programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
+use aya::programs::xdp::XdpLink;
+use aya::programs::{
+    links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SchedClassifier,
+    TcAttachType, Xdp, XdpMode,
+};
 use aya::{Ebpf, EbpfLoader};
 use svclb_common::globals;
 
@@ -85,8 +90,9 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-/// Load the object with its maps pinned in (or reused from) `bpffs`.
-pub fn load(bpffs: &Path) -> Result<Ebpf, DataplaneError> {
+/// Load the object with its maps pinned in (or reused from) `bpffs`, the
+/// conntrack map sized `conntrack_size`.
+pub fn load(bpffs: &Path, conntrack_size: u32) -> Result<Ebpf, DataplaneError> {
     if OBJECT.is_empty() {
         return Err(DataplaneError::Load(
             "this svclb was built with AYA_BUILD_SKIP: no eBPF object".into(),
@@ -104,11 +110,32 @@ pub fn load(bpffs: &Path) -> Result<Ebpf, DataplaneError> {
              instead of ETIMEDOUT"
         );
     }
+    resize_pinned(bpffs, svclb_common::maps::CONNTRACK, conntrack_size);
     EbpfLoader::new()
         .default_map_pin_directory(bpffs)
+        .map_max_entries(svclb_common::maps::CONNTRACK, conntrack_size)
         .override_global(globals::HAS_SET_RETVAL, &has_set_retval, true)
         .load(OBJECT)
         .map_err(|e| DataplaneError::Load(chain(&e)))
+}
+
+/// A pinned map of another size can't be reused: unpin it (the programs
+/// holding it keep it until they are replaced), losing its entries.
+fn resize_pinned(bpffs: &Path, name: &str, size: u32) {
+    let path = super::map_path(bpffs, name);
+    let Ok(map) = aya::maps::MapData::from_pin(&path) else {
+        return;
+    };
+    let Ok(info) = map.info() else { return };
+    if info.max_entries() != size {
+        tracing::warn!(
+            map = name,
+            from = info.max_entries(),
+            to = size,
+            "map size changed: starting with an empty map"
+        );
+        let _ = fs::remove_file(&path);
+    }
 }
 
 /// An error with its sources, so syscall errors show their errno.
@@ -192,4 +219,231 @@ fn replace_pinned_link(path: &Path, new: FdLink) -> Result<(), String> {
     // Dropping the last reference to the old link detaches the old program.
     drop(old);
     Ok(())
+}
+
+/// How XDP attaches to a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpModeChoice {
+    /// Native (driver) mode, except on veth, where XDP_TX and redirects only
+    /// work when the peer runs XDP too: generic mode there.
+    Auto,
+    Native,
+    Generic,
+}
+
+/// tc filter priority and handle of the egress program (fixed, so a new
+/// agent finds and replaces the old filter).
+const TC_PRIORITY: u16 = 0x5c1b;
+const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+/// Attach the XDP program and the tc egress program to each device, pinning
+/// the XDP links (replaced in place by the next agent) and leaving the tc
+/// filters attached (replaced by priority and handle). Devices attached by
+/// an earlier agent but no longer listed are detached. Returns the XDP mode
+/// used per device.
+pub fn attach_external(
+    ebpf: &mut Ebpf,
+    devices: &[String],
+    mode: XdpModeChoice,
+    bpffs: &Path,
+) -> Result<Vec<(String, &'static str)>, DataplaneError> {
+    let err = |program: &'static str| {
+        move |e: &dyn std::error::Error| DataplaneError::Attach {
+            program,
+            reason: chain(e),
+        }
+    };
+    detach_stale(bpffs, devices);
+    let mut modes = Vec::new();
+    {
+        let prog: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or_else(|| DataplaneError::Load(format!("{XDP_PROGRAM} missing")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| err(XDP_PROGRAM)(&e))?;
+        prog.load().map_err(|e| err(XDP_PROGRAM)(&e))?;
+        for dev in devices {
+            let used =
+                attach_xdp(prog, dev, mode, bpffs).map_err(|reason| DataplaneError::Attach {
+                    program: XDP_PROGRAM,
+                    reason: format!("device {dev}: {reason}"),
+                })?;
+            modes.push((dev.clone(), used));
+        }
+    }
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(TC_PROGRAM)
+        .ok_or_else(|| DataplaneError::Load(format!("{TC_PROGRAM} missing")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| err(TC_PROGRAM)(&e))?;
+    prog.load().map_err(|e| err(TC_PROGRAM)(&e))?;
+    for dev in devices {
+        attach_tc(prog, dev, bpffs).map_err(|reason| DataplaneError::Attach {
+            program: TC_PROGRAM,
+            reason: format!("device {dev}: {reason}"),
+        })?;
+    }
+    Ok(modes)
+}
+
+pub const XDP_PROGRAM: &str = "svclb_xdp";
+pub const TC_PROGRAM: &str = "svclb_tc_egress";
+
+fn attach_xdp(
+    prog: &mut Xdp,
+    dev: &str,
+    mode: XdpModeChoice,
+    bpffs: &Path,
+) -> Result<&'static str, String> {
+    let path = bpffs.join("links").join(format!("xdp-{dev}"));
+    if let Ok(pinned) = PinnedLink::from_pin(&path) {
+        // Same device, same mode: swap the program under the existing link.
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| chain(&e))?;
+        prog.attach_to_link(link).map_err(|e| chain(&e))?;
+        return Ok("kept from the previous agent");
+    }
+    let tries: &[(XdpMode, &'static str)] = match mode {
+        XdpModeChoice::Native => &[(XdpMode::Driver, "native")],
+        XdpModeChoice::Generic => &[(XdpMode::Skb, "generic")],
+        XdpModeChoice::Auto if driver_name(dev).as_deref() == Some("veth") => {
+            &[(XdpMode::Skb, "generic (veth)")]
+        }
+        XdpModeChoice::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+    };
+    let mut last = String::new();
+    for &(m, name) in tries {
+        match prog.attach(dev, m) {
+            Ok(id) => {
+                let link: FdLink = prog
+                    .take_link(id)
+                    .map_err(|e| chain(&e))?
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| chain(&e))?;
+                link.pin(&path)
+                    .map_err(|e| format!("pin {}: {}", path.display(), chain(&e)))?;
+                return Ok(name);
+            }
+            Err(e) => last = chain(&e),
+        }
+    }
+    Err(last)
+}
+
+fn attach_tc(prog: &mut SchedClassifier, dev: &str, bpffs: &Path) -> Result<(), String> {
+    // Fails harmlessly when the qdisc exists.
+    let _ = aya::programs::tc::qdisc_add_clsact(dev);
+    let options = NlOptions {
+        priority: TC_PRIORITY,
+        handle: TC_HANDLE,
+        ..NlOptions::default()
+    };
+    let id = match prog.attach_with_options(
+        dev,
+        TcAttachType::Egress,
+        TcAttachOptions::Netlink(options),
+    ) {
+        Ok(id) => id,
+        Err(_) => {
+            // An earlier agent's filter: replace its program atomically.
+            let old = SchedClassifierLink::attached(
+                dev,
+                TcAttachType::Egress,
+                TC_PRIORITY,
+                TC_HANDLE,
+                None,
+            )
+            .map_err(|e| e.to_string())?;
+            prog.attach_to_link(old).map_err(|e| chain(&e))?
+        }
+    };
+    let link = prog.take_link(id).map_err(|e| chain(&e))?;
+    // Dropping the link would detach the filter; it must outlive the agent.
+    std::mem::forget(link);
+    // bpffs holds no plain files: the pinned program marks the device as
+    // ours, for `detach_stale`.
+    let marker = bpffs.join("links").join(format!("tc-{dev}"));
+    let _ = fs::remove_file(&marker);
+    prog.pin(&marker)
+        .map_err(|e| format!("pin {}: {}", marker.display(), chain(&e)))?;
+    Ok(())
+}
+
+/// Detach what an earlier agent attached to devices not listed now.
+fn detach_stale(bpffs: &Path, devices: &[String]) {
+    let Ok(dir) = fs::read_dir(bpffs.join("links")) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let (kind, dev) = match name.split_once('-') {
+            Some((k @ ("xdp" | "tc"), dev)) => (k, dev.to_string()),
+            _ => continue,
+        };
+        if devices.contains(&dev) {
+            continue;
+        }
+        tracing::info!(device = %dev, program = kind, "detaching from a device no longer in --devices");
+        if kind == "tc" {
+            if let Ok(link) = SchedClassifierLink::attached(
+                &dev,
+                TcAttachType::Egress,
+                TC_PRIORITY,
+                TC_HANDLE,
+                None,
+            ) {
+                drop(link); // dropping an attached() link detaches the filter
+            }
+        }
+        // Removing the pin releases the XDP link (and so detaches it).
+        let _ = fs::remove_file(entry.path());
+    }
+}
+
+/// The device's driver name (ETHTOOL_GDRVINFO), e.g. "veth".
+fn driver_name(dev: &str) -> Option<String> {
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    let mut req = IfReq {
+        name: [0; 16],
+        data: &mut info,
+        _pad: [0; 16],
+    };
+    let bytes = dev.as_bytes();
+    if bytes.len() >= 16 {
+        return None;
+    }
+    req.name[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: a datagram socket for the ioctl, closed below; the ioctl
+    // writes only into `info` (through `req.data`), which outlives the call.
+    let ok = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            return None;
+        }
+        let rc = libc::ioctl(fd, SIOCETHTOOL, &mut req);
+        libc::close(fd);
+        rc == 0
+    };
+    if !ok {
+        return None;
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }

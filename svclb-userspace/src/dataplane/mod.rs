@@ -10,10 +10,12 @@ pub mod abi;
 mod barrier;
 mod kernel;
 pub mod loader;
+pub mod maglev;
 mod writer;
 
-pub use kernel::{entries, KernelMaps};
-pub use writer::{ApplyStats, Capacity, MapContents, MapOps, Writer};
+pub use kernel::{entries, KernelMaps, WriterMaps};
+pub use loader::XdpModeChoice;
+pub use writer::{ApplyStats, Capacity, MapContents, MapOps, SourceRange, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -40,7 +42,7 @@ pub enum DataplaneError {
     #[error("RCU barrier (map-of-maps update) failed: {0}")]
     Barrier(std::io::Error),
     #[error(
-        "service {service}: maps full, not applied (services map {services_needed}/{services_capacity} entries, backends map {backends_needed}/{backends_capacity})"
+        "service {service}: maps full, not applied (services map {services_needed}/{services_capacity} entries, backends map {backends_needed}/{backends_capacity}, Maglev map {maglev_needed}/{maglev_capacity})"
     )]
     Full {
         service: ServiceId,
@@ -48,6 +50,8 @@ pub enum DataplaneError {
         services_capacity: usize,
         backends_needed: usize,
         backends_capacity: usize,
+        maglev_needed: usize,
+        maglev_capacity: usize,
     },
     #[error("service {service}: frontend {frontend} already belongs to service {owner}; skipped")]
     Conflict {
@@ -60,6 +64,8 @@ pub enum DataplaneError {
 /// The loaded programs and the writer for their maps.
 pub struct Dataplane {
     pub writer: Writer<KernelMaps>,
+    xdp_config: aya::maps::Array<aya::maps::MapData, svclb_common::XdpConfig>,
+    snat_ports: (u16, u16),
     initial_sync_done: bool,
     // Keeps the programs loaded while the agent runs (the pinned links keep
     // them attached after it exits).
@@ -69,30 +75,116 @@ pub struct Dataplane {
 pub struct DataplaneConfig {
     pub bpffs: PathBuf,
     pub cgroup: PathBuf,
+    /// External devices for XDP and tc (none: socket hooks only).
+    pub devices: Vec<String>,
+    pub xdp_mode: XdpModeChoice,
+    pub maglev_table_size: u32,
+    pub conntrack_size: u32,
+    /// SNAT source ports for remote backends, inclusive.
+    pub snat_ports: (u16, u16),
+}
+
+impl DataplaneConfig {
+    /// Socket hooks only (no devices), default sizes.
+    pub fn socket_only(bpffs: PathBuf, cgroup: PathBuf) -> Self {
+        DataplaneConfig {
+            bpffs,
+            cgroup,
+            devices: Vec::new(),
+            xdp_mode: XdpModeChoice::Auto,
+            maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
+            conntrack_size: svclb_common::maps::CONNTRACK_MAX_ENTRIES,
+            snat_ports: (61000, 65535),
+        }
+    }
 }
 
 impl Dataplane {
     /// Load (reusing pinned maps), adopt what the maps hold, and attach.
     pub fn start(config: &DataplaneConfig) -> Result<Self, DataplaneError> {
-        let mut ebpf = loader::load(&config.bpffs)?;
+        let mut ebpf = loader::load(&config.bpffs, config.conntrack_size)?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name)
                 .ok_or_else(|| DataplaneError::Load(format!("map {name} missing from the object")))
         };
         use svclb_common::maps::*;
-        let maps = KernelMaps::new(
-            take(&mut ebpf, SERVICES)?,
-            take(&mut ebpf, BACKENDS)?,
-            take(&mut ebpf, REV_NAT)?,
-            take(&mut ebpf, AFFINITY_MATCH)?,
-        )?;
-        let writer = Writer::adopt(maps, Capacity::default())?;
+        let maps = KernelMaps::new(WriterMaps {
+            services: take(&mut ebpf, SERVICES)?,
+            backends: take(&mut ebpf, BACKENDS)?,
+            rev_nat: take(&mut ebpf, REV_NAT)?,
+            affinity_match: take(&mut ebpf, AFFINITY_MATCH)?,
+            maglev: take(&mut ebpf, MAGLEV)?,
+            source_ranges: take(&mut ebpf, SOURCE_RANGES)?,
+        })?;
+        let mut writer = Writer::adopt(maps, Capacity::default())?;
+        writer.set_maglev_size(config.maglev_table_size);
+        let map_err = |map: &'static str, op: &'static str| {
+            move |source| DataplaneError::Map { map, op, source }
+        };
+        let xdp_config = aya::maps::Array::try_from(take(&mut ebpf, XDP_CONFIG)?)
+            .map_err(map_err(XDP_CONFIG, "open"))?;
+        let mut tx_devices = aya::maps::DevMapHash::try_from(take(&mut ebpf, TX_DEVICES)?)
+            .map_err(map_err(TX_DEVICES, "open"))?;
         loader::attach(&mut ebpf, &config.cgroup, &config.bpffs)?;
+        let modes =
+            loader::attach_external(&mut ebpf, &config.devices, config.xdp_mode, &config.bpffs)?;
+        for (device, mode) in &modes {
+            tracing::info!(device, mode, "XDP attached");
+        }
+        // The devices XDP may redirect to: exactly the current ones.
+        let old: Vec<u32> = tx_devices.keys().filter_map(Result::ok).collect();
+        let mut current = Vec::new();
+        for dev in &config.devices {
+            let index = nix_ifindex(dev).ok_or_else(|| DataplaneError::Attach {
+                program: loader::XDP_PROGRAM,
+                reason: format!("device {dev} not found"),
+            })?;
+            tx_devices
+                .insert(index, index, None, 0)
+                .map_err(|e| DataplaneError::Attach {
+                    program: loader::XDP_PROGRAM,
+                    reason: format!("{TX_DEVICES} update: {e}"),
+                })?;
+            current.push(index);
+        }
+        for index in old.into_iter().filter(|i| !current.contains(i)) {
+            let _ = tx_devices.remove(index);
+        }
         Ok(Dataplane {
             writer,
+            xdp_config,
+            snat_ports: config.snat_ports,
             initial_sync_done: false,
             _ebpf: ebpf,
         })
+    }
+
+    /// Tell the external path this node's addresses (the SNAT source for
+    /// remote backends): the first IPv4 and IPv6 address of the node.
+    pub fn set_node_addresses(
+        &mut self,
+        addresses: &[std::net::IpAddr],
+    ) -> Result<(), DataplaneError> {
+        let first = |v4: bool| {
+            addresses
+                .iter()
+                .find(|a| a.is_ipv4() == v4)
+                .map_or([0; 4], |a| abi::addr_to_abi(*a))
+        };
+        let config = svclb_common::XdpConfig {
+            snat_addr4: first(true),
+            snat_addr6: first(false),
+            snat_port_min: self.snat_ports.0,
+            snat_port_max: self.snat_ports.1,
+            _pad: 0,
+        };
+        self.xdp_config
+            .set(0, config, 0)
+            .map_err(|source| DataplaneError::Map {
+                map: svclb_common::maps::XDP_CONFIG,
+                op: "update",
+                source,
+            })
     }
 
     /// Every service has been applied once: remove what nobody claimed.
@@ -112,6 +204,13 @@ impl Dataplane {
     ) -> Result<ApplyStats, DataplaneError> {
         self.writer.apply(id, frontends)
     }
+}
+
+fn nix_ifindex(dev: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(dev).ok()?;
+    // SAFETY: a NUL-terminated string; if_nametoindex only reads it.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 /// The pin directory's map path for `name`.

@@ -21,21 +21,31 @@
 //!
 //! Map hash elements are allocated without preallocation, so a value that is
 //! replaced while a reader copies it is freed only after a grace period too.
+//!
+//! External frontends (XDP) also have a Maglev table over their backends and
+//! may have source ranges. Both are written before slot 0: a changed table
+//! goes into the other of two generations and slot 0 switches to it, so
+//! readers see the whole old or the whole new table; the old generation is
+//! deleted after the barrier, like stale slots. Source ranges are only
+//! looked up, never followed, so removed ones go right after slot 0.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use svclb_common::{
-    maps, AffinityMatchKey, Backend as AbiBackend, RevNat, ServiceKey, ServiceValue,
-    BACKEND_ACTIVE, BACKEND_TERMINATING, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
-    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
+    maps, AffinityMatchKey, Backend as AbiBackend, MaglevChunk, MaglevKey, RevNat, ServiceKey,
+    ServiceValue, SourceRangeKey, BACKEND_ACTIVE, BACKEND_TERMINATING, MAGLEV_CHUNK,
+    SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP,
+    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
 };
 
 use super::abi::{
     addr_from_abi, addr_to_abi, frontend_key, proto_from_abi, proto_to_abi, service_key,
 };
-use super::DataplaneError;
-use crate::model::{Frontend, FrontendKey, FrontendKind, Protocol, ServiceId, WhenEmpty};
+use super::{maglev, DataplaneError};
+use crate::model::{
+    Cidr, Frontend, FrontendKey, FrontendKind, Protocol, Scope, ServiceId, WhenEmpty,
+};
 
 /// The map operations the writer needs; the kernel implementation is in
 /// `kernel.rs`, tests use an in-memory one that checks reader consistency.
@@ -49,6 +59,10 @@ pub trait MapOps {
     fn del_rev_nat(&mut self, id: u32) -> Result<(), DataplaneError>;
     fn put_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DataplaneError>;
     fn del_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DataplaneError>;
+    fn put_maglev(&mut self, key: &MaglevKey, chunk: &MaglevChunk) -> Result<(), DataplaneError>;
+    fn del_maglev(&mut self, key: &MaglevKey) -> Result<(), DataplaneError>;
+    fn put_source_range(&mut self, key: &SourceRange) -> Result<(), DataplaneError>;
+    fn del_source_range(&mut self, key: &SourceRange) -> Result<(), DataplaneError>;
     /// Returns once no reader that started before the call is running.
     fn barrier(&mut self) -> Result<(), DataplaneError>;
     /// Everything in the maps, for adopting state after a restart.
@@ -61,6 +75,79 @@ pub struct MapContents {
     pub backends: Vec<(u32, AbiBackend)>,
     pub rev_nat: Vec<(u32, RevNat)>,
     pub affinity_match: Vec<AffinityMatchKey>,
+    pub maglev: Vec<MaglevKey>,
+    pub source_ranges: Vec<SourceRange>,
+}
+
+/// A source-ranges trie key: prefix length (of rev-NAT id + address) and data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRange {
+    pub prefix_len: u32,
+    pub rev_nat_id: u32,
+    pub addr: [u32; 4],
+}
+
+impl SourceRange {
+    fn of(rev_nat_id: u32, c: &Cidr) -> Self {
+        let bits = match c.addr {
+            IpAddr::V4(_) => 96 + u32::from(c.prefix),
+            IpAddr::V6(_) => u32::from(c.prefix),
+        };
+        SourceRange {
+            prefix_len: 32 + bits,
+            rev_nat_id,
+            addr: addr_to_abi(c.addr),
+        }
+    }
+
+    fn cidr(&self) -> Cidr {
+        let addr = addr_from_abi(self.addr);
+        let bits = self.prefix_len.saturating_sub(32);
+        let prefix = match addr {
+            IpAddr::V4(_) => bits.saturating_sub(96),
+            IpAddr::V6(_) => bits,
+        };
+        Cidr {
+            addr,
+            prefix: prefix as u8,
+        }
+    }
+
+    pub fn abi(&self) -> SourceRangeKey {
+        SourceRangeKey {
+            rev_nat_id_be: self.rev_nat_id.to_be(),
+            addr: self.addr,
+        }
+    }
+
+    pub fn from_abi(prefix_len: u32, key: &SourceRangeKey) -> Self {
+        SourceRange {
+            prefix_len,
+            rev_nat_id: u32::from_be(key.rev_nat_id_be),
+            addr: key.addr,
+        }
+    }
+}
+
+/// The Maglev table an external frontend's slot 0 points at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Table {
+    generation: u16,
+    size: u32,
+}
+
+impl Table {
+    fn chunks(&self) -> u16 {
+        self.size.div_ceil(MAGLEV_CHUNK) as u16
+    }
+
+    fn keys(&self, rev_nat_id: u32) -> impl Iterator<Item = MaglevKey> + '_ {
+        (0..self.chunks()).map(move |chunk| MaglevKey {
+            rev_nat_id,
+            generation: self.generation,
+            chunk,
+        })
+    }
 }
 
 /// A backend as the maps know it: address, port and protocol.
@@ -70,6 +157,7 @@ type BackendAddr = (IpAddr, u16, Protocol);
 struct BackendEntry {
     addr: BackendAddr,
     state: u8,
+    local: bool,
     /// How many slots name this backend.
     refs: u32,
 }
@@ -98,8 +186,13 @@ impl Record {
         } else {
             0
         };
+        let ranges = if f.source_ranges.is_empty() {
+            0
+        } else {
+            SVC_FLAG_SOURCE_RANGES
+        };
         Record {
-            flags: kind | drop | affinity,
+            flags: kind | drop | affinity | ranges,
             affinity_timeout: f.affinity_timeout.unwrap_or(0),
         }
     }
@@ -117,6 +210,9 @@ struct AppliedFrontend {
     record: Record,
     /// Backend ids of slots 1..=len.
     slots: Vec<u32>,
+    /// External frontends with backends.
+    table: Option<Table>,
+    source_ranges: BTreeSet<Cidr>,
 }
 
 impl AppliedFrontend {
@@ -155,6 +251,10 @@ pub struct Writer<M: MapOps> {
     next_backend_id: u32,
     next_rev_nat_id: u32,
     capacity: Capacity,
+    /// Maglev chunks in use.
+    maglev_chunks: usize,
+    /// Entries of new Maglev tables (a prime).
+    maglev_size: u32,
     /// Deletions waiting for the next `flush` (after a barrier).
     pending: Deferred,
 }
@@ -163,6 +263,7 @@ pub struct Writer<M: MapOps> {
 pub struct Capacity {
     pub services: usize,
     pub backends: usize,
+    pub maglev_chunks: usize,
 }
 
 impl Default for Capacity {
@@ -170,6 +271,7 @@ impl Default for Capacity {
         Capacity {
             services: maps::SERVICES_MAX_ENTRIES as usize,
             backends: maps::BACKENDS_MAX_ENTRIES as usize,
+            maglev_chunks: maps::MAGLEV_MAX_ENTRIES as usize,
         }
     }
 }
@@ -184,6 +286,8 @@ struct Deferred {
     affinity_match: Vec<(FrontendKey, AffinityMatchKey)>,
     /// Backend ids whose slot references went away.
     released: Vec<u32>,
+    /// Replaced or removed Maglev tables, with their frontend.
+    tables: Vec<(FrontendKey, u32, Table)>,
 }
 
 impl Deferred {
@@ -191,6 +295,7 @@ impl Deferred {
         self.service_keys.is_empty()
             && self.rev_nat_ids.is_empty()
             && self.affinity_match.is_empty()
+            && self.tables.is_empty()
     }
 }
 
@@ -212,6 +317,8 @@ impl<M: MapOps> Writer<M> {
             next_backend_id: 1,
             next_rev_nat_id: 1,
             capacity,
+            maglev_chunks: 0,
+            maglev_size: super::maglev::DEFAULT_TABLE_SIZE,
             pending: Deferred::default(),
         };
         let mut slots: HashMap<(FrontendKey, u16), u32> = HashMap::new();
@@ -227,6 +334,11 @@ impl<M: MapOps> Writer<M> {
                             affinity_timeout: value.affinity_timeout,
                         },
                         slots: vec![0; value.count as usize],
+                        table: (value.maglev_size > 0).then_some(Table {
+                            generation: value.maglev_generation,
+                            size: value.maglev_size,
+                        }),
+                        source_ranges: BTreeSet::new(),
                     };
                     w.frontends.insert(fk, applied);
                     w.next_rev_nat_id = w.next_rev_nat_id.max(value.rev_nat_id + 1);
@@ -243,20 +355,26 @@ impl<M: MapOps> Writer<M> {
                 _ => garbage.service_keys.push(service_key(&fk, slot)),
             }
         }
-        let mut by_id: HashMap<u32, (BackendAddr, u8)> = HashMap::new();
+        let mut by_id: HashMap<u32, (BackendAddr, u8, bool)> = HashMap::new();
         for (id, b) in &contents.backends {
             w.next_backend_id = w.next_backend_id.max(id + 1);
             match proto_from_abi(b.proto) {
                 Some(p) => {
-                    by_id.insert(*id, ((addr_from_abi(b.addr), b.port, p), b.state));
+                    let addr = (addr_from_abi(b.addr), b.port, p);
+                    by_id.insert(*id, (addr, b.state, b.local != 0));
                 }
                 None => w.maps.del_backend(*id)?,
             }
         }
+        let chunks: BTreeSet<MaglevKey> = contents.maglev.iter().copied().collect();
         let broken: Vec<FrontendKey> = w
             .frontends
             .iter()
-            .filter(|(_, f)| f.slots.iter().any(|id| !by_id.contains_key(id)))
+            .filter(|(_, f)| {
+                f.slots.iter().any(|id| !by_id.contains_key(id))
+                    || f.table
+                        .is_some_and(|t| t.keys(f.rev_nat_id).any(|k| !chunks.contains(&k)))
+            })
             .map(|(k, _)| *k)
             .collect();
         for fk in broken {
@@ -267,20 +385,42 @@ impl<M: MapOps> Writer<M> {
                 .extend((1..=f.slots.len() as u16).map(|s| service_key(&fk, s)));
         }
         let mut members = BTreeSet::new();
+        let mut live_chunks = BTreeSet::new();
         for f in w.frontends.values() {
             w.service_entries += 1 + f.slots.len();
             members.extend(f.members());
+            if let Some(t) = f.table {
+                live_chunks.extend(t.keys(f.rev_nat_id));
+            }
             for id in &f.slots {
-                let (addr, state) = by_id[id];
+                let (addr, state, local) = by_id[id];
                 w.by_addr.insert(addr, *id);
                 w.backends
                     .entry(*id)
                     .or_insert(BackendEntry {
                         addr,
                         state,
+                        local,
                         refs: 0,
                     })
                     .refs += 1;
+            }
+        }
+        w.maglev_chunks = live_chunks.len();
+        let stale_chunks: Vec<MaglevKey> = chunks.difference(&live_chunks).copied().collect();
+        let by_rev_nat: HashMap<u32, FrontendKey> = w
+            .frontends
+            .iter()
+            .map(|(k, f)| (f.rev_nat_id, *k))
+            .collect();
+        let mut stale_ranges = Vec::new();
+        for r in &contents.source_ranges {
+            match by_rev_nat.get(&r.rev_nat_id) {
+                Some(fk) => {
+                    let f = w.frontends.get_mut(fk).expect("indexed above");
+                    f.source_ranges.insert(r.cidr());
+                }
+                None => stale_ranges.push(*r),
             }
         }
         let found: BTreeSet<AffinityMatchKey> = contents.affinity_match.iter().copied().collect();
@@ -301,10 +441,21 @@ impl<M: MapOps> Writer<M> {
             .copied()
             .filter(|id| !w.backends.contains_key(id))
             .collect();
-        if !garbage.is_empty() || !orphans.is_empty() || !stale_members.is_empty() {
+        if !garbage.is_empty()
+            || !orphans.is_empty()
+            || !stale_members.is_empty()
+            || !stale_chunks.is_empty()
+            || !stale_ranges.is_empty()
+        {
             w.maps.barrier()?;
         }
         w.delete(&garbage)?;
+        for key in &stale_chunks {
+            w.maps.del_maglev(key)?;
+        }
+        for key in &stale_ranges {
+            w.maps.del_source_range(key)?;
+        }
         for key in &stale_members {
             w.maps.del_affinity_match(key)?;
         }
@@ -312,6 +463,13 @@ impl<M: MapOps> Writer<M> {
             w.maps.del_backend(id)?;
         }
         Ok(w)
+    }
+
+    /// Entries of the Maglev tables written from now on (a prime; see
+    /// `maglev::validate_table_size`). Tables of another size are rewritten
+    /// at their frontend's next update.
+    pub fn set_maglev_size(&mut self, size: u32) {
+        self.maglev_size = size;
     }
 
     /// Make the frontends owned by `owner` exactly `desired`. Frontends owned
@@ -350,8 +508,13 @@ impl<M: MapOps> Writer<M> {
                 } else {
                     BACKEND_ACTIVE
                 };
+                let local = b.local;
                 let id = match self.by_addr.get(&addr) {
-                    Some(id) if self.backends[id].state == state => continue,
+                    Some(id)
+                        if self.backends[id].state == state && self.backends[id].local == local =>
+                    {
+                        continue
+                    }
                     Some(id) => *id,
                     None => {
                         let id = self.next_backend_id;
@@ -359,11 +522,20 @@ impl<M: MapOps> Writer<M> {
                         id
                     }
                 };
-                self.maps.put_backend(id, &abi_backend(&addr, state))?;
+                self.maps
+                    .put_backend(id, &abi_backend(&addr, state, local))?;
                 stats.writes += 1;
                 self.by_addr.insert(addr, id);
                 let refs = self.backends.get(&id).map_or(0, |e| e.refs);
-                self.backends.insert(id, BackendEntry { addr, state, refs });
+                self.backends.insert(
+                    id,
+                    BackendEntry {
+                        addr,
+                        state,
+                        local,
+                        refs,
+                    },
+                );
             }
         }
 
@@ -386,7 +558,7 @@ impl<M: MapOps> Writer<M> {
                     id
                 }
             };
-            let new = AppliedFrontend {
+            let mut new = AppliedFrontend {
                 owner: Some(owner.clone()),
                 rev_nat_id,
                 record: Record::of(f),
@@ -395,6 +567,8 @@ impl<M: MapOps> Writer<M> {
                     .iter()
                     .map(|b| self.by_addr[&(b.addr, b.port, f.key.protocol)])
                     .collect(),
+                table: None,
+                source_ranges: f.source_ranges.iter().copied().collect(),
             };
             let old_slots = old.as_ref().map_or(&[][..], |a| &a.slots[..]);
             for (i, id) in new.slots.iter().enumerate() {
@@ -417,19 +591,44 @@ impl<M: MapOps> Writer<M> {
                 self.maps.put_affinity_match(key)?;
                 stats.writes += 1;
             }
-            let unchanged = old
+            let old_table = old.as_ref().and_then(|a| a.table);
+            new.table = self.write_table(f, &new, old_slots, old_table, &mut stats)?;
+            if let Some(t) = old_table.filter(|t| new.table != Some(*t)) {
+                deferred.tables.push((f.key, rev_nat_id, t));
+            }
+            self.maglev_chunks += new.table.map_or(0, |t| usize::from(t.chunks()));
+            self.maglev_chunks -= old_table.map_or(0, |t| usize::from(t.chunks()));
+            let old_ranges = old
                 .as_ref()
-                .is_some_and(|a| a.slots.len() == new.slots.len() && a.record == new.record);
+                .map(|a| a.source_ranges.clone())
+                .unwrap_or_default();
+            for c in new.source_ranges.difference(&old_ranges) {
+                self.maps
+                    .put_source_range(&SourceRange::of(rev_nat_id, c))?;
+                stats.writes += 1;
+            }
+            let unchanged = old.as_ref().is_some_and(|a| {
+                a.slots.len() == new.slots.len() && a.record == new.record && a.table == new.table
+            });
             if !unchanged {
                 let value = ServiceValue {
                     count: new.slots.len() as u16,
                     flags: new.record.flags,
                     rev_nat_id,
                     affinity_timeout: new.record.affinity_timeout,
+                    maglev_generation: new.table.map_or(0, |t| t.generation),
+                    maglev_size: new.table.map_or(0, |t| t.size),
                     ..ServiceValue::default()
                 };
                 self.maps.put_service(&service_key(&f.key, 0), &value)?;
                 stats.writes += 1;
+            }
+            // Source ranges are looked up, never followed: removed ones can
+            // go at once (after slot 0, which may have dropped the flag).
+            for c in old_ranges.difference(&new.source_ranges) {
+                self.maps
+                    .del_source_range(&SourceRange::of(rev_nat_id, c))?;
+                stats.deletes += 1;
             }
             deferred
                 .affinity_match
@@ -520,6 +719,14 @@ impl<M: MapOps> Writer<M> {
         deferred
             .affinity_match
             .extend(a.members().into_iter().map(|k| (key, k)));
+        if let Some(t) = a.table {
+            deferred.tables.push((key, a.rev_nat_id, t));
+            self.maglev_chunks -= usize::from(t.chunks());
+        }
+        for c in &a.source_ranges {
+            self.maps
+                .del_source_range(&SourceRange::of(a.rev_nat_id, c))?;
+        }
         if let Some(owned) = a.owner.as_ref().and_then(|o| self.by_owner.get_mut(o)) {
             owned.remove(&key);
             if owned.is_empty() {
@@ -562,8 +769,15 @@ impl<M: MapOps> Writer<M> {
         });
         d.affinity_match.sort_unstable();
         d.affinity_match.dedup();
+        d.tables.retain(|(fk, rev_nat_id, t)| {
+            !self
+                .frontends
+                .get(fk)
+                .is_some_and(|f| f.rev_nat_id == *rev_nat_id && f.table == Some(*t))
+        });
+
         d.service_keys
-            .sort_unstable_by_key(|k| (k.addr, k.port, k.proto, k.slot));
+            .sort_unstable_by_key(|k| (k.addr, k.port, k.proto, k.scope, k.slot));
         d.service_keys.dedup();
         let mut orphans: Vec<u32> = d
             .released
@@ -597,7 +811,65 @@ impl<M: MapOps> Writer<M> {
         for (_, key) in &d.affinity_match {
             self.maps.del_affinity_match(key)?;
         }
-        Ok(d.service_keys.len() + d.rev_nat_ids.len() + d.affinity_match.len())
+        let mut chunks = 0;
+        for (_, rev_nat_id, t) in &d.tables {
+            for key in t.keys(*rev_nat_id) {
+                self.maps.del_maglev(&key)?;
+                chunks += 1;
+            }
+        }
+        Ok(d.service_keys.len() + d.rev_nat_ids.len() + d.affinity_match.len() + chunks)
+    }
+
+    /// The Maglev table an external frontend needs: the old one while its
+    /// backends and the table size stay the same, else a new one written
+    /// into the other generation.
+    fn write_table(
+        &mut self,
+        f: &Frontend,
+        new: &AppliedFrontend,
+        old_slots: &[u32],
+        old: Option<Table>,
+        stats: &mut ApplyStats,
+    ) -> Result<Option<Table>, DataplaneError> {
+        if f.key.scope != Scope::External || new.slots.is_empty() {
+            return Ok(None);
+        }
+        if let Some(t) = old.filter(|t| t.size == self.maglev_size && old_slots == new.slots) {
+            return Ok(Some(t));
+        }
+        let table = Table {
+            generation: old.map_or(0, |t| t.generation ^ 1),
+            size: self.maglev_size,
+        };
+        // Names: address and port, so every node builds the same table.
+        let names: Vec<Vec<u8>> = f
+            .backends
+            .iter()
+            .map(|b| {
+                let mut name = match b.addr {
+                    IpAddr::V4(a) => a.to_ipv6_mapped().octets().to_vec(),
+                    IpAddr::V6(a) => a.octets().to_vec(),
+                };
+                name.extend_from_slice(&b.port.to_be_bytes());
+                name
+            })
+            .collect();
+        let entries = maglev::table(&names, table.size);
+        for (key, part) in table
+            .keys(new.rev_nat_id)
+            .zip(entries.chunks(MAGLEV_CHUNK as usize))
+        {
+            let mut chunk = MaglevChunk {
+                backend_ids: [0; MAGLEV_CHUNK as usize],
+            };
+            for (slot, &index) in chunk.backend_ids.iter_mut().zip(part) {
+                *slot = new.slots[usize::from(index)];
+            }
+            self.maps.put_maglev(&key, &chunk)?;
+            stats.writes += 1;
+        }
+        Ok(Some(table))
     }
 
     /// Refuse, before writing anything, an update the maps can't hold, so a
@@ -624,26 +896,46 @@ impl<M: MapOps> Writer<M> {
             .filter(|a| !self.by_addr.contains_key(a))
             .collect();
         let backends = self.backends.len() + new_backends.len();
-        if services > self.capacity.services || backends > self.capacity.backends {
+        // Every external frontend may get a new table while the old one waits.
+        let per_table = self.maglev_size.div_ceil(MAGLEV_CHUNK) as usize;
+        let tables = wanted
+            .iter()
+            .filter(|f| f.key.scope == Scope::External && !f.backends.is_empty())
+            .count();
+        let chunks = self.maglev_chunks
+            + self
+                .pending
+                .tables
+                .iter()
+                .map(|(_, _, t)| usize::from(t.chunks()))
+                .sum::<usize>()
+            + tables * per_table;
+        if services > self.capacity.services
+            || backends > self.capacity.backends
+            || chunks > self.capacity.maglev_chunks
+        {
             return Err(DataplaneError::Full {
                 service: owner.clone(),
                 services_needed: services,
                 services_capacity: self.capacity.services,
                 backends_needed: backends,
                 backends_capacity: self.capacity.backends,
+                maglev_needed: chunks,
+                maglev_capacity: self.capacity.maglev_chunks,
             });
         }
         Ok(())
     }
 }
 
-fn abi_backend(addr: &BackendAddr, state: u8) -> AbiBackend {
+fn abi_backend(addr: &BackendAddr, state: u8, local: bool) -> AbiBackend {
     AbiBackend {
         addr: addr_to_abi(addr.0),
         port: addr.1,
         proto: proto_to_abi(addr.2),
         state,
-        _pad: 0,
+        local: u8::from(local),
+        _pad: [0; 3],
     }
 }
 

@@ -6,7 +6,10 @@ use std::net::IpAddr;
 use proptest::prelude::*;
 
 use super::*;
-use crate::model::{Backend, Frontend, FrontendKey, Protocol, ServiceId};
+use crate::model::{Backend, Cidr, Frontend, FrontendKey, Protocol, Scope, ServiceId};
+
+/// Small tables keep the property test fast; 1009 entries span two chunks.
+const TABLE_SIZE: u32 = 1009;
 
 #[derive(Default, Clone)]
 struct FakeMaps {
@@ -14,9 +17,13 @@ struct FakeMaps {
     backends: HashMap<u32, AbiBackend>,
     rev_nat: HashMap<u32, RevNat>,
     affinity_match: BTreeSet<AffinityMatchKey>,
+    maglev: HashMap<MaglevKey, MaglevChunk>,
+    source_ranges: BTreeSet<SourceRange>,
     /// Per frontend (slot-0 key): every count a reader may still be acting on,
     /// i.e. counts written since the last barrier, plus the current one.
     reader_counts: HashMap<ServiceKey, BTreeSet<u16>>,
+    /// Likewise the Maglev tables (rev-NAT id, generation, size) readers may use.
+    reader_tables: HashMap<ServiceKey, BTreeSet<(u32, u16, u32)>>,
     ops: usize,
     barriers: usize,
 }
@@ -47,6 +54,29 @@ impl FakeMaps {
                 }
             }
         }
+        for (k, tables) in &self.reader_tables {
+            for &(rev_nat_id, generation, size) in tables {
+                for i in 0..size {
+                    let key = MaglevKey {
+                        rev_nat_id,
+                        generation,
+                        chunk: (i / MAGLEV_CHUNK) as u16,
+                    };
+                    let chunk = self.maglev.get(&key).unwrap_or_else(|| {
+                        panic!(
+                            "reader of {k:?} finds Maglev chunk {key:?} missing (op {})",
+                            self.ops
+                        )
+                    });
+                    let id = chunk.backend_ids[(i % MAGLEV_CHUNK) as usize];
+                    assert!(
+                        self.backends.contains_key(&id),
+                        "Maglev entry {i} of {k:?} names missing backend {id} (op {})",
+                        self.ops
+                    );
+                }
+            }
+        }
     }
 
     fn op(&mut self) -> Result<(), DataplaneError> {
@@ -67,6 +97,13 @@ impl MapOps for FakeMaps {
                 .entry(*key)
                 .or_default()
                 .insert(value.count);
+            if value.maglev_size > 0 {
+                self.reader_tables.entry(*key).or_default().insert((
+                    value.rev_nat_id,
+                    value.maglev_generation,
+                    value.maglev_size,
+                ));
+            }
         }
         self.services.insert(*key, *value);
         self.check_readers();
@@ -121,8 +158,42 @@ impl MapOps for FakeMaps {
         );
         Ok(())
     }
+    fn put_maglev(&mut self, key: &MaglevKey, chunk: &MaglevChunk) -> Result<(), DataplaneError> {
+        self.op()?;
+        self.maglev.insert(*key, *chunk);
+        self.check_readers();
+        Ok(())
+    }
+    fn del_maglev(&mut self, key: &MaglevKey) -> Result<(), DataplaneError> {
+        self.ops += 1;
+        assert!(
+            self.maglev.remove(key).is_some(),
+            "deleting missing {key:?}"
+        );
+        self.check_readers();
+        Ok(())
+    }
+    fn put_source_range(&mut self, key: &SourceRange) -> Result<(), DataplaneError> {
+        self.op()?;
+        self.source_ranges.insert(*key);
+        Ok(())
+    }
+    fn del_source_range(&mut self, key: &SourceRange) -> Result<(), DataplaneError> {
+        self.ops += 1;
+        assert!(self.source_ranges.remove(key), "deleting missing {key:?}");
+        Ok(())
+    }
     fn barrier(&mut self) -> Result<(), DataplaneError> {
         self.barriers += 1;
+        self.reader_tables = self
+            .services
+            .iter()
+            .filter(|(k, v)| k.slot == 0 && v.maglev_size > 0)
+            .map(|(k, v)| {
+                let table = (v.rev_nat_id, v.maglev_generation, v.maglev_size);
+                (*k, BTreeSet::from([table]))
+            })
+            .collect();
         // Readers that started before now are done; new ones see current counts.
         self.reader_counts = self
             .services
@@ -138,11 +209,13 @@ impl MapOps for FakeMaps {
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
             affinity_match: self.affinity_match.iter().copied().collect(),
+            maglev: self.maglev.keys().copied().collect(),
+            source_ranges: self.source_ranges.iter().copied().collect(),
         })
     }
 }
 
-type Observed = BTreeMap<FrontendKey, (Vec<(IpAddr, u16, bool)>, Record)>;
+type Observed = BTreeMap<FrontendKey, (Vec<(IpAddr, u16, bool, bool)>, Record, Vec<Cidr>)>;
 
 /// The maps' content as the model would describe it.
 fn observed(m: &FakeMaps) -> Observed {
@@ -160,10 +233,17 @@ fn observed(m: &FakeMaps) -> Observed {
                     addr_from_abi(b.addr),
                     b.port,
                     b.state == BACKEND_TERMINATING,
+                    b.local != 0,
                 )
             })
             .collect();
-        out.insert(frontend_key(k).unwrap(), (backends, record));
+        let ranges = m
+            .source_ranges
+            .iter()
+            .filter(|r| r.rev_nat_id == v.rev_nat_id)
+            .map(SourceRange::cidr)
+            .collect();
+        out.insert(frontend_key(k).unwrap(), (backends, record, ranges));
     }
     out
 }
@@ -208,6 +288,46 @@ fn assert_no_garbage(m: &FakeMaps) {
         })
         .collect();
     assert_eq!(members, m.affinity_match, "affinity members");
+    // Maglev chunks: exactly the current tables of external frontends with
+    // backends, each entry one of the frontend's backends, and as many
+    // entries per backend as the Maglev table gives it.
+    let mut chunks = BTreeSet::new();
+    for (k, v) in m.services.iter().filter(|(k, _)| k.slot == 0) {
+        let external = k.scope == svclb_common::SCOPE_EXTERNAL;
+        assert_eq!(v.maglev_size > 0, external && v.count > 0, "table of {k:?}");
+        if v.maglev_size == 0 {
+            continue;
+        }
+        let slots: BTreeSet<u32> = (1..=v.count)
+            .map(|s| m.services[&FakeMaps::slot_key(k, s)].backend_id)
+            .collect();
+        let mut used = BTreeSet::new();
+        for i in 0..v.maglev_size {
+            let key = MaglevKey {
+                rev_nat_id: v.rev_nat_id,
+                generation: v.maglev_generation,
+                chunk: (i / MAGLEV_CHUNK) as u16,
+            };
+            chunks.insert(key);
+            used.insert(m.maglev[&key].backend_ids[(i % MAGLEV_CHUNK) as usize]);
+        }
+        assert_eq!(used, slots, "Maglev entries of {k:?} are its backends");
+    }
+    assert_eq!(
+        chunks,
+        m.maglev.keys().copied().collect(),
+        "stale Maglev chunks"
+    );
+    let live: BTreeSet<u32> = m
+        .services
+        .iter()
+        .filter(|(k, _)| k.slot == 0)
+        .map(|(_, v)| v.rev_nat_id)
+        .collect();
+    assert!(
+        m.source_ranges.iter().all(|r| live.contains(&r.rev_nat_id)),
+        "stale source ranges"
+    );
 }
 
 fn expected(desired: &BTreeMap<ServiceId, Vec<Frontend>>) -> Observed {
@@ -218,9 +338,9 @@ fn expected(desired: &BTreeMap<ServiceId, Vec<Frontend>>) -> Observed {
             let backends = f
                 .backends
                 .iter()
-                .map(|b| (b.addr, b.port, b.terminating))
+                .map(|b| (b.addr, b.port, b.terminating, b.local))
                 .collect();
-            (f.key, (backends, Record::of(f)))
+            (f.key, (backends, Record::of(f), f.source_ranges.clone()))
         })
         .collect()
 }
@@ -234,24 +354,27 @@ fn sid(name: &str) -> ServiceId {
 
 fn fe(ip: &str, port: u16, protocol: Protocol, backends: &[(&str, u16)]) -> Frontend {
     Frontend::cluster_ip(
-        FrontendKey {
-            addr: ip.parse().unwrap(),
-            port,
-            protocol,
-        },
+        FrontendKey::new(ip.parse().unwrap(), port, protocol),
         backends
             .iter()
             .map(|(a, p)| Backend {
                 addr: a.parse().unwrap(),
                 port: *p,
                 terminating: false,
+                local: false,
             })
             .collect(),
     )
 }
 
 fn writer() -> Writer<FakeMaps> {
-    Writer::adopt(FakeMaps::default(), Capacity::default()).unwrap()
+    adopt(FakeMaps::default())
+}
+
+fn adopt(maps: FakeMaps) -> Writer<FakeMaps> {
+    let mut w = Writer::adopt(maps, Capacity::default()).unwrap();
+    w.set_maglev_size(TABLE_SIZE);
+    w
 }
 
 #[test]
@@ -381,7 +504,7 @@ fn restart_adopts_the_maps_and_rewrites_nothing() {
     w.apply(&sid("b"), &b).unwrap();
     let maps = w.maps().clone();
 
-    let mut restarted = Writer::adopt(maps, Capacity::default()).unwrap();
+    let mut restarted = adopt(maps);
     let ops = restarted.maps().ops;
     assert_eq!(
         restarted.apply(&sid("a"), &a).unwrap(),
@@ -404,11 +527,7 @@ fn restart_adopts_the_maps_and_rewrites_nothing() {
 #[test]
 fn adopt_drops_half_written_frontends_and_garbage() {
     let mut m = FakeMaps::default();
-    let fk = FrontendKey {
-        addr: "198.19.0.10".parse().unwrap(),
-        port: 80,
-        protocol: Protocol::Tcp,
-    };
+    let fk = FrontendKey::new("198.19.0.10".parse().unwrap(), 80, Protocol::Tcp);
     // Slot 0 says two backends, slot 2 names a backend that doesn't exist.
     m.services.insert(
         service_key(&fk, 0),
@@ -441,7 +560,11 @@ fn adopt_drops_half_written_frontends_and_garbage() {
     );
     m.backends.insert(
         7,
-        abi_backend(&("198.18.1.2".parse().unwrap(), 8080, Protocol::Tcp), 0),
+        abi_backend(
+            &("198.18.1.2".parse().unwrap(), 8080, Protocol::Tcp),
+            0,
+            false,
+        ),
     );
     m.rev_nat.insert(1, RevNat::default());
     let w = Writer::adopt(m, Capacity::default()).unwrap();
@@ -456,6 +579,7 @@ fn a_full_map_refuses_the_service_and_leaves_others_intact() {
         Capacity {
             services: 6,
             backends: 100,
+            maglev_chunks: 100,
         },
     )
     .unwrap();
@@ -516,33 +640,54 @@ fn arb_frontends() -> impl Strategy<Value = Vec<Frontend>> {
         backends,
         prop::sample::select(vec![None, Some(10), Some(10_800)]),
         any::<bool>(),
+        any::<bool>(),
+        prop::collection::btree_set(prop::sample::select(vec![8u8, 16, 24]), 0..3),
     )
-        .prop_map(|(h, protocol, backends, affinity_timeout, drop)| Frontend {
-            key: FrontendKey {
-                addr: IpAddr::from([198, 19, 0, h]),
-                port: 80,
-                protocol,
+        .prop_map(
+            |(h, protocol, backends, affinity_timeout, drop, external, ranges)| Frontend {
+                key: FrontendKey {
+                    addr: IpAddr::from([198, 19, 0, h]),
+                    port: 80,
+                    protocol,
+                    scope: if external {
+                        Scope::External
+                    } else {
+                        Scope::Socket
+                    },
+                },
+                source_ranges: if external {
+                    ranges
+                        .into_iter()
+                        .map(|prefix| Cidr {
+                            addr: IpAddr::from([10, 0, 0, 0]),
+                            prefix,
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+                kind: if h == 2 {
+                    FrontendKind::ExternalIp
+                } else {
+                    FrontendKind::ClusterIp
+                },
+                backends: backends
+                    .into_iter()
+                    .map(|(b, port)| Backend {
+                        addr: IpAddr::from([198, 18, 1, b]),
+                        port,
+                        terminating: b >= 4,
+                        local: b % 2 == 0,
+                    })
+                    .collect(),
+                when_empty: if drop {
+                    WhenEmpty::Drop
+                } else {
+                    WhenEmpty::Refuse
+                },
+                affinity_timeout,
             },
-            kind: if h == 2 {
-                FrontendKind::ExternalIp
-            } else {
-                FrontendKind::ClusterIp
-            },
-            backends: backends
-                .into_iter()
-                .map(|(b, port)| Backend {
-                    addr: IpAddr::from([198, 18, 1, b]),
-                    port,
-                    terminating: b >= 4,
-                })
-                .collect(),
-            when_empty: if drop {
-                WhenEmpty::Drop
-            } else {
-                WhenEmpty::Refuse
-            },
-            affinity_timeout,
-        });
+        );
     prop::collection::vec(frontend, 0..4).prop_map(|mut v| {
         v.sort_by_key(|f| f.key);
         v.dedup_by_key(|f| f.key);
@@ -579,7 +724,7 @@ proptest! {
         w.flush().unwrap();
         assert_no_garbage(w.maps());
         let maps = w.maps().clone();
-        let mut restarted = Writer::adopt(maps, Capacity::default()).unwrap();
+        let mut restarted = adopt(maps);
         let ops = restarted.maps().ops;
         for (id, fs) in &desired {
             restarted.apply(id, fs).unwrap();

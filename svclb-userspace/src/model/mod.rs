@@ -104,20 +104,61 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// What a client addresses: a service IP, port and protocol.
+/// Which traffic a frontend serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Connections made on this node (pods, host processes): the socket hooks.
+    #[default]
+    Socket,
+    /// Packets arriving at the node's external devices (XDP): NodePort,
+    /// LoadBalancer and ExternalIP traffic from outside the cluster.
+    External,
+}
+
+/// What a client addresses: a service IP, port and protocol, and from where.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendKey {
     pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    pub scope: Scope,
+}
+
+impl FrontendKey {
+    /// A socket-scope key.
+    pub fn new(addr: IpAddr, port: u16, protocol: Protocol) -> Self {
+        FrontendKey {
+            addr,
+            port,
+            protocol,
+            scope: Scope::Socket,
+        }
+    }
 }
 
 impl fmt::Display for FrontendKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.addr {
-            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol),
-            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol),
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol)?,
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol)?,
         }
+        if self.scope == Scope::External {
+            f.write_str(" (external)")?;
+        }
+        Ok(())
+    }
+}
+
+/// An address prefix (loadBalancerSourceRanges).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 
@@ -129,6 +170,8 @@ pub struct Backend {
     pub port: u16,
     /// Serving but terminating: only used because no endpoint is ready.
     pub terminating: bool,
+    /// Runs on this node: external traffic reaches it without SNAT.
+    pub local: bool,
 }
 
 /// Which kind of Service address a frontend is.
@@ -164,6 +207,9 @@ pub struct Frontend {
     pub when_empty: WhenEmpty,
     /// ClientIP session affinity timeout in seconds.
     pub affinity_timeout: Option<u32>,
+    /// External load-balancer frontends only: the clients allowed in
+    /// (loadBalancerSourceRanges); empty allows everyone.
+    pub source_ranges: Vec<Cidr>,
 }
 
 impl Frontend {
@@ -175,6 +221,7 @@ impl Frontend {
             backends,
             when_empty: WhenEmpty::Refuse,
             affinity_timeout: None,
+            source_ranges: Vec::new(),
         }
     }
 }

@@ -70,7 +70,12 @@ fn render(t: &Translation) -> Vec<String> {
         let backends: Vec<String> = f.backends.iter().map(backend).collect();
         format!("{} -> {}", f.key, backends.join(", "))
     };
-    t.frontends.iter().map(frontend).collect()
+    // Socket-scope frontends; `render_external` shows the XDP ones.
+    t.frontends
+        .iter()
+        .filter(|f| f.key.scope == Scope::Socket)
+        .map(frontend)
+        .collect()
 }
 
 fn warnings(t: &Translation) -> Vec<String> {
@@ -1082,16 +1087,27 @@ fn ep(addr: &str, node: &str, ready: bool, terminating: bool, zones: &[&str]) ->
     e
 }
 
-/// "kind frontend -> backends [drop] [affinity N]" for every frontend.
+/// "kind frontend -> backends [drop] [affinity N]" for every socket-scope
+/// frontend.
 fn render_full(t: &Translation) -> Vec<String> {
+    render_scope(t, Scope::Socket)
+}
+
+/// Like `render_full`, for one scope; local backends marked "(l)", source
+/// ranges appended.
+fn render_scope(t: &Translation, scope: Scope) -> Vec<String> {
     t.frontends
         .iter()
+        .filter(|f| f.key.scope == scope)
         .map(|f| {
             let backends: Vec<String> = f
                 .backends
                 .iter()
                 .map(|b| {
-                    let mark = if b.terminating { " (t)" } else { "" };
+                    let mut mark = if b.terminating { " (t)" } else { "" }.to_string();
+                    if scope == Scope::External && b.local {
+                        mark.push_str(" (l)");
+                    }
                     format!("{}{mark}", SocketAddr::new(b.addr, b.port))
                 })
                 .collect();
@@ -1101,6 +1117,10 @@ fn render_full(t: &Translation) -> Vec<String> {
             }
             if let Some(t) = f.affinity_timeout {
                 line.push_str(&format!(" [affinity {t}]"));
+            }
+            if !f.source_ranges.is_empty() {
+                let ranges: Vec<String> = f.source_ranges.iter().map(ToString::to_string).collect();
+                line.push_str(&format!(" [from {}]", ranges.join(" ")));
             }
             line
         })
@@ -1240,6 +1260,104 @@ fn traffic_policies_topology_and_external_frontends() {
         assert_eq!(render_full(&t), want, "case {name:?}");
         assert!(t.warnings.is_empty(), "case {name:?}: {:?}", t.warnings);
     }
+}
+
+/// Frontends for traffic from outside (XDP), per externalTrafficPolicy:
+/// Local keeps this node's endpoints (drop when there are none here),
+/// Cluster uses all of them, marking the local ones (no SNAT for those).
+#[test]
+fn external_frontends_follow_the_external_traffic_policy() {
+    let node = node_n1();
+    let lb = |extra: Value| {
+        let mut spec = json!({"type": "LoadBalancer", "clusterIP": "198.18.0.10",
+            "ports": [{"port": 80, "nodePort": 30080}]});
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        let mut svc = web(spec);
+        svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.19.5.5"}]}});
+        svc
+    };
+    let local = |a: &str| ep(a, "n1", true, false, &[]);
+    let remote = |a: &str| ep(a, "n2", true, false, &[]);
+    let cases: Vec<(&str, Value, Value, Vec<&str>)> = vec![
+        (
+            "Cluster: every endpoint, local ones marked; no loopback frontend",
+            lb(json!({})),
+            json!([local("198.18.1.2"), remote("198.18.2.2")]),
+            vec![
+                "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.1.2:8080 (l), 198.18.2.2:8080",
+                "LoadBalancer 198.19.5.5:80/TCP (external) -> 198.18.1.2:8080 (l), 198.18.2.2:8080",
+            ],
+        ),
+        (
+            "Local: only this node's endpoints",
+            lb(json!({"externalTrafficPolicy": "Local"})),
+            json!([local("198.18.1.2"), remote("198.18.2.2")]),
+            vec![
+                "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.1.2:8080 (l)",
+                "LoadBalancer 198.19.5.5:80/TCP (external) -> 198.18.1.2:8080 (l)",
+            ],
+        ),
+        (
+            "Local without local endpoints drops",
+            lb(json!({"externalTrafficPolicy": "Local"})),
+            json!([remote("198.18.2.2")]),
+            vec![
+                "NodePort 198.18.9.1:30080/TCP (external) ->  [drop]",
+                "LoadBalancer 198.19.5.5:80/TCP (external) ->  [drop]",
+            ],
+        ),
+        (
+            "Local with only terminating local endpoints uses them",
+            lb(json!({"externalTrafficPolicy": "Local"})),
+            json!([ep("198.18.1.2", "n1", false, true, &[]), remote("198.18.2.2")]),
+            vec![
+                "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.1.2:8080 (t) (l)",
+                "LoadBalancer 198.19.5.5:80/TCP (external) -> 198.18.1.2:8080 (t) (l)",
+            ],
+        ),
+        (
+            "no endpoints at all refuses",
+            lb(json!({"externalTrafficPolicy": "Local"})),
+            json!([]),
+            vec![
+                "NodePort 198.18.9.1:30080/TCP (external) -> ",
+                "LoadBalancer 198.19.5.5:80/TCP (external) -> ",
+            ],
+        ),
+        (
+            "source ranges apply to the load-balancer IP only, host bits cleared",
+            lb(json!({"loadBalancerSourceRanges": ["10.1.2.3/16", " 192.0.2.0/24 ", "fd00::/8"]})),
+            json!([remote("198.18.2.2")]),
+            vec![
+                "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.2.2:8080",
+                "LoadBalancer 198.19.5.5:80/TCP (external) -> 198.18.2.2:8080 [from 10.1.0.0/16 192.0.2.0/24]",
+            ],
+        ),
+        (
+            "affinity carries over",
+            lb(json!({"sessionAffinity": "ClientIP"})),
+            json!([remote("198.18.2.2")]),
+            vec![
+                "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.2.2:8080 [affinity 10800]",
+                "LoadBalancer 198.19.5.5:80/TCP (external) -> 198.18.2.2:8080 [affinity 10800]",
+            ],
+        ),
+    ];
+    for (name, svc, endpoints, want) in cases {
+        let t = run_on(&node, svc, endpoints);
+        assert_eq!(render_scope(&t, Scope::External), want, "case {name:?}");
+        assert!(t.warnings.is_empty(), "case {name:?}: {:?}", t.warnings);
+    }
+    // A bad range is skipped with a warning naming the service.
+    let t = run_on(
+        &node,
+        lb(json!({"loadBalancerSourceRanges": ["10.0.0.0/8", "not-a-cidr"]})),
+        json!([remote("198.18.2.2")]),
+    );
+    assert!(render_scope(&t, Scope::External)[1].ends_with("[from 10.0.0.0/8]"));
+    assert!(warnings(&t)[0].contains("demo/web") && warnings(&t)[0].contains("not-a-cidr"));
 }
 
 #[test]

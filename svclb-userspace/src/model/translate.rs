@@ -7,7 +7,6 @@
 //! manifest (or one odd object from the API) cannot take a working Service
 //! down.
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
@@ -15,8 +14,8 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use svclb_common::MAX_BACKENDS_PER_FRONTEND;
 
 use super::{
-    Backend, Frontend, FrontendKey, FrontendKind, ModelError, NodeContext, Protocol, Translation,
-    WhenEmpty,
+    Backend, Cidr, Frontend, FrontendKey, FrontendKind, ModelError, NodeContext, Protocol, Scope,
+    Translation, WhenEmpty,
 };
 
 /// Values of [`Translation::skipped`]: why a Service is deliberately not proxied.
@@ -76,9 +75,10 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
     let policy = Policy::of(svc, node);
     let affinity_timeout = session_affinity(spec, &object, warn);
     let external_ips = external_ips(svc, &object, warn);
+    let source_ranges = source_ranges(spec, &object, warn);
 
     for port in &ports {
-        let mut push = |addr: IpAddr, kind: FrontendKind| {
+        let mut push = |addr: IpAddr, kind: FrontendKind, scope: Scope| {
             let key = FrontendKey {
                 addr,
                 port: if kind == FrontendKind::NodePort {
@@ -87,9 +87,23 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
                     port.port
                 },
                 protocol: port.protocol,
+                scope,
             };
             let sets = EndpointSets::of(is_v4(&addr), port, &slices, &policy);
-            let (mut backends, when_empty) = sets.for_kind(kind, &policy);
+            let (mut backends, when_empty) = match scope {
+                Scope::Socket => sets.for_kind(kind, &policy),
+                Scope::External => sets.external(&policy),
+            };
+            // kube-proxy filters load-balancer IP traffic by source; the
+            // node port and external IPs stay open.
+            let source_ranges = match (scope, kind) {
+                (Scope::External, FrontendKind::LoadBalancer) => source_ranges
+                    .iter()
+                    .filter(|c| is_v4(&c.addr) == is_v4(&addr))
+                    .copied()
+                    .collect(),
+                _ => Vec::new(),
+            };
             if backends.len() > usize::from(MAX_BACKENDS_PER_FRONTEND) {
                 let reason = format!(
                     "frontend {key} has {} backends; only the first {MAX_BACKENDS_PER_FRONTEND} are used",
@@ -104,18 +118,24 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
                 backends,
                 when_empty,
                 affinity_timeout,
+                source_ranges,
             });
         };
         for &addr in &ips {
-            push(addr, FrontendKind::ClusterIp);
+            push(addr, FrontendKind::ClusterIp, Scope::Socket);
         }
         if port.node_port.is_some() {
             for addr in node_port_addresses(&ips, node) {
-                push(addr, FrontendKind::NodePort);
+                push(addr, FrontendKind::NodePort, Scope::Socket);
+                // Loopback never arrives from outside.
+                if !addr.is_loopback() {
+                    push(addr, FrontendKind::NodePort, Scope::External);
+                }
             }
         }
         for &(addr, kind) in &external_ips {
-            push(addr, kind);
+            push(addr, kind, Scope::Socket);
+            push(addr, kind, Scope::External);
         }
     }
     // The same address can be both an external IP and a load-balancer IP;
@@ -481,16 +501,17 @@ impl EndpointSets {
             !use_topology || e.zones.iter().any(|z| Some(z.as_str()) == policy.zone)
         };
         let pick = |f: &dyn Fn(&ParsedEndpoint) -> bool, is_terminating: bool| -> Vec<Backend> {
-            let set: BTreeSet<(IpAddr, u16)> = endpoints
-                .iter()
-                .filter(|(_, e)| f(e))
-                .map(|(n, e)| (e.addr, *n))
-                .collect();
+            // (address, port) -> local; the first occurrence wins.
+            let mut set: std::collections::BTreeMap<(IpAddr, u16), bool> = Default::default();
+            for (n, e) in endpoints.iter().filter(|(_, e)| f(e)) {
+                set.entry((e.addr, *n)).or_insert(e.local);
+            }
             set.into_iter()
-                .map(|(addr, port)| Backend {
+                .map(|((addr, port), local)| Backend {
                     addr,
                     port,
                     terminating: is_terminating,
+                    local,
                 })
                 .collect()
         };
@@ -512,7 +533,7 @@ impl EndpointSets {
 
     /// The backends for a frontend of `kind` reached through the socket hooks
     /// (traffic from this node), and what to do when there are none.
-    fn for_kind(self, kind: FrontendKind, policy: &Policy) -> (Vec<Backend>, WhenEmpty) {
+    fn for_kind(&self, kind: FrontendKind, policy: &Policy) -> (Vec<Backend>, WhenEmpty) {
         let local = match kind {
             FrontendKind::ClusterIp => policy.internal_local,
             // From inside the node, kube-proxy sends traffic for external
@@ -521,6 +542,16 @@ impl EndpointSets {
             // internal policy is Local too, which leaves no cluster chain.
             _ => policy.external_local && policy.internal_local,
         };
+        self.pick(local)
+    }
+
+    /// The backends for traffic from outside the node (XDP):
+    /// externalTrafficPolicy Local keeps it on this node's endpoints.
+    fn external(&self, policy: &Policy) -> (Vec<Backend>, WhenEmpty) {
+        self.pick(policy.external_local)
+    }
+
+    fn pick(&self, local: bool) -> (Vec<Backend>, WhenEmpty) {
         if local {
             // Canonical: Drop only where it matters, on an empty set.
             let when_empty = if self.any && self.local.is_empty() {
@@ -528,11 +559,56 @@ impl EndpointSets {
             } else {
                 WhenEmpty::Refuse
             };
-            (self.local, when_empty)
+            (self.local.clone(), when_empty)
         } else {
-            (self.cluster, WhenEmpty::Refuse)
+            (self.cluster.clone(), WhenEmpty::Refuse)
         }
     }
+}
+
+/// spec.loadBalancerSourceRanges; entries that are not CIDRs are skipped
+/// with a warning (kube-proxy ignores them too).
+fn source_ranges(
+    spec: Option<&ServiceSpec>,
+    object: &str,
+    warn: &mut Vec<ModelError>,
+) -> Vec<Cidr> {
+    let mut out = Vec::new();
+    for text in spec
+        .and_then(|s| s.load_balancer_source_ranges.as_deref())
+        .unwrap_or_default()
+    {
+        match parse_cidr(text.trim()) {
+            Some(c) => out.push(c),
+            None => {
+                let reason =
+                    format!("loadBalancerSourceRanges entry {text:?} is not a CIDR; skipped");
+                warn.push(invalid(SERVICE, object, reason));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// "a.b.c.d/n" or "x::/n", host bits cleared.
+fn parse_cidr(text: &str) -> Option<Cidr> {
+    let (addr, prefix) = text.split_once('/')?;
+    let addr: IpAddr = addr.parse().ok()?;
+    let prefix: u8 = prefix.parse().ok()?;
+    let addr = match addr {
+        IpAddr::V4(a) if prefix <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::from((u32::from(a) & mask).to_be_bytes())
+        }
+        IpAddr::V6(a) if prefix <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::from((u128::from(a) & mask).to_be_bytes())
+        }
+        _ => return None,
+    };
+    Some(Cidr { addr, prefix })
 }
 
 /// ClientIP affinity timeout: sessionAffinityConfig.clientIP.timeoutSeconds,

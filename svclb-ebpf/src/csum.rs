@@ -1,0 +1,47 @@
+//! Incremental Internet checksum updates (RFC 1624, eqn. 3:
+//! HC' = ~(~HC + ~m + m')). Values are used as they sit in packet memory
+//! (network order read natively): the one's-complement sum does not depend
+//! on byte order as long as every word is treated the same way.
+
+/// The accumulated change of some 16-bit words covered by a checksum.
+#[derive(Clone, Copy, Default)]
+pub struct Delta(u64);
+
+impl Delta {
+    #[inline(always)]
+    pub fn word16(&mut self, from: u16, to: u16) {
+        self.0 += (!from) as u64 + to as u64;
+    }
+
+    #[inline(always)]
+    pub fn word32(&mut self, from: u32, to: u32) {
+        self.word16(from as u16, to as u16);
+        self.word16((from >> 16) as u16, (to >> 16) as u16);
+    }
+
+    /// An address change: the last word only for IPv4 (mapped) addresses.
+    #[inline(always)]
+    pub fn addr(&mut self, from: &[u32; 4], to: &[u32; 4], v6: bool) {
+        if v6 {
+            self.word32(from[0], to[0]);
+            self.word32(from[1], to[1]);
+            self.word32(from[2], to[2]);
+        }
+        self.word32(from[3], to[3]);
+    }
+
+    /// The checksum field after the change.
+    #[inline(always)]
+    pub fn apply(self, csum: u16) -> u16 {
+        !fold((!csum) as u64 + self.0)
+    }
+}
+
+#[inline(always)]
+fn fold(mut s: u64) -> u16 {
+    s = (s & 0xffff_ffff) + (s >> 32);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}

@@ -1,0 +1,218 @@
+//! The external path's decisions, shared by the XDP program: connection
+//! tracking, the frontend lookup, Maglev backend choice and SNAT port
+//! allocation. Packet parsing and rewriting live in `xdp.rs` and `tc.rs`.
+//!
+//! A new flow creates two conntrack entries:
+//! - client -> frontend (applied by XDP): rewrite to client -> backend for a
+//!   backend on this node, or to node:snat_port -> backend for one elsewhere;
+//! - the reply direction: backend -> client (applied by tc egress when the
+//!   local backend's reply leaves the node) or backend -> node:snat_port
+//!   (applied by XDP when the remote backend's reply comes back), both
+//!   rewritten to come from the frontend and go to the client.
+use svclb_common::{
+    flow_hash, stats, Flow, FlowKey, MaglevKey, ServiceKey, SourceRangeKey, FLOW_EGRESS,
+    FLOW_INGRESS, MAGLEV_CHUNK, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
+    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+};
+
+use crate::{
+    ctx,
+    maps::{BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES},
+};
+
+/// BPF_NOEXIST: the SNAT port allocation must not take over a port in use.
+const NOEXIST: u64 = 1;
+/// SNAT ports tried for a new flow before giving up.
+const SNAT_TRIES: u32 = 8;
+
+/// A packet's addresses (IPv4-mapped for IPv4), ports (host order) and protocol.
+#[derive(Clone, Copy, Default)]
+pub struct Tuple {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+impl Tuple {
+    #[inline(always)]
+    pub fn key(&self) -> FlowKey {
+        FlowKey {
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Per-packet working memory, in a per-CPU map rather than on the 512-byte
+/// stack (XDP runs to completion on one CPU, so nothing else uses it meanwhile).
+pub struct Scratch {
+    pub t: Tuple,
+    pub flow: Flow,
+    pub key: FlowKey,
+}
+
+pub enum Decision {
+    /// Not ours: leave the packet to the stack untouched.
+    Pass,
+    Drop,
+    /// Rewrite the packet's addresses and ports to the flow's.
+    Translate,
+}
+
+/// What to do with a packet arriving at the node from outside; with
+/// `Translate`, `flow` says what to rewrite the packet to. (Flows are
+/// passed by reference throughout: the stack holds 512 bytes in all.)
+#[inline(always)]
+pub fn ingress(s: &mut Scratch, v6: bool) -> Decision {
+    s.key = s.t.key();
+    if ctx::lookup_lru_into(&CONNTRACK, &s.key, &mut s.flow)
+        // A flow whose backend left the service picks a new one.
+        && s.flow.direction == FLOW_INGRESS
+        && (s.flow.backend_id == 0 || ctx::lookup(&BACKENDS, &s.flow.backend_id).is_some())
+    {
+        return Decision::Translate;
+    }
+    new_flow(s, v6)
+}
+
+/// The translation a tc egress packet (a local backend's reply) needs.
+#[inline(always)]
+pub fn egress(t: &Tuple) -> Option<Flow> {
+    let flow = ctx::lookup_lru(&CONNTRACK, &t.key())?;
+    (flow.direction == FLOW_EGRESS).then_some(flow)
+}
+
+// Not inlined: its stack frame is separate from the rewrite's.
+#[inline(never)]
+fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
+    let Scratch {
+        t,
+        flow,
+        key: reply_key,
+    } = s;
+    let skey = ServiceKey {
+        addr: t.dst,
+        port: t.dport,
+        proto: t.proto,
+        scope: SCOPE_EXTERNAL,
+        slot: 0,
+        _pad: 0,
+    };
+    let Some(fe) = ctx::lookup(&SERVICES, &skey) else {
+        return Decision::Pass;
+    };
+    if fe.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(fe.rev_nat_id, &t.src) {
+        ctx::count(stats::SOURCE_RANGE_DENIED);
+        return Decision::Drop;
+    }
+    if fe.count == 0 || fe.maglev_size == 0 {
+        ctx::count(stats::NO_BACKEND);
+        // A service without endpoints is refused, as kube-proxy does: on a
+        // node address nothing listens at the node port, so the stack
+        // answers with a reset or port unreachable. Other addresses are not
+        // the node's; the stack would route them, so drop.
+        if fe.flags & SVC_FLAG_DROP_EMPTY == 0 && fe.flags & SVC_FLAG_NODE_PORT != 0 {
+            return Decision::Pass;
+        }
+        return Decision::Drop;
+    }
+    // Affinity: the client address alone picks the backend, so a client
+    // stays on one backend (on every node) while the backend set is stable.
+    let sport = if fe.flags & SVC_FLAG_AFFINITY != 0 {
+        0
+    } else {
+        t.sport
+    };
+    let hash = flow_hash(&t.src, sport, t.proto);
+    let index = hash % fe.maglev_size;
+    let mkey = MaglevKey {
+        rev_nat_id: fe.rev_nat_id,
+        generation: fe.maglev_generation,
+        chunk: (index / MAGLEV_CHUNK) as u16,
+    };
+    let Some(backend_id) = ctx::maglev_entry(&mkey, index % MAGLEV_CHUNK) else {
+        return Decision::Drop;
+    };
+    let Some(backend) = ctx::lookup(&BACKENDS, &backend_id) else {
+        return Decision::Drop;
+    };
+    // `flow` serves as the reply entry first, then as the forward one.
+    *flow = Flow {
+        src: t.dst,
+        dst: t.src,
+        sport: t.dport,
+        dport: t.sport,
+        backend_id: 0,
+        rev_nat_id: fe.rev_nat_id,
+        direction: FLOW_INGRESS,
+        _pad: [0; 3],
+    };
+    *reply_key = FlowKey {
+        src: backend.addr,
+        dst: t.src,
+        sport: backend.port,
+        dport: t.sport,
+        proto: t.proto,
+        _pad: [0; 3],
+    };
+    if backend.local != 0 {
+        // The backend sees the client's address; tc egress rewrites its
+        // replies on their way out.
+        flow.direction = FLOW_EGRESS;
+        let _ = CONNTRACK.insert(&*reply_key, &*flow, 0);
+        flow.src = t.src;
+        flow.sport = t.sport;
+    } else {
+        // Elsewhere: the backend's node must send replies back here.
+        let Some((snat, min, max)) = ctx::snat_config(v6) else {
+            ctx::count(stats::SNAT_EXHAUSTED);
+            return Decision::Drop;
+        };
+        reply_key.dst = snat;
+        let range = (max - min) as u32 + 1;
+        let start = flow_hash(&t.src, t.sport, t.proto) ^ t.dport as u32;
+        let mut port = 0u16;
+        let mut i = 0;
+        while i < SNAT_TRIES {
+            let candidate = min + ((start.wrapping_add(i * 7919)) % range) as u16;
+            reply_key.dport = candidate;
+            if CONNTRACK.insert(&*reply_key, &*flow, NOEXIST).is_ok() {
+                port = candidate;
+                break;
+            }
+            i += 1;
+        }
+        if port == 0 {
+            ctx::count(stats::SNAT_EXHAUSTED);
+            return Decision::Drop;
+        }
+        flow.src = snat;
+        flow.sport = port;
+    }
+    flow.dst = backend.addr;
+    flow.dport = backend.port;
+    flow.backend_id = backend_id;
+    flow.direction = FLOW_INGRESS;
+    *reply_key = t.key();
+    let _ = CONNTRACK.insert(&*reply_key, &*flow, 0);
+    ctx::count(stats::CT_CREATED);
+    Decision::Translate
+}
+
+#[inline(always)]
+fn source_allowed(rev_nat_id: u32, src: &[u32; 4]) -> bool {
+    let key = aya_ebpf::maps::lpm_trie::Key::new(
+        32 + 128,
+        SourceRangeKey {
+            rev_nat_id_be: rev_nat_id.to_be(),
+            addr: *src,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}

@@ -1,0 +1,247 @@
+//! XDP on the node's external devices: NodePort, LoadBalancer and
+//! ExternalIP traffic from outside the cluster, and the replies of remote
+//! backends reached through SNAT. Everything else passes untouched after
+//! at most two map lookups.
+//!
+//! Supported: Ethernet + IPv4 without options or IPv6 without extension
+//! headers, carrying TCP or UDP. Anything else (VLAN tags, IPv4 options,
+//! fragments, IPv6 extension headers) goes to the stack untranslated;
+//! such packets are counted (`stats::UNSUPPORTED`) and never rewritten.
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    macros::xdp,
+    programs::XdpContext,
+};
+use svclb_common::{stats, v4_mapped, Flow, PROTO_TCP, PROTO_UDP};
+
+use crate::{
+    csum::Delta,
+    ctx,
+    external::{self, Decision, Tuple},
+    maps::TX_DEVICES,
+    pkt::{self, load, store},
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+/// bpf_fib_lookup results that mean "no route": drop, as the stack would.
+const FIB_BLACKHOLE: i64 = 1;
+const FIB_PROHIBIT: i64 = 3;
+
+/// Offsets in an untagged Ethernet frame.
+const IP4_TTL: usize = 22;
+const IP4_CSUM: usize = 24;
+const IP4_SRC: usize = 26;
+const IP4_DST: usize = 30;
+const IP4_L4: usize = 34;
+const IP6_HOP_LIMIT: usize = 21;
+const IP6_SRC: usize = 22;
+const IP6_DST: usize = 38;
+const IP6_L4: usize = 54;
+
+#[xdp]
+pub fn svclb_xdp(ctx: XdpContext) -> u32 {
+    let Some(s) = ctx::scratch() else {
+        return XDP_PASS;
+    };
+    let Some(v6) = parse(&ctx, &mut s.t) else {
+        return XDP_PASS;
+    };
+    match external::ingress(s, v6) {
+        Decision::Pass => XDP_PASS,
+        Decision::Drop => XDP_DROP,
+        Decision::Translate => {
+            if rewrite(&ctx, v6, &s.t, &s.flow).is_none() {
+                return XDP_DROP;
+            }
+            forward(&ctx, v6, &s.flow)
+        }
+    }
+}
+
+/// Fill `t` from a packet svclb can translate; Some(is IPv6) then.
+#[inline(always)]
+fn parse(ctx: &XdpContext, t: &mut Tuple) -> Option<bool> {
+    let ethertype = load::<u16>(ctx, 12)?;
+    let (parsed, v6) = match u16::from_be(ethertype) {
+        ETH_P_IP => (parse4(ctx)?, false),
+        ETH_P_IPV6 => (parse6(ctx)?, true),
+        _ => return None,
+    };
+    *t = parsed;
+    Some(v6)
+}
+
+/// The TCP/UDP tuple of an IPv4 packet svclb can translate.
+#[inline(always)]
+fn parse4(ctx: &XdpContext) -> Option<Tuple> {
+    let version_ihl = load::<u8>(ctx, 14)?;
+    let frag = u16::from_be(load::<u16>(ctx, 20)?);
+    if version_ihl != 0x45 || frag & 0x3fff != 0 {
+        ctx::count(stats::UNSUPPORTED);
+        return None;
+    }
+    let proto = load::<u8>(ctx, 23)?;
+    let src = load::<u32>(ctx, IP4_SRC)?;
+    let dst = load::<u32>(ctx, IP4_DST)?;
+    let (sport, dport) = ports(ctx, IP4_L4, proto)?;
+    Some(Tuple {
+        src: v4_mapped(src),
+        dst: v4_mapped(dst),
+        sport,
+        dport,
+        proto,
+    })
+}
+
+#[inline(always)]
+fn parse6(ctx: &XdpContext) -> Option<Tuple> {
+    let proto = load::<u8>(ctx, 20)?;
+    if load::<u8>(ctx, 14)? >> 4 != 6 {
+        return None;
+    }
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    let src = load::<[u32; 4]>(ctx, IP6_SRC)?;
+    let dst = load::<[u32; 4]>(ctx, IP6_DST)?;
+    let (sport, dport) = ports(ctx, IP6_L4, proto)?;
+    Some(Tuple {
+        src,
+        dst,
+        sport,
+        dport,
+        proto,
+    })
+}
+
+/// Source and destination port, when the whole TCP or UDP header is there.
+#[inline(always)]
+fn ports(ctx: &XdpContext, l4: usize, proto: u8) -> Option<(u16, u16)> {
+    let header = match proto {
+        PROTO_TCP => 20,
+        PROTO_UDP => 8,
+        _ => return None,
+    };
+    // Bounds check of the whole header (the checksum sits at its end).
+    load::<u8>(ctx, l4 + header - 1)?;
+    let sport = u16::from_be(load::<u16>(ctx, l4)?);
+    let dport = u16::from_be(load::<u16>(ctx, l4 + 2)?);
+    Some((sport, dport))
+}
+
+/// Offset of the TCP or UDP checksum.
+#[inline(always)]
+fn l4_csum(l4: usize, proto: u8) -> usize {
+    if proto == PROTO_TCP {
+        l4 + 16
+    } else {
+        l4 + 6
+    }
+}
+
+/// Rewrite addresses and ports from `t` to `f`, updating the IPv4 header
+/// checksum and the TCP/UDP checksum (pseudo-header included).
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, v6: bool, t: &Tuple, f: &Flow) -> Option<()> {
+    let mut addrs = Delta::default();
+    addrs.addr(&t.src, &f.src, v6);
+    addrs.addr(&t.dst, &f.dst, v6);
+    let l4 = if v6 {
+        store(ctx, IP6_SRC, f.src)?;
+        store(ctx, IP6_DST, f.dst)?;
+        IP6_L4
+    } else {
+        let c = load::<u16>(ctx, IP4_CSUM)?;
+        store(ctx, IP4_CSUM, addrs.apply(c))?;
+        store(ctx, IP4_SRC, f.src[3])?;
+        store(ctx, IP4_DST, f.dst[3])?;
+        IP4_L4
+    };
+    let mut l4_delta = addrs;
+    l4_delta.word16(t.sport.to_be(), f.sport.to_be());
+    l4_delta.word16(t.dport.to_be(), f.dport.to_be());
+    let csum_at = l4_csum(l4, t.proto);
+    let c = load::<u16>(ctx, csum_at)?;
+    // An IPv4 UDP datagram without checksum (0) stays without one.
+    if !(c == 0 && t.proto == PROTO_UDP && !v6) {
+        let mut c = l4_delta.apply(c);
+        if c == 0 && t.proto == PROTO_UDP {
+            c = 0xffff;
+        }
+        store(ctx, csum_at, c)?;
+    }
+    store(ctx, l4, f.sport.to_be())?;
+    store(ctx, l4 + 2, f.dport.to_be())?;
+    Some(())
+}
+
+/// Send a translated packet on: straight back out (XDP_TX) or to another
+/// of the agent's devices when the route and neighbour are known, else to
+/// the stack (which also resolves neighbours and serves pod veths).
+#[inline(never)]
+fn forward(ctx: &XdpContext, v6: bool, f: &Flow) -> u32 {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let mut p = pkt::fib_params();
+    p.ifindex = ingress;
+    p.sport = f.sport.to_be();
+    p.dport = f.dport.to_be();
+    let (ttl_at, tot_len) = if v6 {
+        p.family = AF_INET6;
+        pkt::fib_set_v6(&mut p, &f.src, &f.dst);
+        let payload = load::<u16>(ctx, 18).map_or(0, u16::from_be);
+        (IP6_HOP_LIMIT, payload.saturating_add(40))
+    } else {
+        p.family = AF_INET;
+        pkt::fib_set_v4(&mut p, f.src[3], f.dst[3]);
+        (IP4_TTL, load::<u16>(ctx, 16).map_or(0, u16::from_be))
+    };
+    // Protocol: the byte after the TTL in IPv4, the next header in IPv6.
+    p.l4_protocol = load::<u8>(ctx, if v6 { 20 } else { 23 }).unwrap_or(0);
+    pkt::fib_set_tot_len(&mut p, tot_len);
+    let rc = pkt::fib_lookup(ctx, &mut p);
+    if (FIB_BLACKHOLE..=FIB_PROHIBIT).contains(&rc) {
+        return XDP_DROP;
+    }
+    let out = p.ifindex;
+    let known = rc == 0 && (out == ingress || TX_DEVICES.get_ifindex(out).is_some());
+    let Some(ttl) = load::<u8>(ctx, ttl_at) else {
+        return XDP_DROP;
+    };
+    // The stack forwards (and answers TTL expiry) whatever XDP can't.
+    if !known || ttl <= 1 {
+        ctx::count(stats::XDP_PASSED);
+        return XDP_PASS;
+    }
+    if decrement_ttl(ctx, v6, ttl).is_none()
+        || store(ctx, 0, p.dmac).is_none()
+        || store(ctx, 6, p.smac).is_none()
+    {
+        return XDP_DROP;
+    }
+    ctx::count(stats::XDP_FORWARDED);
+    if out == ingress {
+        XDP_TX
+    } else {
+        TX_DEVICES
+            .redirect(out, XDP_PASS as u64)
+            .unwrap_or_else(|e| e)
+    }
+}
+
+#[inline(always)]
+fn decrement_ttl(ctx: &XdpContext, v6: bool, ttl: u8) -> Option<()> {
+    if v6 {
+        return store(ctx, IP6_HOP_LIMIT, ttl - 1);
+    }
+    // TTL and protocol form one 16-bit word of the header checksum.
+    let old = load::<u16>(ctx, IP4_TTL)?;
+    store(ctx, IP4_TTL, ttl - 1)?;
+    let new = load::<u16>(ctx, IP4_TTL)?;
+    let mut d = Delta::default();
+    d.word16(old, new);
+    let c = load::<u16>(ctx, IP4_CSUM)?;
+    store(ctx, IP4_CSUM, d.apply(c))
+}
