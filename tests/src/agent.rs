@@ -40,6 +40,8 @@ pub struct AgentConfig<'a> {
     pub cgroup: &'a Path,
     pub bpffs: &'a Path,
     pub manifests: &'a Path,
+    /// External interfaces (`--devices`, comma-joined); none: no flag.
+    pub devices: Vec<String>,
     pub log: PathBuf,
 }
 
@@ -49,6 +51,7 @@ pub struct Agent {
     proc: Arc<Proc>,
     log: PathBuf,
     manifests: PathBuf,
+    devices: Vec<String>,
 }
 
 impl Agent {
@@ -68,7 +71,11 @@ impl Agent {
             .arg("--cgroup")
             .arg(cfg.cgroup)
             .arg("--bpffs")
-            .arg(cfg.bpffs)
+            .arg(cfg.bpffs);
+        if !cfg.devices.is_empty() {
+            command.arg("--devices").arg(cfg.devices.join(","));
+        }
+        command
             .env("RUST_LOG", "info")
             // Plain text logs: tests grep them.
             .env("NO_COLOR", "1")
@@ -86,6 +93,7 @@ impl Agent {
             proc: Arc::new(Proc::new(format!("agent {}", cfg.node_name), child)),
             log: cfg.log.clone(),
             manifests: cfg.manifests.to_path_buf(),
+            devices: cfg.devices.clone(),
         };
         agent
             .wait_for_log(SYNC_MARKER, SYNC_TIMEOUT)
@@ -103,6 +111,11 @@ impl Agent {
 
     pub fn manifests_dir(&self) -> &Path {
         &self.manifests
+    }
+
+    /// The `--devices` it was started with.
+    pub fn devices(&self) -> &[String] {
+        &self.devices
     }
 
     pub fn log_path(&self) -> &Path {

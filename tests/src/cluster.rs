@@ -9,6 +9,19 @@
 //! - services: pick from 198.19.0.0/16 and fd00:5::/112. svclb translates
 //!   at connect()/sendmsg() before routing; pods have "unreachable" routes
 //!   for these ranges so untranslated attempts fail at once, locally.
+//!
+//! The external network ("fabric", created on first use): one netns with a
+//! bridge that nodes join with [`Node::attach_external`] and that
+//! [`ExternalClient`]s (outside the cluster) sit on:
+//! - node N: veth `ext0` with 198.20.0.N/24 and fd00:20::N/64, and routes
+//!   to the pod subnets of every other attached node via that node's ext0
+//!   address, so pods on different nodes reach each other by pod IP;
+//! - external client k (0-based): 198.20.0.(200+k)/24, fd00:20::(200+k)/64
+//!   (the number 200+k, so fd00:20::c8 for k = 0), with no routes beyond
+//!   the fabric subnet until the test adds some ([`ExternalClient::route_via`]).
+//!
+//! Tx checksum offload is off on every veth end of an attached node and of
+//! the fabric (see [`netns::set_tx_checksum`]).
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -16,7 +29,7 @@ use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::thread;
 use std::time::Duration;
@@ -34,6 +47,14 @@ use crate::{cgroup, mounts, netns};
 /// in base 36, then '-'. Kept short: names are also used for interfaces.
 const PREFIX: &str = "svt";
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The node's interface on the external network.
+pub const EXT_IF: &str = "ext0";
+/// The external network's subnets.
+pub const EXT_CIDR4: &str = "198.20.0.0/24";
+pub const EXT_CIDR6: &str = "fd00:20::/64";
+/// The first external client's host number (198.20.0.200).
+const CLIENT_HOST_BASE: u8 = 200;
 
 /// Where tests put service addresses.
 pub const SERVICE_CIDR4: &str = "198.19.0.0/16";
@@ -66,6 +87,18 @@ struct ClusterInner {
     tmp: PathBuf,
     manifests: Manifests,
     state: Mutex<State>,
+    /// Held for a whole attach so that route setup sees a consistent set
+    /// of attached nodes.
+    fabric: Mutex<Fabric>,
+}
+
+/// The external network: created on first use.
+#[derive(Default)]
+struct Fabric {
+    created: bool,
+    /// Attached nodes.
+    nodes: Vec<Node>,
+    clients: Vec<ExternalClient>,
 }
 
 #[derive(Default)]
@@ -79,6 +112,40 @@ struct State {
 impl ClusterInner {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fabric(&self) -> std::sync::MutexGuard<'_, Fabric> {
+        self.fabric.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Underscores never occur in node or pod names, so these cannot
+    /// collide with `{prefix}-{node}[-{pod}]`.
+    fn fabric_netns(&self) -> String {
+        format!("{}_fabric", self.prefix)
+    }
+
+    /// Create the fabric netns and bridge unless done already.
+    fn ensure_fabric(&self, fabric: &mut Fabric) -> Result<()> {
+        if fabric.created {
+            return Ok(());
+        }
+        if self.state().cleaned {
+            bail!("cluster {} is already cleaned up", self.prefix);
+        }
+        let ns = self.fabric_netns();
+        // Marked before creation so a half-built fabric is cleaned up too.
+        fabric.created = true;
+        netns::create(&ns)?;
+        netns::sysctls(&ns, COMMON_SYSCTLS)?;
+        cmd::ip_batch(
+            &ns,
+            &[
+                "link set lo up".into(),
+                // Fixed MAC for the same reason as the nodes' bridges.
+                "link add br0 address 02:00:00:00:fe:01 type bridge".into(),
+                "link set br0 up".into(),
+            ],
+        )
     }
 
     fn register(&self, p: Arc<Proc>) -> Result<()> {
@@ -198,6 +265,7 @@ impl Cluster {
                 tmp,
                 manifests,
                 state: Mutex::new(State::default()),
+                fabric: Mutex::new(Fabric::default()),
             }),
         })
     }
@@ -232,7 +300,84 @@ impl Cluster {
                 out.push(netns::path(&p.inner.netns));
             }
         }
+        let fabric = self.inner.fabric();
+        if fabric.created {
+            out.push(netns::path(&self.inner.fabric_netns()));
+        }
+        for c in &fabric.clients {
+            out.push(netns::path(&c.inner.netns));
+        }
         out
+    }
+
+    /// The fabric's netns (it exists once a node is attached or an
+    /// external client added); its veths are `nN` (node N) and `cK`
+    /// (external client K), all on bridge br0.
+    pub fn fabric_netns_name(&self) -> String {
+        self.inner.fabric_netns()
+    }
+
+    /// A host outside the cluster on the external network (creates the
+    /// fabric on first use). It has no routes beyond the fabric subnet:
+    /// add them with [`ExternalClient::route_via`].
+    pub fn add_external_client(&self, name: &str) -> Result<ExternalClient> {
+        check_name(name)?;
+        let mut fabric = self.inner.fabric();
+        self.inner.ensure_fabric(&mut fabric)?;
+        if fabric.clients.iter().any(|c| c.name() == name) {
+            bail!("external client {name} exists");
+        }
+        let k = fabric.clients.len();
+        let Some(host) = u8::try_from(k)
+            .ok()
+            .and_then(|k| k.checked_add(CLIENT_HOST_BASE))
+            .filter(|h| *h < 255)
+        else {
+            bail!("too many external clients");
+        };
+        let client = ExternalClient {
+            inner: Arc::new(ExternalInner {
+                cluster: self.inner.clone(),
+                name: name.to_string(),
+                netns: format!("{}_ext-{name}", self.inner.prefix),
+                ipv4: ext_ipv4(host),
+                ipv6: ext_ipv6(host),
+            }),
+        };
+        // Registered before creation so a half-built client is cleaned up too.
+        fabric.clients.push(client.clone());
+        let ns = &client.inner.netns;
+        netns::create(ns)?;
+        netns::sysctls(ns, COMMON_SYSCTLS)?;
+
+        let fab = self.inner.fabric_netns();
+        let peer = format!("c{k}");
+        cmd::ip_batch(
+            &fab,
+            &[
+                format!("link add {peer} type veth peer name eth0 netns {ns}"),
+                format!("link set {peer} master br0 up"),
+            ],
+        )?;
+        cmd::ip_batch(
+            ns,
+            &[
+                "link set lo up".into(),
+                format!("addr add {}/24 dev eth0", client.inner.ipv4),
+                format!("addr add {}/64 dev eth0 nodad", client.inner.ipv6),
+                "link set eth0 up".into(),
+            ],
+        )?;
+        netns::set_tx_checksum(&fab, &peer, false)?;
+        netns::set_tx_checksum(ns, "eth0", false)?;
+        wait_link_ready(&fab, &peer)?;
+        wait_link_ready(ns, "eth0")?;
+        Ok(client)
+    }
+
+    /// The external clients made so far.
+    pub fn external_clients(&self) -> Vec<ExternalClient> {
+        self.inner.fabric().clients.clone()
     }
 
     pub fn add_node(&self, name: &str) -> Result<Node> {
@@ -260,6 +405,7 @@ impl Cluster {
                 cgroup: self.inner.cgroup_root.join(&full),
                 pin_dir: self.inner.bpffs.join(&full),
                 pods: Mutex::new(Vec::new()),
+                external: AtomicBool::new(false),
                 agent: Mutex::new(None),
                 agent_runs: AtomicU32::new(0),
             }),
@@ -281,6 +427,10 @@ impl Cluster {
             st.cleaned = true;
             (st.nodes.clone(), std::mem::take(&mut st.procs))
         };
+        let (fabric, clients) = {
+            let f = self.inner.fabric();
+            (f.created, f.clients.clone())
+        };
         for p in &procs {
             p.kill();
         }
@@ -297,6 +447,12 @@ impl Cluster {
             }
             errors.extend(netns::delete(&node.inner.netns).err());
             errors.extend(cgroup::remove(&node.inner.cgroup).err());
+        }
+        for c in &clients {
+            errors.extend(netns::delete(&c.inner.netns).err());
+        }
+        if fabric {
+            errors.extend(netns::delete(&self.inner.fabric_netns()).err());
         }
         if thread::panicking() {
             eprintln!("svclb-tests: logs kept in {}", self.inner.tmp.display());
@@ -321,6 +477,31 @@ impl Drop for Cluster {
             eprintln!("svclb-tests: {e:#}");
         }
     }
+}
+
+/// Wait until `dev` in netns `ns` is up and has its real qdisc. Until the
+/// kernel's link watcher gets to a new veth (it runs at most once a second
+/// for non-urgent events, and a bridge in the netns makes them), the device
+/// keeps the "noop" qdisc that drops everything: the first packets of a
+/// test would vanish and cost it a 1 s retransmit.
+fn wait_link_ready(ns: &str, dev: &str) -> Result<()> {
+    let ready = crate::poll_until(Duration::from_secs(5), || {
+        let out = cmd::ip(Some(ns), &["link", "show", dev])?;
+        Ok((out.contains("state UP") && !out.contains("qdisc noop")).then_some(()))
+    })?;
+    match ready {
+        Some(_) => Ok(()),
+        None => bail!("{dev} in {ns} not ready after 5 s"),
+    }
+}
+
+/// Routes (ip batch lines) to `node`'s pod subnets via its ext0 addresses.
+fn pod_subnet_routes(node: &Node) -> [String; 2] {
+    let n = node.index();
+    [
+        format!("route add 198.18.{n}.0/24 via {}", node.ext_ipv4()),
+        format!("route add fd00:0:0:{n:x}::/64 via {}", node.ext_ipv6()),
+    ]
 }
 
 /// Node and pod names become parts of netns/cgroup/file names.
@@ -350,8 +531,20 @@ struct NodeInner {
     cgroup: PathBuf,
     pin_dir: PathBuf,
     pods: Mutex<Vec<Pod>>,
+    /// On the fabric ([`Node::attach_external`]).
+    external: AtomicBool,
     agent: Mutex<Option<Agent>>,
     agent_runs: AtomicU32,
+}
+
+/// 198.20.0.HOST: a node's (HOST = its index) or external client's address.
+fn ext_ipv4(host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 20, 0, host)
+}
+
+/// fd00:20::HOST (the number HOST, so fd00:20::a for node 10).
+fn ext_ipv6(host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x20, 0, 0, 0, 0, 0, host.into())
 }
 
 impl Node {
@@ -424,6 +617,123 @@ impl Node {
 
     pub fn bridge_ipv6(&self) -> Ipv6Addr {
         Ipv6Addr::new(0xfd00, 0, 0, self.inner.index.into(), 0, 0, 0, 1)
+    }
+
+    /// The address of [`EXT_IF`] (198.20.0.N), once attached.
+    pub fn ext_ipv4(&self) -> Ipv4Addr {
+        ext_ipv4(self.inner.index)
+    }
+
+    /// The address of [`EXT_IF`] (fd00:20::N), once attached.
+    pub fn ext_ipv6(&self) -> Ipv6Addr {
+        ext_ipv6(self.inner.index)
+    }
+
+    /// The ext0 address of the same family as `like`.
+    pub fn ext_ip_like(&self, like: IpAddr) -> IpAddr {
+        match like {
+            IpAddr::V4(_) => self.ext_ipv4().into(),
+            IpAddr::V6(_) => self.ext_ipv6().into(),
+        }
+    }
+
+    pub fn is_external(&self) -> bool {
+        self.inner.external.load(Ordering::Relaxed)
+    }
+
+    /// The node's InternalIPs: its ext0 addresses when attached, else its
+    /// bridge addresses.
+    pub fn internal_ips(&self) -> [IpAddr; 2] {
+        if self.is_external() {
+            [self.ext_ipv4().into(), self.ext_ipv6().into()]
+        } else {
+            [self.bridge_ipv4().into(), self.bridge_ipv6().into()]
+        }
+    }
+
+    /// This node's Node object: its name, `labels`, and
+    /// [`Node::internal_ips`] as InternalIP addresses.
+    pub fn node_object(&self, labels: &[(&str, &str)]) -> serde_json::Value {
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), (*v).into()))
+            .collect();
+        let addresses: Vec<serde_json::Value> = self
+            .internal_ips()
+            .iter()
+            .map(|ip| serde_json::json!({"type": "InternalIP", "address": ip.to_string()}))
+            .collect();
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": self.name(), "labels": labels},
+            "status": {"addresses": addresses},
+        })
+    }
+
+    /// Write [`Node::node_object`] into the cluster's manifests dir as
+    /// `node-NAME.yaml` (replacing an earlier one); returns the file name.
+    pub fn write_node_object(&self, labels: &[(&str, &str)]) -> Result<String> {
+        let file = format!("node-{}.yaml", self.name());
+        let yaml = crate::manifests::to_yaml(&self.node_object(labels));
+        self.inner.cluster.manifests.write(&file, &yaml)?;
+        Ok(file)
+    }
+
+    /// Put the node on the external network: veth [`EXT_IF`] into the
+    /// fabric with [`Node::ext_ipv4`] and [`Node::ext_ipv6`], routes
+    /// between this node's and every other attached node's pod subnets,
+    /// and tx checksum offload off on its veths (also pods added later).
+    pub fn attach_external(&self) -> Result<()> {
+        let i = &self.inner;
+        let mut fabric = i.cluster.fabric();
+        i.cluster.ensure_fabric(&mut fabric)?;
+        if self.is_external() {
+            bail!("node {} is already attached", i.name);
+        }
+        let fab = i.cluster.fabric_netns();
+        let peer = format!("n{}", i.index);
+        i.external.store(true, Ordering::Relaxed);
+        fabric.nodes.push(self.clone());
+        let mut lines = vec![
+            format!("link add {EXT_IF} type veth peer name {peer} netns {fab}"),
+            format!("addr add {}/24 dev {EXT_IF}", self.ext_ipv4()),
+            format!("addr add {}/64 dev {EXT_IF} nodad", self.ext_ipv6()),
+            format!("link set {EXT_IF} up"),
+        ];
+        let others: Vec<&Node> = fabric.nodes.iter().filter(|n| n.name() != i.name).collect();
+        for other in &others {
+            lines.extend(pod_subnet_routes(other));
+        }
+        cmd::ip_batch(&i.netns, &lines)?;
+
+        cmd::ip_batch(&fab, &[format!("link set {peer} master br0 up")])?;
+        for other in &others {
+            cmd::ip_batch(&other.inner.netns, &pod_subnet_routes(self))?;
+        }
+        netns::set_tx_checksum(&fab, &peer, false)?;
+        netns::set_tx_checksum(&i.netns, EXT_IF, false)?;
+        for (k, pod) in self.pods().iter().enumerate() {
+            self.pod_tx_checksum_off(k, pod)?;
+        }
+        wait_link_ready(&fab, &peer)?;
+        wait_link_ready(&i.netns, EXT_IF)
+    }
+
+    /// Both ends of pod k's veth.
+    fn pod_tx_checksum_off(&self, k: usize, pod: &Pod) -> Result<()> {
+        netns::set_tx_checksum(&self.inner.netns, &format!("vp{k}"), false)?;
+        netns::set_tx_checksum(&pod.inner.netns, "eth0", false)
+    }
+
+    /// `svclb-probe serve` in the node's own netns (a host-network
+    /// backend, or something for external clients to reach); not in the
+    /// node's cgroup. See [`Pod::spawn_server`].
+    pub fn spawn_server(&self, name: &str, ports: &[u16]) -> Result<Server> {
+        let place = Placement {
+            netns: Some(&self.netns_path()),
+            cgroup: None,
+        };
+        spawn_server(&self.inner.cluster, &place, &self.inner.name, name, ports)
     }
 
     pub fn pods(&self) -> Vec<Pod> {
@@ -500,12 +810,26 @@ impl Node {
                 format!("route add unreachable {SERVICE_CIDR6}"),
             ],
         )?;
+        if self.is_external() {
+            self.pod_tx_checksum_off(k, &pod)?;
+        }
         Ok(pod)
     }
 
     /// Start this node's agent on `manifests_dir` and wait for its initial
     /// sync. Replaces the remembered agent (the old one is not stopped).
     pub fn start_agent(&self, manifests_dir: &Path) -> Result<Agent> {
+        self.start_agent_with_devices(manifests_dir, &[])
+    }
+
+    /// [`Node::start_agent`] with `--devices` (comma-joined) when `devices`
+    /// is not empty, e.g. `&[EXT_IF]`: the external interfaces the agent
+    /// attaches its XDP and tc programs to.
+    pub fn start_agent_with_devices(
+        &self,
+        manifests_dir: &Path,
+        devices: &[&str],
+    ) -> Result<Agent> {
         let i = &self.inner;
         let run = i.agent_runs.fetch_add(1, Ordering::Relaxed);
         let agent = Agent::start(&AgentConfig {
@@ -514,6 +838,7 @@ impl Node {
             cgroup: &i.cgroup,
             bpffs: &i.pin_dir,
             manifests: manifests_dir,
+            devices: devices.iter().map(|d| d.to_string()).collect(),
             log: i.cluster.tmp.join(format!("agent-{}-{run}.log", i.name)),
         })?;
         i.cluster.register(agent.proc())?;
@@ -531,13 +856,14 @@ impl Node {
     }
 
     /// Stop the current agent (SIGTERM) and start a new one on the same
-    /// manifests dir.
+    /// manifests dir and devices.
     pub fn restart_agent(&self) -> Result<Agent> {
         let old = self
             .agent()
             .ok_or_else(|| anyhow!("node {} has no agent to restart", self.name()))?;
         old.stop()?;
-        self.start_agent(old.manifests_dir())
+        let devices: Vec<&str> = old.devices().iter().map(String::as_str).collect();
+        self.start_agent_with_devices(old.manifests_dir(), &devices)
     }
 
     /// `svclb maps dump --bpffs <pin dir> --output json`.
@@ -599,65 +925,21 @@ impl Pod {
         cmd::ip(Some(&self.inner.netns), args)
     }
 
-    fn probe_command<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Command> {
-        let mut c = Command::new(probe::probe_bin()?);
-        c.args(args);
-        Ok(c)
-    }
-
-    /// `svclb-probe serve --name NAME --port P...` in this pod (netns only);
-    /// returns once all ports listen. Lives until stopped or cluster cleanup.
-    pub fn spawn_server(&self, name: &str, ports: &[u16]) -> Result<Server> {
-        let mut args = vec!["serve".to_string(), "--name".into(), name.into()];
-        for p in ports {
-            args.extend(["--port".into(), p.to_string()]);
-        }
-        let mut c = self.probe_command(&args)?;
-        let log_path = self
-            .inner
-            .cluster
-            .tmp
-            .join(format!("server-{}-{name}.log", self.inner.name));
-        c.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&log_path)?);
-        let place = Placement {
-            netns: Some(&self.netns_path()),
-            cgroup: None,
-        };
-        let mut child = cmd::spawn_placed(&mut c, &place)?;
-        let stdout = child.stdout.take().expect("piped");
-        let proc = Arc::new(Proc::new(format!("server {name}"), child));
-        self.inner.cluster.register(proc.clone())?;
-        // The probe prints "listening" after binding every port.
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        if line.trim() != "listening" {
-            proc.kill();
-            bail!(
-                "server {name} in pod {} did not start: {}",
-                self.inner.name,
-                fs::read_to_string(&log_path).unwrap_or_default()
-            );
-        }
-        Ok(Server {
-            proc,
-            name: name.to_string(),
-            ports: ports.to_vec(),
-        })
-    }
-
-    fn client_command<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Command> {
-        let mut c = self.probe_command(args)?;
-        c.stdout(Stdio::piped()).stderr(Stdio::piped());
-        Ok(c)
-    }
-
     fn client_place<'a>(netns: &'a Path, node: &'a Node) -> Placement<'a> {
         Placement {
             netns: Some(netns),
             cgroup: Some(node.cgroup()),
         }
+    }
+
+    /// `svclb-probe serve --name NAME --port P...` in this pod (netns only);
+    /// returns once all ports listen. Lives until stopped or cluster cleanup.
+    pub fn spawn_server(&self, name: &str, ports: &[u16]) -> Result<Server> {
+        let place = Placement {
+            netns: Some(&self.netns_path()),
+            cgroup: None,
+        };
+        spawn_server(&self.inner.cluster, &place, &self.inner.name, name, ports)
     }
 
     /// Run the probe with `args` in this pod's netns and in `node`'s cgroup
@@ -667,7 +949,8 @@ impl Pod {
         node: &Node,
         args: &[S],
     ) -> Result<Vec<T>> {
-        self.run_client_timeout(node, args, CLIENT_TIMEOUT)
+        let ns = self.netns_path();
+        run_probe(&Self::client_place(&ns, node), args, CLIENT_TIMEOUT)
     }
 
     /// [`Pod::run_client_as`] for `connect`.
@@ -677,57 +960,240 @@ impl Pod {
 
     /// `svclb-probe connect` from this pod in `node`'s cgroup.
     pub fn connect(&self, node: &Node, c: &Connect) -> Result<Vec<ProbeResult>> {
-        // Each attempt may wait for connect and for the reply.
-        let worst = Duration::from_millis(2 * c.timeout_ms * u64::from(c.count));
-        self.run_client_timeout(node, &c.args(), worst + Duration::from_secs(10))
-    }
-
-    fn run_client_timeout<T: DeserializeOwned, S: AsRef<OsStr>>(
-        &self,
-        node: &Node,
-        args: &[S],
-        timeout: Duration,
-    ) -> Result<Vec<T>> {
-        let mut c = self.client_command(args)?;
-        c.stdin(Stdio::null());
         let ns = self.netns_path();
-        let child = cmd::spawn_placed(&mut c, &Self::client_place(&ns, node))?;
-        let out = cmd::wait_output(&c, child, timeout)?;
-        parse_lines(&String::from_utf8_lossy(&out.stdout))
-            .with_context(|| format!("output of `{}`", cmd::describe(&c)))
+        run_probe(
+            &Self::client_place(&ns, node),
+            &c.args(),
+            connect_timeout(c),
+        )
     }
 
     /// Start the probe with `args` in the background (same placement as
     /// [`Pod::run_client`]); stdin is a pipe that [`Client::finish`] closes.
     pub fn spawn_client<S: AsRef<OsStr>>(&self, node: &Node, args: &[S]) -> Result<Client> {
-        let mut c = self.client_command(args)?;
-        c.stdin(Stdio::piped());
         let ns = self.netns_path();
-        let mut child = cmd::spawn_placed(&mut c, &Self::client_place(&ns, node))?;
-        let stdout = child.stdout.take().expect("piped");
-        let stderr = child.stderr.take().expect("piped");
-        let desc = cmd::describe(&c);
-        let proc = Arc::new(Proc::new(format!("client {desc}"), child));
-        self.inner.cluster.register(proc.clone())?;
-        let read = |mut r: Box<dyn std::io::Read + Send>| {
-            thread::spawn(move || {
-                let mut s = String::new();
-                let _ = r.read_to_string(&mut s);
-                s
-            })
-        };
-        Ok(Client {
-            proc,
-            desc,
-            stdout: read(Box::new(stdout)),
-            stderr: read(Box::new(stderr)),
-        })
+        spawn_probe(&self.inner.cluster, &Self::client_place(&ns, node), args)
     }
 
     /// `svclb-probe hold ...` in the background.
     pub fn spawn_hold(&self, node: &Node, h: &Hold) -> Result<Client> {
         self.spawn_client(node, &h.args())
     }
+}
+
+/// A host outside the cluster, on the external network. Its probes run in
+/// its netns only (no cgroup: svclb's socket programs never apply).
+/// Cheap to clone (shared handle).
+#[derive(Clone)]
+pub struct ExternalClient {
+    inner: Arc<ExternalInner>,
+}
+
+struct ExternalInner {
+    cluster: Arc<ClusterInner>,
+    name: String,
+    netns: String,
+    ipv4: Ipv4Addr,
+    ipv6: Ipv6Addr,
+}
+
+impl ExternalClient {
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn ipv4(&self) -> Ipv4Addr {
+        self.inner.ipv4
+    }
+
+    pub fn ipv6(&self) -> Ipv6Addr {
+        self.inner.ipv6
+    }
+
+    /// The client's address of the same family as `like`.
+    pub fn ip_like(&self, like: IpAddr) -> IpAddr {
+        match like {
+            IpAddr::V4(_) => self.inner.ipv4.into(),
+            IpAddr::V6(_) => self.inner.ipv6.into(),
+        }
+    }
+
+    pub fn netns_name(&self) -> &str {
+        &self.inner.netns
+    }
+
+    pub fn netns_path(&self) -> PathBuf {
+        netns::path(&self.inner.netns)
+    }
+
+    /// Run `ip -n <client netns> ARGS`.
+    pub fn ip<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<String> {
+        cmd::ip(Some(&self.inner.netns), args)
+    }
+
+    /// Route `prefix` (an address or CIDR, either family) via `node`'s
+    /// ext0 address, as a load balancer or router in front of the cluster
+    /// would. Replaces an earlier route for the same prefix, so a test can
+    /// move a VIP to another node.
+    pub fn route_via(&self, prefix: &str, node: &Node) -> Result<()> {
+        if !node.is_external() {
+            bail!(
+                "node {} is not attached to the external network",
+                node.name()
+            );
+        }
+        let via = if prefix.contains(':') {
+            node.ext_ipv6().to_string()
+        } else {
+            node.ext_ipv4().to_string()
+        };
+        self.ip(&["route", "replace", prefix, "via", &via])?;
+        Ok(())
+    }
+
+    /// Run the probe with `args` in this client's netns and parse each
+    /// output line.
+    pub fn run_client_as<T: DeserializeOwned, S: AsRef<OsStr>>(
+        &self,
+        args: &[S],
+    ) -> Result<Vec<T>> {
+        let ns = self.netns_path();
+        run_probe(&netns_only(&ns), args, CLIENT_TIMEOUT)
+    }
+
+    /// [`ExternalClient::run_client_as`] for `connect`.
+    pub fn run_client<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Vec<ProbeResult>> {
+        self.run_client_as(args)
+    }
+
+    /// `svclb-probe connect` from this client.
+    pub fn connect(&self, c: &Connect) -> Result<Vec<ProbeResult>> {
+        let ns = self.netns_path();
+        run_probe(&netns_only(&ns), &c.args(), connect_timeout(c))
+    }
+
+    /// Start the probe with `args` in the background; see [`Pod::spawn_client`].
+    pub fn spawn_client<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Client> {
+        let ns = self.netns_path();
+        spawn_probe(&self.inner.cluster, &netns_only(&ns), args)
+    }
+
+    /// `svclb-probe hold ...` in the background.
+    pub fn spawn_hold(&self, h: &Hold) -> Result<Client> {
+        self.spawn_client(&h.args())
+    }
+
+    /// `svclb-probe serve` on this client (e.g. for pods to reach out to).
+    pub fn spawn_server(&self, name: &str, ports: &[u16]) -> Result<Server> {
+        let ns = self.netns_path();
+        spawn_server(
+            &self.inner.cluster,
+            &netns_only(&ns),
+            &self.inner.name,
+            name,
+            ports,
+        )
+    }
+}
+
+fn netns_only(ns: &Path) -> Placement<'_> {
+    Placement {
+        netns: Some(ns),
+        cgroup: None,
+    }
+}
+
+/// Each connect attempt may wait for connect and for the reply.
+fn connect_timeout(c: &Connect) -> Duration {
+    Duration::from_millis(2 * c.timeout_ms * u64::from(c.count)) + Duration::from_secs(10)
+}
+
+fn probe_command<S: AsRef<OsStr>>(args: &[S]) -> Result<Command> {
+    let mut c = Command::new(probe::probe_bin()?);
+    c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    Ok(c)
+}
+
+/// `svclb-probe serve --name NAME --port P...` placed as given (`host`
+/// names the pod, node or client in the log file name); returns once all
+/// ports listen. Lives until stopped or cluster cleanup.
+fn spawn_server(
+    cluster: &ClusterInner,
+    place: &Placement,
+    host: &str,
+    name: &str,
+    ports: &[u16],
+) -> Result<Server> {
+    let mut args = vec!["serve".to_string(), "--name".into(), name.into()];
+    for p in ports {
+        args.extend(["--port".into(), p.to_string()]);
+    }
+    let mut c = probe_command(&args)?;
+    let log_path = cluster.tmp.join(format!("server-{host}-{name}.log"));
+    c.stdin(Stdio::null()).stderr(File::create(&log_path)?);
+    let mut child = cmd::spawn_placed(&mut c, place)?;
+    let stdout = child.stdout.take().expect("piped");
+    let proc = Arc::new(Proc::new(format!("server {name}"), child));
+    cluster.register(proc.clone())?;
+    // The probe prints "listening" after binding every port.
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() != "listening" {
+        proc.kill();
+        bail!(
+            "server {name} on {host} did not start: {}",
+            fs::read_to_string(&log_path).unwrap_or_default()
+        );
+    }
+    Ok(Server {
+        proc,
+        name: name.to_string(),
+        ports: ports.to_vec(),
+    })
+}
+
+/// Run the probe to completion and parse each output line.
+fn run_probe<T: DeserializeOwned, S: AsRef<OsStr>>(
+    place: &Placement,
+    args: &[S],
+    timeout: Duration,
+) -> Result<Vec<T>> {
+    let mut c = probe_command(args)?;
+    c.stdin(Stdio::null());
+    let child = cmd::spawn_placed(&mut c, place)?;
+    let out = cmd::wait_output(&c, child, timeout)?;
+    parse_lines(&String::from_utf8_lossy(&out.stdout))
+        .with_context(|| format!("output of `{}`", cmd::describe(&c)))
+}
+
+/// Start the probe in the background; stdin is a pipe that
+/// [`Client::finish`] closes.
+fn spawn_probe<S: AsRef<OsStr>>(
+    cluster: &ClusterInner,
+    place: &Placement,
+    args: &[S],
+) -> Result<Client> {
+    let mut c = probe_command(args)?;
+    c.stdin(Stdio::piped());
+    let mut child = cmd::spawn_placed(&mut c, place)?;
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let desc = cmd::describe(&c);
+    let proc = Arc::new(Proc::new(format!("client {desc}"), child));
+    cluster.register(proc.clone())?;
+    let read = |mut r: Box<dyn std::io::Read + Send>| {
+        thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    Ok(Client {
+        proc,
+        desc,
+        stdout: read(Box::new(stdout)),
+        stderr: read(Box::new(stderr)),
+    })
 }
 
 fn parse_lines<T: DeserializeOwned>(text: &str) -> Result<Vec<T>> {

@@ -35,13 +35,17 @@ pub mod agent;
 pub mod cgroup;
 pub mod cluster;
 pub mod cmd;
+pub mod kubeproxy_iptables;
 pub mod manifests;
 pub mod mounts;
 pub mod netns;
 pub mod probe;
 
 pub use agent::Agent;
-pub use cluster::{Client, Cluster, Node, Pod, Server, SERVICE_CIDR4, SERVICE_CIDR6};
+pub use cluster::{
+    Client, Cluster, ExternalClient, Node, Pod, Server, EXT_CIDR4, EXT_CIDR6, EXT_IF,
+    SERVICE_CIDR4, SERVICE_CIDR6,
+};
 pub use manifests::{EndpointSpec, Manifests, PortSpec, Proto, ServiceSpec, SliceSpec};
 pub use probe::{by_error, by_server, Connect, Hold, HoldSummary, ProbeResult};
 

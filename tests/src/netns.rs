@@ -81,24 +81,36 @@ pub fn kill_processes_in(ns_path: &Path) {
     }
 }
 
-/// Write sysctls inside a namespace: a short-lived thread enters it (setns
-/// changes only the calling thread), so /proc/sys/net resolves to that
-/// namespace, and no process is spawned.
-/// Settings [`sysctls`] skips where the kernel has no per-namespace copy.
-const OPTIONAL: &[&str] = &["net.ipv4.icmp_msgs_per_sec", "net.ipv4.icmp_msgs_burst"];
-
-pub fn sysctls(name: &str, settings: &[(&str, &str)]) -> Result<()> {
+/// Run `f` on a short-lived thread that has entered the namespace (setns
+/// changes only the calling thread), so /proc/sys/net and new sockets
+/// belong to that namespace and no process is spawned.
+pub fn in_netns<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     let ns = File::open(path(name)).with_context(|| format!("opening netns {name}"))?;
-    let settings: Vec<(String, String)> = settings
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
     let name = name.to_string();
-    thread::spawn(move || -> Result<()> {
+    thread::spawn(move || -> Result<T> {
         // SAFETY: setns(2) on an fd we own; this thread ends right after.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             bail!("setns into {name}: {}", std::io::Error::last_os_error());
         }
+        f().with_context(|| format!("in netns {name}"))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+}
+
+/// Settings [`sysctls`] skips where the kernel has no per-namespace copy.
+const OPTIONAL: &[&str] = &["net.ipv4.icmp_msgs_per_sec", "net.ipv4.icmp_msgs_burst"];
+
+/// Write sysctls inside a namespace.
+pub fn sysctls(name: &str, settings: &[(&str, &str)]) -> Result<()> {
+    let settings: Vec<(String, String)> = settings
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    in_netns(name, move || {
         for (key, value) in &settings {
             let p = Path::new("/proc/sys").join(key.replace('.', "/"));
             // Some settings are per namespace only on newer kernels (the ICMP
@@ -107,10 +119,70 @@ pub fn sysctls(name: &str, settings: &[(&str, &str)]) -> Result<()> {
             if OPTIONAL.contains(&key.as_str()) && !p.exists() {
                 continue;
             }
-            fs::write(&p, value).with_context(|| format!("netns {name}: {key} = {value}"))?;
+            fs::write(&p, value).with_context(|| format!("{key} = {value}"))?;
         }
         Ok(())
     })
-    .join()
-    .map_err(|_| anyhow::anyhow!("sysctl thread panicked"))?
+}
+
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_GTXCSUM: u32 = 0x16;
+const ETHTOOL_STXCSUM: u32 = 0x17;
+
+/// struct ethtool_value of <linux/ethtool.h>.
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+/// One ETHTOOL_{G,S}* value command on `ifname` in the calling thread's
+/// netns; returns the value the kernel left in `data`.
+fn ethtool_value(ifname: &str, cmd: u32, data: u32) -> Result<u32> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    if ifname.len() >= libc::IFNAMSIZ {
+        bail!("interface name {ifname:?} too long");
+    }
+    let mut value = EthtoolValue { cmd, data };
+    // SAFETY: an all-zero ifreq is valid; the name fits (checked above) and
+    // stays NUL-terminated; ifr_data points at `value`, which outlives the
+    // ioctl; the socket fd is owned and closed on return.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        let sock = OwnedFd::from_raw_fd(fd);
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(ifname.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+        if libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL as _, &mut ifr) != 0 {
+            bail!(
+                "SIOCETHTOOL {cmd:#x} on {ifname}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(value.data)
+}
+
+/// Switch tx checksum offload of `ifname` in netns `name` on or off (what
+/// `ethtool -K IF tx on|off` does; ethtool itself is not needed). With it
+/// off, veths carry fully checksummed packets instead of CHECKSUM_PARTIAL
+/// ones, which XDP programs' incremental checksum updates get wrong.
+pub fn set_tx_checksum(name: &str, ifname: &str, on: bool) -> Result<()> {
+    let ifname = ifname.to_string();
+    in_netns(name, move || {
+        ethtool_value(&ifname, ETHTOOL_STXCSUM, on.into()).map(drop)
+    })
+}
+
+/// Whether tx checksum offload of `ifname` in netns `name` is on.
+pub fn tx_checksum(name: &str, ifname: &str) -> Result<bool> {
+    let ifname = ifname.to_string();
+    in_netns(name, move || {
+        Ok(ethtool_value(&ifname, ETHTOOL_GTXCSUM, 0)? != 0)
+    })
 }

@@ -94,16 +94,11 @@ impl Env {
             .write(&slice.file_name(), &to_yaml(&v))
     }
 
-    /// This node's Node object: zone label and its bridge address as InternalIP.
+    /// This node's Node object: zone label and its bridge addresses as InternalIPs.
     fn node_object(&self, zone: &str) -> Result<()> {
-        let node = json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": zone}},
-            "status": {"addresses": [{"type": "InternalIP", "address": self.node.bridge_ipv4().to_string()}]},
-        });
-        self.cluster
-            .manifests()
-            .write("node-n1.yaml", &to_yaml(&node))
+        self.node
+            .write_node_object(&[("topology.kubernetes.io/zone", zone)])
+            .map(drop)
     }
 
     fn start(&self) -> Result<Agent> {
