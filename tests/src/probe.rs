@@ -97,6 +97,8 @@ pub struct Connect {
     pub count: u32,
     pub timeout_ms: u64,
     pub udp_connected: bool,
+    /// UDP only: the local port to send from (0: ephemeral).
+    pub source_port: u16,
 }
 
 impl Connect {
@@ -108,6 +110,7 @@ impl Connect {
             count: 1,
             timeout_ms: 1000,
             udp_connected: false,
+            source_port: 0,
         }
     }
 
@@ -126,6 +129,12 @@ impl Connect {
 
     pub fn timeout_ms(mut self, timeout_ms: u64) -> Self {
         self.timeout_ms = timeout_ms;
+        self
+    }
+
+    /// UDP: send from `port` (a fixed flow, as far as the network sees).
+    pub fn source_port(mut self, port: u16) -> Self {
+        self.source_port = port;
         self
     }
 
@@ -151,6 +160,10 @@ impl Connect {
         ];
         if self.udp_connected {
             a.push("--udp-connected".into());
+        }
+        if self.source_port != 0 {
+            a.push("--source-port".into());
+            a.push(self.source_port.to_string());
         }
         a
     }

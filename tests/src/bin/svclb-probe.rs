@@ -66,6 +66,9 @@ enum Cmd {
         /// sendto/recvfrom.
         #[arg(long)]
         udp_connected: bool,
+        /// UDP: send from this local port (default: an ephemeral one).
+        #[arg(long, default_value_t = 0)]
+        source_port: u16,
     },
     /// For DURATION: every INTERVAL one request on a long-lived TCP
     /// connection and one new short TCP connection; then a JSON summary.
@@ -117,6 +120,7 @@ fn main() -> ExitCode {
             count,
             timeout_ms,
             udp_connected,
+            source_port,
         } => {
             let target = SocketAddr::new(addr, port);
             let timeout = Duration::from_millis(timeout_ms);
@@ -124,7 +128,7 @@ fn main() -> ExitCode {
             for _ in 0..count {
                 let r = match proto {
                     Proto::Tcp => tcp_once(target, timeout),
-                    Proto::Udp => udp_once(target, timeout, udp_connected),
+                    Proto::Udp => udp_once(target, timeout, udp_connected, source_port),
                 };
                 let line = match r {
                     Ok(v) => v,
@@ -412,10 +416,15 @@ fn tcp_once(target: SocketAddr, timeout: Duration) -> Result<Value, Failure> {
     success(&reply, peer, local)
 }
 
-fn udp_once(target: SocketAddr, timeout: Duration, connected: bool) -> Result<Value, Failure> {
+fn udp_once(
+    target: SocketAddr,
+    timeout: Duration,
+    connected: bool,
+    source_port: u16,
+) -> Result<Value, Failure> {
     let any: SocketAddr = match target {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, source_port).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, source_port).into(),
     };
     let s = UdpSocket::bind(any).map_err(Failure::at("socket"))?;
     s.set_read_timeout(Some(timeout))

@@ -1,0 +1,284 @@
+//! Traffic from outside the cluster, through XDP and tc on the nodes'
+//! external devices: two attached nodes, an external client on the fabric,
+//! NodePort / LoadBalancer / ExternalIP services with both traffic policies.
+//!
+//! Backends report the client address they saw, so source-IP preservation
+//! (and SNAT for remote backends) is observable.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use svclb_tests::manifests::to_yaml;
+use svclb_tests::{
+    by_error, by_server, dropped_errno, poll_until, Cluster, Connect, EndpointSpec,
+    ExternalClient, Node, Pod, PortSpec, ProbeResult, Proto, ServiceSpec, SliceSpec, EXT_IF,
+};
+
+const CLUSTER_IP: &str = "198.19.0.30";
+const LB_IP: &str = "198.19.5.5";
+const EXTERNAL_IP: &str = "198.19.6.6";
+const NODE_PORT: u16 = 30080;
+const DEADLINE: Duration = Duration::from_secs(5);
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("address literal")
+}
+
+/// Two nodes with one backend pod each (b1 on n1, b2 on n2), an external
+/// client, agents with XDP on ext0.
+struct Env {
+    cluster: Cluster,
+    nodes: Vec<Node>,
+    backends: Vec<Pod>,
+    client: ExternalClient,
+}
+
+fn setup(label: &str) -> Result<Env> {
+    let cluster = Cluster::new(label)?;
+    let mut nodes = Vec::new();
+    let mut backends = Vec::new();
+    for n in 1..=2 {
+        let node = cluster.add_node(&format!("n{n}"))?;
+        node.attach_external()?;
+        let pod = node.add_pod(&format!("b{n}"))?;
+        pod.spawn_server(&format!("b{n}"), &[8080])?;
+        node.write_node_object(&[])?;
+        nodes.push(node);
+        backends.push(pod);
+    }
+    let client = cluster.add_external_client("x1")?;
+    Ok(Env {
+        cluster,
+        nodes,
+        backends,
+        client,
+    })
+}
+
+impl Env {
+    /// Service "web": type LoadBalancer (so also NodePort 30080), with an
+    /// external IP and a load-balancer IP, TCP and UDP on port 80.
+    fn service(&self, extra: Value) -> Result<()> {
+        let mut svc = ServiceSpec::new("web", &[ip(CLUSTER_IP)], Vec::new());
+        let mut spec = json!({
+            "type": "LoadBalancer",
+            "externalIPs": [EXTERNAL_IP],
+            "ports": [
+                {"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": NODE_PORT},
+                {"name": "dns", "port": 80, "protocol": "UDP", "targetPort": 8080, "nodePort": NODE_PORT},
+            ],
+        });
+        for (k, v) in extra.as_object().expect("object") {
+            spec[k] = v.clone();
+        }
+        svc.extra_spec = Some(spec);
+        let mut v = svc.to_json();
+        v["status"] = json!({"loadBalancer": {"ingress": [{"ip": LB_IP}]}});
+        self.cluster
+            .manifests()
+            .write(&svc.file_name(), &to_yaml(&v))
+    }
+
+    /// The slice of "web": the given backends (0-based), each on its node.
+    fn slice(&self, backends: &[usize]) -> Result<()> {
+        let eps = backends
+            .iter()
+            .map(|&i| EndpointSpec {
+                node_name: Some(self.nodes[i].name().to_string()),
+                ..EndpointSpec::ready(self.backends[i].ipv4().into())
+            })
+            .collect();
+        let ports = vec![
+            PortSpec::tcp("http", 8080),
+            PortSpec::new("dns", 8080, Proto::Udp),
+        ];
+        let slice = SliceSpec::new("web-1", "web", ports, eps);
+        self.cluster.manifests().write_slice(&slice).map(drop)
+    }
+
+    fn start_agents(&self) -> Result<()> {
+        for node in &self.nodes {
+            node.start_agent_with_devices(self.cluster.manifests().dir(), &[EXT_IF])?;
+        }
+        Ok(())
+    }
+
+    fn connect(&self, c: &Connect) -> Result<Vec<ProbeResult>> {
+        self.client.connect(c)
+    }
+
+    /// Poll until a batch satisfies `done`; fail with the last batch and
+    /// the agents' logs otherwise.
+    fn converge(
+        &self,
+        what: &str,
+        c: &Connect,
+        done: impl Fn(&[ProbeResult]) -> bool,
+    ) -> Result<Vec<ProbeResult>> {
+        let mut last = Vec::new();
+        let seen = poll_until(DEADLINE, || {
+            last = self.connect(c)?;
+            Ok(done(&last).then_some(()))
+        })?;
+        if seen.is_none() {
+            let logs: Vec<String> = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.agent().map(|a| a.log()))
+                .collect();
+            bail!(
+                "{what}: ok {:?} errors {:?}\nclients seen {:?}\n{}",
+                by_server(&last),
+                by_error(&last),
+                clients_seen(&last),
+                logs.join("\n---\n")
+            );
+        }
+        Ok(last)
+    }
+}
+
+/// Backend name -> the client addresses (without port) it saw.
+fn clients_seen(results: &[ProbeResult]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut m: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in results.iter().filter(|r| r.ok) {
+        let client = r.client.clone().unwrap_or_default();
+        let host = client
+            .rsplit_once(':')
+            .map_or(client.clone(), |(h, _)| h.trim_matches(['[', ']']).to_string());
+        m.entry(r.server.clone().unwrap_or_default())
+            .or_default()
+            .insert(host);
+    }
+    m
+}
+
+fn all_ok(r: &[ProbeResult]) -> bool {
+    !r.is_empty() && r.iter().all(|r| r.ok)
+}
+
+/// externalTrafficPolicy Cluster: a node balances over both backends; the
+/// local one sees the client's address, the remote one the node's (SNAT),
+/// and replies come back from the address the client connected to.
+#[test]
+fn cluster_policy_reaches_remote_backends_through_snat() -> Result<()> {
+    let env = setup("extcl")?;
+    env.service(json!({}))?;
+    env.slice(&[0, 1])?;
+    env.start_agents()?;
+    let n1 = &env.nodes[0];
+    let c = Connect::tcp(n1.ext_ipv4(), NODE_PORT).count(40).timeout_ms(1000);
+    let r = env.converge("NodePort on n1 reaches b1 and b2", &c, |r| {
+        all_ok(r) && by_server(r).len() == 2
+    })?;
+    let seen = clients_seen(&r);
+    assert_eq!(
+        seen["b1"],
+        BTreeSet::from([env.client.ipv4().to_string()]),
+        "the local backend sees the client"
+    );
+    assert_eq!(
+        seen["b2"],
+        BTreeSet::from([n1.ext_ipv4().to_string()]),
+        "the remote backend sees n1 (SNAT)"
+    );
+    for p in &r {
+        assert_eq!(
+            p.peer.as_deref(),
+            Some(format!("{}:{NODE_PORT}", n1.ext_ipv4()).as_str()),
+            "replies come from the NodePort"
+        );
+    }
+    // UDP through the same path.
+    let u = Connect::udp(n1.ext_ipv4(), NODE_PORT).count(40).timeout_ms(1000);
+    env.converge("UDP NodePort on n1 reaches b1 and b2", &u, |r| {
+        all_ok(r) && by_server(r).len() == 2
+    })?;
+    Ok(())
+}
+
+/// externalTrafficPolicy Local: only this node's backend, with the client's
+/// address; a node without a local endpoint drops.
+#[test]
+fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints() -> Result<()> {
+    let env = setup("extlo")?;
+    env.service(json!({"externalTrafficPolicy": "Local"}))?;
+    env.slice(&[0])?;
+    env.start_agents()?;
+    let (n1, n2) = (&env.nodes[0], &env.nodes[1]);
+    let c = Connect::tcp(n1.ext_ipv4(), NODE_PORT).count(20).timeout_ms(1000);
+    let r = env.converge("NodePort on n1 reaches b1", &c, all_ok)?;
+    assert_eq!(by_server(&r).keys().collect::<Vec<_>>(), ["b1"]);
+    assert_eq!(
+        clients_seen(&r)["b1"],
+        BTreeSet::from([env.client.ipv4().to_string()])
+    );
+    // n2 has no local endpoint: dropped, so the client times out.
+    let c2 = Connect::tcp(n2.ext_ipv4(), NODE_PORT).count(2).timeout_ms(500);
+    let r2 = env.connect(&c2)?;
+    assert!(
+        r2.iter().all(|r| !r.ok && r.error.as_deref() == Some("ETIMEDOUT")),
+        "n2 drops: {:?} (dropped_errno for socket hooks is {})",
+        by_error(&r2),
+        dropped_errno()
+    );
+    Ok(())
+}
+
+/// LoadBalancer and external IPs routed to a node reach the service too.
+#[test]
+fn load_balancer_and_external_ips_from_outside() -> Result<()> {
+    let env = setup("extlb")?;
+    env.service(json!({}))?;
+    env.slice(&[0, 1])?;
+    env.start_agents()?;
+    let n2 = &env.nodes[1];
+    env.client.route_via(&format!("{LB_IP}/32"), n2)?;
+    env.client.route_via(&format!("{EXTERNAL_IP}/32"), n2)?;
+    for addr in [LB_IP, EXTERNAL_IP] {
+        let c = Connect::tcp(ip(addr), 80).count(40).timeout_ms(1000);
+        let r = env.converge(&format!("{addr} via n2"), &c, |r| {
+            all_ok(r) && by_server(r).len() == 2
+        })?;
+        for p in &r {
+            assert_eq!(p.peer.as_deref(), Some(format!("{addr}:80").as_str()));
+        }
+    }
+    Ok(())
+}
+
+/// Both nodes pick the same backend for the same client address and UDP port
+/// (Maglev over the same backend set), whichever node address it reached.
+#[test]
+fn maglev_picks_the_same_backend_on_either_node() -> Result<()> {
+    let env = setup("extmg")?;
+    env.service(json!({}))?;
+    env.slice(&[0, 1])?;
+    env.start_agents()?;
+    let (n1, n2) = (&env.nodes[0], &env.nodes[1]);
+    let warm = Connect::tcp(n1.ext_ipv4(), NODE_PORT).count(4);
+    env.converge("n1 serves", &warm, all_ok)?;
+    let warm2 = Connect::tcp(n2.ext_ipv4(), NODE_PORT).count(4);
+    env.converge("n2 serves", &warm2, all_ok)?;
+    let mut agree = 0;
+    for port in 41000..41030u16 {
+        let via = |node: &Node| -> Result<String> {
+            let c = Connect::udp(node.ext_ipv4(), NODE_PORT)
+                .source_port(port)
+                .timeout_ms(1000);
+            let r = env.connect(&c)?;
+            r.first()
+                .filter(|r| r.ok)
+                .and_then(|r| r.server.clone())
+                .with_context(|| format!("port {port} via {}: {r:?}", node.name()))
+        };
+        let (a, b) = (via(n1)?, via(n2)?);
+        assert_eq!(a, b, "client port {port}: n1 chose {a}, n2 chose {b}");
+        agree += 1;
+    }
+    assert_eq!(agree, 30);
+    Ok(())
+}
