@@ -10,6 +10,7 @@ pub mod abi;
 mod barrier;
 mod kernel;
 pub mod loader;
+pub mod maglev;
 mod writer;
 
 pub use kernel::{entries, KernelMaps};
