@@ -43,7 +43,7 @@ pub mod probe;
 pub use agent::Agent;
 pub use cluster::{Client, Cluster, Node, Pod, Server, SERVICE_CIDR4, SERVICE_CIDR6};
 pub use manifests::{EndpointSpec, Manifests, PortSpec, Proto, ServiceSpec, SliceSpec};
-pub use probe::{by_error, by_server, Connect, Hold, HoldSummary, ProbeResult};
+pub use probe::{by_error, by_server, Connect, Hold, HoldSummary, HttpResult, ProbeResult};
 
 /// Cargo target dirs to look for binaries in: $CARGO_TARGET_DIR, then the
 /// workspace's own target/.
