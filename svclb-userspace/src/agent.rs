@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use crate::cli::RunArgs;
 use crate::dataplane::{Dataplane, DataplaneConfig, DataplaneError};
 use crate::health::{self, ProxyHealth};
+use crate::healthcheck::HealthCheckServers;
 use crate::metrics::{self, Metrics};
 use crate::model::{ModelError, NodeContext, Object, ObjectStore, ServiceId};
 use crate::source::{kube, Source, SourceEvent};
@@ -59,6 +60,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel(1024);
     tokio::spawn(source.run(node.name.clone(), tx));
     let mut store = ObjectStore::new();
+    let mut health_checks = HealthCheckServers::new(health.clone());
     let mut synced = false;
     let mut pending: BTreeSet<ServiceId> = BTreeSet::new();
     let started = SystemTime::now();
@@ -118,6 +120,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Err(e) = dataplane.writer.flush() {
             tracing::error!(error = %e, "removing stale map entries");
         }
+        let (checks, warnings) = store.health_checks(&node);
+        health_checks.sync(checks, warnings);
         if !dataplane.initial_sync_done() {
             // Only now can entries left by an earlier agent for services that
             // no longer exist be told apart from ones not yet synced.

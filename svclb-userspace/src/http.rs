@@ -28,6 +28,8 @@ pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
     pub body: String,
+    /// Headers beyond the ones every response has.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Response {
@@ -36,7 +38,13 @@ impl Response {
             status,
             content_type,
             body: body.into(),
+            headers: Vec::new(),
         }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
     }
 
     /// What Go's http.NotFound answers, so unknown paths look like kube-proxy's.
@@ -60,6 +68,12 @@ impl Server {
             .await
             .map_err(|source| HttpError::Bind { addr, source })?;
         Ok(Server { listener })
+    }
+
+    /// Serve on a listener bound elsewhere (with socket options
+    /// `bind` does not set).
+    pub fn from_listener(listener: TcpListener) -> Self {
+        Server { listener }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -152,6 +166,9 @@ fn encode(response: &Response, head_only: bool) -> Vec<u8> {
     );
     if response.status == 405 {
         out.push_str("Allow: GET, HEAD\r\n");
+    }
+    for (name, value) in &response.headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
     }
     out.push_str("\r\n");
     if !head_only {

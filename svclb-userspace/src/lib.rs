@@ -13,6 +13,7 @@ pub mod cli;
 pub mod dataplane;
 pub mod dump;
 pub mod health;
+pub mod healthcheck;
 pub mod http;
 pub mod metrics;
 pub mod model;

@@ -47,7 +47,7 @@ pub use cluster::{
     SERVICE_CIDR4, SERVICE_CIDR6,
 };
 pub use manifests::{EndpointSpec, Manifests, PortSpec, Proto, ServiceSpec, SliceSpec};
-pub use probe::{by_error, by_server, Connect, Hold, HoldSummary, ProbeResult};
+pub use probe::{by_error, by_server, Connect, Hold, HoldSummary, HttpResult, ProbeResult};
 
 /// Cargo target dirs to look for binaries in: $CARGO_TARGET_DIR, then the
 /// workspace's own target/.

@@ -105,6 +105,29 @@ impl ServiceSpec {
         }
     }
 
+    /// Sets one `spec` field (merged over the generated ones).
+    pub fn with_spec(mut self, field: &str, value: Value) -> Self {
+        let extra = self.extra_spec.get_or_insert_with(|| json!({}));
+        extra[field] = value;
+        self
+    }
+
+    /// type LoadBalancer with the given externalTrafficPolicy and, when
+    /// set, healthCheckNodePort.
+    pub fn load_balancer(
+        self,
+        external_traffic_policy: &str,
+        health_check_port: Option<u16>,
+    ) -> Self {
+        let svc = self
+            .with_spec("type", json!("LoadBalancer"))
+            .with_spec("externalTrafficPolicy", json!(external_traffic_policy));
+        match health_check_port {
+            Some(port) => svc.with_spec("healthCheckNodePort", json!(port)),
+            None => svc,
+        }
+    }
+
     pub fn to_json(&self) -> Value {
         let families: Vec<&str> = self.cluster_ips.iter().map(|ip| family(*ip)).collect();
         let mut spec = json!({
@@ -346,6 +369,12 @@ mod tests {
         assert_eq!(v["spec"]["ipFamilyPolicy"], "RequireDualStack");
         assert_eq!(v["spec"]["ports"][0]["targetPort"], 8080);
         assert_eq!(v["spec"]["ports"][0]["protocol"], "TCP");
+
+        let lb = svc.load_balancer("Local", Some(32100));
+        let v: Value = serde_yaml::from_str(&lb.to_yaml()).unwrap();
+        assert_eq!(v["spec"]["type"], "LoadBalancer");
+        assert_eq!(v["spec"]["externalTrafficPolicy"], "Local");
+        assert_eq!(v["spec"]["healthCheckNodePort"], 32100);
     }
 
     #[test]

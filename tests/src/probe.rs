@@ -57,6 +57,21 @@ pub struct ProbeResult {
     pub detail: Option<String>,
 }
 
+/// The line `svclb-probe http-get` prints.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpResult {
+    pub ok: bool,
+    pub status: Option<u16>,
+    /// Names in lower case.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub body: Option<String>,
+    /// Errno name (ECONNREFUSED, ...) when !ok.
+    pub error: Option<String>,
+    pub stage: Option<String>,
+    pub detail: Option<String>,
+}
+
 /// The summary line of `svclb-probe hold`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldSummary {

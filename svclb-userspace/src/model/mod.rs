@@ -12,11 +12,13 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+mod healthcheck;
 mod store;
 #[cfg(test)]
 mod tests;
 mod translate;
 
+pub use healthcheck::{health_check, HealthCheck};
 pub use store::ObjectStore;
 pub use store::LABEL_SERVICE_NAME;
 pub use translate::translate;

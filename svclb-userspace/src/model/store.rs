@@ -7,7 +7,10 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::{translate, ModelError, NodeContext, Object, ObjectKind, ServiceId, Translation};
+use super::{
+    health_check, translate, HealthCheck, ModelError, NodeContext, Object, ObjectKind, ServiceId,
+    Translation,
+};
 
 /// The label the EndpointSlice controller puts on every slice it manages,
 /// naming its Service (in the slice's namespace).
@@ -200,12 +203,44 @@ impl ObjectStore {
     /// Service is not stored.
     pub fn translate(&self, id: &ServiceId, node: &NodeContext) -> Option<Translation> {
         let svc = self.services.get(id)?;
+        Some(translate(svc, &self.slices_of(id), node))
+    }
+
+    /// Every health check server this node must run, by port, plus a
+    /// warning for each Service that wants one and cannot have it. Two
+    /// Services claiming one port: the first by namespace/name keeps it, so
+    /// the choice does not depend on the order objects arrived in.
+    pub fn health_checks(&self, node: &NodeContext) -> (Vec<HealthCheck>, Vec<ModelError>) {
+        let mut checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
+        let mut warnings = Vec::new();
+        // self.services iterates in namespace/name order.
+        for (id, svc) in &self.services {
+            match health_check(svc, &self.slices_of(id), node) {
+                Ok(None) => {}
+                Ok(Some(hc)) => match checks.get(&hc.port) {
+                    Some(first) => warnings.push(ModelError::Invalid {
+                        kind: "Service",
+                        object: id.to_string(),
+                        reason: format!(
+                            "healthCheckNodePort {} is already used by {}; no health check server",
+                            hc.port, first.service
+                        ),
+                    }),
+                    None => {
+                        checks.insert(hc.port, hc);
+                    }
+                },
+                Err(e) => warnings.push(e),
+            }
+        }
+        (checks.into_values().collect(), warnings)
+    }
+
+    fn slices_of(&self, id: &ServiceId) -> Vec<&EndpointSlice> {
         let keys = self.slices_by_service.get(id).into_iter().flatten();
-        let slices: Vec<&EndpointSlice> = keys
-            .filter_map(|key| self.slices.get(key))
+        keys.filter_map(|key| self.slices.get(key))
             .map(|stored| &stored.slice)
-            .collect();
-        Some(translate(svc, &slices, node))
+            .collect()
     }
 
     /// Stored Services, in order.
@@ -407,6 +442,65 @@ mod tests {
         assert_eq!(replace(&mut store, ObjectKind::Node, vec![]), ids(&[]));
         assert!(store.node("n1").is_none());
         assert_eq!(store.service_ids().count(), 2);
+    }
+
+    #[test]
+    fn health_checks_one_server_per_port_first_service_wins() {
+        let lb = |ns: &str, name: &str, port: i64| {
+            let v = json!({
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"clusterIP": "198.18.0.10", "type": "LoadBalancer",
+                         "externalTrafficPolicy": "Local", "healthCheckNodePort": port,
+                         "ports": [{"port": 80}]},
+            });
+            Object::Service(Box::new(serde_json::from_value(v).unwrap()))
+        };
+        let local = |name: &str, service: &str| {
+            let v = json!({
+                "metadata": {"name": name, "namespace": "b",
+                             "labels": {LABEL_SERVICE_NAME: service}},
+                "addressType": "IPv4",
+                "ports": [{"port": 8080}],
+                "endpoints": [{"addresses": ["198.19.0.1"], "nodeName": "n1"}],
+            });
+            Object::EndpointSlice(Box::new(serde_json::from_value(v).unwrap()))
+        };
+        let mut store = ObjectStore::new();
+        // Arrival order is not sorted order.
+        store.replace_all(vec![
+            lb("b", "web", 32001),
+            lb("b", "api", 32000),
+            lb("a", "zzz", 32001),
+            lb("c", "bad", 70000),
+            local("web-1", "web"),
+        ]);
+        let node = NodeContext {
+            name: "n1".into(),
+            ..NodeContext::default()
+        };
+        let (checks, warnings) = store.health_checks(&node);
+        let got: Vec<(u16, String, usize)> = (checks.iter())
+            .map(|c| (c.port, c.service.to_string(), c.local_endpoints))
+            .collect();
+        assert_eq!(
+            got,
+            [(32000, "b/api".into(), 0), (32001, "a/zzz".into(), 0)]
+        );
+        let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            warnings,
+            [
+                "Service b/web: healthCheckNodePort 32001 is already used by a/zzz; no health check server",
+                "Service c/bad: healthCheckNodePort 70000 must be 1-65535; no health check server",
+            ]
+        );
+
+        // The winner goes: the other Service gets the port, with its count.
+        store.delete(&lb("a", "zzz", 32001));
+        let (checks, warnings) = store.health_checks(&node);
+        assert_eq!(checks[1].service.to_string(), "b/web");
+        assert_eq!((checks[1].port, checks[1].local_endpoints), (32001, 1));
+        assert_eq!(warnings.len(), 1);
     }
 
     #[test]

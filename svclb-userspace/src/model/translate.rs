@@ -151,7 +151,7 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
 }
 
 /// kube-proxy's ShouldSkipService plus its informer label selector.
-fn skip_reason(svc: &Service) -> Option<&'static str> {
+pub(super) fn skip_reason(svc: &Service) -> Option<&'static str> {
     let labels = svc.metadata.labels.as_ref();
     if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
         return Some(skip::PROXY_NAME_LABEL);

@@ -10,6 +10,8 @@
 //! - `rate`: as many request/replies as it can for a duration, taking
 //!   one or more targets in turn, then one JSON line with each target's
 //!   ops/s (the benchmarks' client).
+//! - `http-get`: one HTTP/1.1 GET, one JSON line with status, headers and
+//!   body (health check ports).
 //! - `whoami`: where the probe runs (cgroup, netns), for harness self-tests.
 
 use std::collections::BTreeMap;
@@ -106,6 +108,18 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
+    /// One GET PATH; prints {"ok":true,"status","headers":{lower-case
+    /// name: value},"body"} or {"ok":false,"error","stage","detail"}.
+    HttpGet {
+        #[arg(long)]
+        addr: IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
     /// Print {"pid","cgroup","netns"} of this process.
     Whoami,
 }
@@ -168,6 +182,17 @@ fn main() -> ExitCode {
             Duration::from_millis(duration_ms),
             Duration::from_millis(timeout_ms),
         ),
+        Cmd::HttpGet {
+            addr,
+            port,
+            path,
+            timeout_ms,
+        } => {
+            let target = SocketAddr::new(addr, port);
+            let r = http_get(target, &path, Duration::from_millis(timeout_ms));
+            println!("{}", r.unwrap_or_else(|f| f.to_json()));
+            Ok(())
+        }
         Cmd::Whoami => {
             let v = json!({
                 "pid": std::process::id(),
@@ -414,6 +439,33 @@ fn tcp_once(target: SocketAddr, timeout: Duration) -> Result<Value, Failure> {
     let peer = s.peer_addr().map_err(Failure::at("getpeername"))?;
     let local = s.local_addr().map_err(Failure::at("getsockname"))?;
     success(&reply, peer, local)
+}
+
+/// GET `path` with Connection: close and read the response to EOF.
+fn http_get(target: SocketAddr, path: &str, timeout: Duration) -> Result<Value, Failure> {
+    let mut s = tcp_open(target, timeout)?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())
+        .map_err(Failure::at("send"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(Failure::at("recv"))?;
+    let raw = String::from_utf8_lossy(&raw);
+    let bad = || {
+        Failure::at("recv")(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad response {raw:?}"),
+        ))
+    };
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = (lines.next().and_then(|l| l.split(' ').nth(1)))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(bad)?;
+    let headers: BTreeMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(json!({ "ok": true, "status": status, "headers": headers, "body": body }))
 }
 
 fn udp_once(
