@@ -13,8 +13,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use svclb_tests::manifests::to_yaml;
 use svclb_tests::{
-    by_error, by_server, dropped_errno, poll_until, Cluster, Connect, EndpointSpec,
-    ExternalClient, Node, Pod, PortSpec, ProbeResult, Proto, ServiceSpec, SliceSpec, EXT_IF,
+    by_error, by_server, dropped_errno, poll_until, Cluster, Connect, EndpointSpec, ExternalClient,
+    Node, Pod, PortSpec, ProbeResult, Proto, ServiceSpec, SliceSpec, EXT_IF,
 };
 
 const CLUSTER_IP: &str = "198.19.0.30";
@@ -146,9 +146,9 @@ fn clients_seen(results: &[ProbeResult]) -> BTreeMap<String, BTreeSet<String>> {
     let mut m: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for r in results.iter().filter(|r| r.ok) {
         let client = r.client.clone().unwrap_or_default();
-        let host = client
-            .rsplit_once(':')
-            .map_or(client.clone(), |(h, _)| h.trim_matches(['[', ']']).to_string());
+        let host = client.rsplit_once(':').map_or(client.clone(), |(h, _)| {
+            h.trim_matches(['[', ']']).to_string()
+        });
         m.entry(r.server.clone().unwrap_or_default())
             .or_default()
             .insert(host);
@@ -170,7 +170,9 @@ fn cluster_policy_reaches_remote_backends_through_snat() -> Result<()> {
     env.slice(&[0, 1])?;
     env.start_agents()?;
     let n1 = &env.nodes[0];
-    let c = Connect::tcp(n1.ext_ipv4(), NODE_PORT).count(40).timeout_ms(1000);
+    let c = Connect::tcp(n1.ext_ipv4(), NODE_PORT)
+        .count(40)
+        .timeout_ms(1000);
     let r = env.converge("NodePort on n1 reaches b1 and b2", &c, |r| {
         all_ok(r) && by_server(r).len() == 2
     })?;
@@ -193,7 +195,9 @@ fn cluster_policy_reaches_remote_backends_through_snat() -> Result<()> {
         );
     }
     // UDP through the same path.
-    let u = Connect::udp(n1.ext_ipv4(), NODE_PORT).count(40).timeout_ms(1000);
+    let u = Connect::udp(n1.ext_ipv4(), NODE_PORT)
+        .count(40)
+        .timeout_ms(1000);
     env.converge("UDP NodePort on n1 reaches b1 and b2", &u, |r| {
         all_ok(r) && by_server(r).len() == 2
     })?;
@@ -209,7 +213,9 @@ fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints() -> 
     env.slice(&[0])?;
     env.start_agents()?;
     let (n1, n2) = (&env.nodes[0], &env.nodes[1]);
-    let c = Connect::tcp(n1.ext_ipv4(), NODE_PORT).count(20).timeout_ms(1000);
+    let c = Connect::tcp(n1.ext_ipv4(), NODE_PORT)
+        .count(20)
+        .timeout_ms(1000);
     let r = env.converge("NodePort on n1 reaches b1", &c, all_ok)?;
     assert_eq!(by_server(&r).keys().collect::<Vec<_>>(), ["b1"]);
     assert_eq!(
@@ -217,10 +223,13 @@ fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints() -> 
         BTreeSet::from([env.client.ipv4().to_string()])
     );
     // n2 has no local endpoint: dropped, so the client times out.
-    let c2 = Connect::tcp(n2.ext_ipv4(), NODE_PORT).count(2).timeout_ms(500);
+    let c2 = Connect::tcp(n2.ext_ipv4(), NODE_PORT)
+        .count(2)
+        .timeout_ms(500);
     let r2 = env.connect(&c2)?;
     assert!(
-        r2.iter().all(|r| !r.ok && r.error.as_deref() == Some("ETIMEDOUT")),
+        r2.iter()
+            .all(|r| !r.ok && r.error.as_deref() == Some("ETIMEDOUT")),
         "n2 drops: {:?} (dropped_errno for socket hooks is {})",
         by_error(&r2),
         dropped_errno()
@@ -263,7 +272,7 @@ fn maglev_picks_the_same_backend_on_either_node() -> Result<()> {
     env.converge("n1 serves", &warm, all_ok)?;
     let warm2 = Connect::tcp(n2.ext_ipv4(), NODE_PORT).count(4);
     env.converge("n2 serves", &warm2, all_ok)?;
-    let mut agree = 0;
+    let mut chosen = BTreeSet::new();
     for port in 41000..41030u16 {
         let via = |node: &Node| -> Result<String> {
             let c = Connect::udp(node.ext_ipv4(), NODE_PORT)
@@ -277,8 +286,8 @@ fn maglev_picks_the_same_backend_on_either_node() -> Result<()> {
         };
         let (a, b) = (via(n1)?, via(n2)?);
         assert_eq!(a, b, "client port {port}: n1 chose {a}, n2 chose {b}");
-        agree += 1;
+        chosen.insert(a);
     }
-    assert_eq!(agree, 30);
+    assert_eq!(chosen.len(), 2, "flows spread over both backends");
     Ok(())
 }

@@ -130,6 +130,14 @@ impl Dataplane {
             loader::attach_external(&mut ebpf, &config.devices, config.xdp_mode, &config.bpffs)?;
         for (device, mode) in &modes {
             tracing::info!(device, mode, "XDP attached");
+            // Translated packets XDP can't forward itself (neighbour not yet
+            // resolved) go to the stack; with SNAT their source is this
+            // node's own address, which the stack drops as martian unless
+            // the device accepts local sources.
+            let knob = format!("/proc/sys/net/ipv4/conf/{device}/accept_local");
+            if let Err(e) = std::fs::write(&knob, "1") {
+                tracing::warn!(device, error = %e, "setting accept_local; SNATed packets may be dropped until neighbours resolve");
+            }
         }
         // The devices XDP may redirect to: exactly the current ones.
         let old: Vec<u32> = tx_devices.keys().filter_map(Result::ok).collect();
