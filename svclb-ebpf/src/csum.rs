@@ -30,6 +30,12 @@ impl Delta {
         self.word32(from[3], to[3]);
     }
 
+    /// Add another delta (a change covered by both checksums).
+    #[inline(always)]
+    pub fn add(&mut self, other: Delta) {
+        self.0 += other.0;
+    }
+
     /// The checksum field after the change.
     #[inline(always)]
     pub fn apply(self, csum: u16) -> u16 {

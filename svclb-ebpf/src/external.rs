@@ -81,6 +81,14 @@ pub fn ingress(s: &mut Scratch, v6: bool) -> Decision {
     new_flow(s, v6)
 }
 
+/// The conntrack entry of `s.t` into `s.flow`, if it is for `direction`
+/// (ICMP errors: related to a flow, never creating one).
+#[inline(always)]
+pub fn related(s: &mut Scratch, direction: u8) -> bool {
+    s.key = s.t.key();
+    ctx::lookup_lru_into(&CONNTRACK, &s.key, &mut s.flow) && s.flow.direction == direction
+}
+
 /// The translation a tc egress packet (a local backend's reply) needs.
 #[inline(always)]
 pub fn egress(t: &Tuple) -> Option<Flow> {

@@ -9,6 +9,7 @@
 mod csum;
 mod ctx;
 mod external;
+mod icmp;
 mod lb;
 mod maps;
 mod pkt;

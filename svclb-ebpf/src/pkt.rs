@@ -2,9 +2,42 @@
 //! pointers. With `ctx.rs`, the only module with `unsafe`: every packet
 //! access goes through `ptr_at`, which checks the bounds the verifier wants.
 use aya_ebpf::{
-    bindings::bpf_fib_lookup, helpers::bpf_fib_lookup as fib_lookup_helper, programs::XdpContext,
+    bindings::bpf_fib_lookup,
+    helpers::bpf_fib_lookup as fib_lookup_helper,
+    programs::{TcContext, XdpContext},
     EbpfContext,
 };
+
+/// Bounds-checked packet reads and writes, so code that parses and
+/// rewrites headers (ICMP errors) serves both XDP and tc.
+pub trait Packet {
+    fn read<T: Copy>(&self, offset: usize) -> Option<T>;
+    fn write<T>(&self, offset: usize, value: T) -> Option<()>;
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        load(self, offset)
+    }
+    #[inline(always)]
+    fn write<T>(&self, offset: usize, value: T) -> Option<()> {
+        store(self, offset, value)
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.load(offset).ok()
+    }
+    /// Plain byte stores: callers fix complete checksums themselves (only
+    /// used for ICMP, whose checksums are never offloaded).
+    #[inline(always)]
+    fn write<T>(&self, offset: usize, value: T) -> Option<()> {
+        self.store(offset, &value, 0).ok()
+    }
+}
 
 #[inline(always)]
 fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {

@@ -1,13 +1,19 @@
 //! tc egress on the node's external devices: replies of local backends to
-//! external clients leave with the frontend's address and port. The
+//! external clients leave with the frontend's address and port, and so do
+//! their ICMP errors about the clients' packets. The
 //! kernel's checksum helpers are used (not XDP's arithmetic) because
 //! locally forwarded packets may carry partial (offloaded) checksums.
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use svclb_common::{v4_mapped, Flow, PROTO_TCP, PROTO_UDP};
 
-use crate::external::{self, Tuple};
+use crate::{
+    external::{self, Tuple},
+    icmp,
+};
 
 const TC_ACT_OK: i32 = 0;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 /// bpf_l4_csum_replace flags: the field is in the pseudo-header; keep a
@@ -47,6 +53,13 @@ fn egress(ctx: &TcContext) -> Option<()> {
         let dst = v4_mapped(ctx.load::<u32>(30).ok()?);
         (proto, src, dst, 34)
     };
+    if proto == PROTO_ICMP || proto == PROTO_ICMPV6 {
+        // A local backend's error about a client's packet (say, port
+        // unreachable) must come from the frontend and quote it.
+        let t = icmp::parse(ctx, v6, proto)?;
+        let f = external::egress(&t)?;
+        return icmp::rewrite(ctx, v6, &t, &f);
+    }
     let csum_at = match proto {
         PROTO_TCP => l4 + 16,
         PROTO_UDP => l4 + 6,

@@ -4,7 +4,8 @@
 //! at most two map lookups.
 //!
 //! Supported: Ethernet + IPv4 without options or IPv6 without extension
-//! headers, carrying TCP or UDP. Anything else (VLAN tags, IPv4 options,
+//! headers, carrying TCP or UDP, and ICMP errors about such flows (see
+//! `icmp.rs`). Anything else (VLAN tags, IPv4 options,
 //! fragments, IPv6 extension headers) goes to the stack untranslated;
 //! such packets are counted (`stats::UNSUPPORTED`) and never rewritten.
 use aya_ebpf::{
@@ -12,18 +13,21 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use svclb_common::{stats, v4_mapped, Flow, PROTO_TCP, PROTO_UDP};
+use svclb_common::{stats, v4_mapped, Flow, FLOW_INGRESS, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     csum::Delta,
     ctx,
     external::{self, Decision, Tuple},
+    icmp,
     maps::TX_DEVICES,
     pkt::{self, load, store},
 };
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 /// bpf_fib_lookup results that mean "no route": drop, as the stack would.
@@ -46,9 +50,20 @@ pub fn svclb_xdp(ctx: XdpContext) -> u32 {
     let Some(s) = ctx::scratch() else {
         return XDP_PASS;
     };
-    let Some(v6) = parse(&ctx, &mut s.t) else {
+    let Some((v6, icmp_error)) = parse(&ctx, &mut s.t) else {
         return XDP_PASS;
     };
+    if icmp_error {
+        // About a flow svclb translates: goes where that flow's packets go.
+        if !external::related(s, FLOW_INGRESS) {
+            return XDP_PASS;
+        }
+        if icmp::rewrite(&ctx, v6, &s.t, &s.flow).is_none() {
+            return XDP_DROP;
+        }
+        ctx::count(stats::ICMP_TRANSLATED);
+        return forward(&ctx, v6, &s.flow);
+    }
     match external::ingress(s, v6) {
         Decision::Pass => XDP_PASS,
         Decision::Drop => XDP_DROP,
@@ -61,22 +76,25 @@ pub fn svclb_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
-/// Fill `t` from a packet svclb can translate; Some(is IPv6) then.
+/// Fill `t` from a packet svclb may translate: Some((is IPv6, is an ICMP
+/// error)) then, where for an ICMP error `t` is its flow as conntrack
+/// knows it.
 #[inline(always)]
-fn parse(ctx: &XdpContext, t: &mut Tuple) -> Option<bool> {
+fn parse(ctx: &XdpContext, t: &mut Tuple) -> Option<(bool, bool)> {
     let ethertype = load::<u16>(ctx, 12)?;
     let (parsed, v6) = match u16::from_be(ethertype) {
         ETH_P_IP => (parse4(ctx)?, false),
         ETH_P_IPV6 => (parse6(ctx)?, true),
         _ => return None,
     };
-    *t = parsed;
-    Some(v6)
+    *t = parsed.0;
+    Some((v6, parsed.1))
 }
 
-/// The TCP/UDP tuple of an IPv4 packet svclb can translate.
+/// The TCP/UDP tuple of an IPv4 packet svclb can translate, or the flow
+/// of an ICMP error (true).
 #[inline(always)]
-fn parse4(ctx: &XdpContext) -> Option<Tuple> {
+fn parse4(ctx: &XdpContext) -> Option<(Tuple, bool)> {
     let version_ihl = load::<u8>(ctx, 14)?;
     let frag = u16::from_be(load::<u16>(ctx, 20)?);
     if version_ihl != 0x45 || frag & 0x3fff != 0 {
@@ -84,23 +102,30 @@ fn parse4(ctx: &XdpContext) -> Option<Tuple> {
         return None;
     }
     let proto = load::<u8>(ctx, 23)?;
+    if proto == PROTO_ICMP {
+        return icmp::parse(ctx, false, proto).map(|t| (t, true));
+    }
     let src = load::<u32>(ctx, IP4_SRC)?;
     let dst = load::<u32>(ctx, IP4_DST)?;
     let (sport, dport) = ports(ctx, IP4_L4, proto)?;
-    Some(Tuple {
+    let t = Tuple {
         src: v4_mapped(src),
         dst: v4_mapped(dst),
         sport,
         dport,
         proto,
-    })
+    };
+    Some((t, false))
 }
 
 #[inline(always)]
-fn parse6(ctx: &XdpContext) -> Option<Tuple> {
+fn parse6(ctx: &XdpContext) -> Option<(Tuple, bool)> {
     let proto = load::<u8>(ctx, 20)?;
     if load::<u8>(ctx, 14)? >> 4 != 6 {
         return None;
+    }
+    if proto == PROTO_ICMPV6 {
+        return icmp::parse(ctx, true, proto).map(|t| (t, true));
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
@@ -108,13 +133,14 @@ fn parse6(ctx: &XdpContext) -> Option<Tuple> {
     let src = load::<[u32; 4]>(ctx, IP6_SRC)?;
     let dst = load::<[u32; 4]>(ctx, IP6_DST)?;
     let (sport, dport) = ports(ctx, IP6_L4, proto)?;
-    Some(Tuple {
+    let t = Tuple {
         src,
         dst,
         sport,
         dport,
         proto,
-    })
+    };
+    Some((t, false))
 }
 
 /// Source and destination port, when the whole TCP or UDP header is there.

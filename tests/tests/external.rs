@@ -291,3 +291,48 @@ fn maglev_picks_the_same_backend_on_either_node() -> Result<()> {
     assert_eq!(chosen.len(), 2, "flows spread over both backends");
     Ok(())
 }
+
+/// A backend's ICMP port unreachable (UDP to a closed port) reaches the
+/// client translated, so its connected socket sees ECONNREFUSED: from a
+/// local backend through tc egress, from a remote one through XDP.
+#[test]
+fn icmp_errors_from_backends_are_translated_back() -> Result<()> {
+    let env = setup("exticmp")?;
+    // Target port 9999: nothing listens there.
+    let mut svc = ServiceSpec::new("closed", &[ip("198.19.0.31")], Vec::new());
+    svc.extra_spec = Some(json!({
+        "type": "NodePort",
+        "ports": [{"name": "u", "port": 81, "protocol": "UDP", "targetPort": 9999, "nodePort": 30081}],
+    }));
+    env.cluster
+        .manifests()
+        .write(&svc.file_name(), &to_yaml(&svc.to_json()))?;
+    let slice = |backend: usize| -> Result<()> {
+        let eps = vec![EndpointSpec {
+            node_name: Some(env.nodes[backend].name().to_string()),
+            ..EndpointSpec::ready(env.backends[backend].ipv4().into())
+        }];
+        let s = SliceSpec::new(
+            "closed-1",
+            "closed",
+            vec![PortSpec::new("u", 9999, Proto::Udp)],
+            eps,
+        );
+        env.cluster.manifests().write_slice(&s).map(drop)
+    };
+    slice(0)?;
+    env.start_agents()?;
+    let n1 = &env.nodes[0];
+    let c = Connect::udp(n1.ext_ipv4(), 30081)
+        .connected()
+        .count(3)
+        .timeout_ms(1000);
+    let refused = |r: &[ProbeResult]| {
+        !r.is_empty() && r.iter().all(|r| r.error.as_deref() == Some("ECONNREFUSED"))
+    };
+    env.converge("local backend's port unreachable", &c, refused)?;
+    // Now the only backend is on n2: n1 SNATs, n2's pod answers n1.
+    slice(1)?;
+    env.converge("remote backend's port unreachable", &c, refused)?;
+    Ok(())
+}
