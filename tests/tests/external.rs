@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use svclb_tests::manifests::to_yaml;
 use svclb_tests::{
     by_error, by_server, dropped_errno, poll_until, Cluster, Connect, EndpointSpec, ExternalClient,
-    Node, Pod, PortSpec, ProbeResult, Proto, ServiceSpec, SliceSpec, EXT_IF,
+    HttpResult, Node, Pod, PortSpec, ProbeResult, Proto, ServiceSpec, SliceSpec, EXT_IF,
 };
 
 const CLUSTER_IP: &str = "198.19.0.30";
@@ -334,5 +334,162 @@ fn icmp_errors_from_backends_are_translated_back() -> Result<()> {
     // Now the only backend is on n2: n1 SNATs, n2's pod answers n1.
     slice(1)?;
     env.converge("remote backend's port unreachable", &c, refused)?;
+    Ok(())
+}
+
+/// loadBalancerSourceRanges: only listed clients reach the load-balancer
+/// IP; the node port stays open to everyone, as with kube-proxy.
+#[test]
+fn source_ranges_allow_listed_clients_only() -> Result<()> {
+    let env = setup("extsr")?;
+    let other = env.cluster.add_external_client("x2")?;
+    let allowed = format!("{}/32", env.client.ipv4());
+    env.service(json!({"loadBalancerSourceRanges": [allowed]}))?;
+    env.slice(&[0, 1])?;
+    env.start_agents()?;
+    let n1 = &env.nodes[0];
+    for c in [&env.client, &other] {
+        c.route_via(&format!("{LB_IP}/32"), n1)?;
+    }
+    let lb = Connect::tcp(ip(LB_IP), 80).count(10).timeout_ms(1000);
+    env.converge("listed client reaches the LB IP", &lb, all_ok)?;
+    let denied = other.connect(&Connect::tcp(ip(LB_IP), 80).count(2).timeout_ms(500))?;
+    assert!(
+        denied
+            .iter()
+            .all(|r| r.error.as_deref() == Some("ETIMEDOUT")),
+        "unlisted client is dropped: {:?}",
+        by_error(&denied)
+    );
+    let np = other.connect(&Connect::tcp(n1.ext_ipv4(), NODE_PORT).count(5))?;
+    assert!(all_ok(&np), "node port unaffected: {:?}", by_error(&np));
+    // Dropping the restriction opens the LB IP to everyone.
+    env.service(json!({}))?;
+    let mut last = Vec::new();
+    let opened = poll_until(DEADLINE, || {
+        last = other.connect(&Connect::tcp(ip(LB_IP), 80).count(3).timeout_ms(500))?;
+        Ok(all_ok(&last).then_some(()))
+    })?;
+    assert!(opened.is_some(), "still denied: {:?}", by_error(&last));
+    Ok(())
+}
+
+/// The health check node port of a Local LoadBalancer service, asked from
+/// outside as a cloud load balancer would: 200 on the node with a ready
+/// local endpoint, 503 elsewhere and once the endpoint only terminates.
+#[test]
+fn health_check_node_port_from_outside() -> Result<()> {
+    const HC_PORT: u16 = 32001;
+    let env = setup("exthc")?;
+    env.service(json!({"externalTrafficPolicy": "Local", "healthCheckNodePort": HC_PORT}))?;
+    env.slice(&[0])?;
+    env.start_agents()?;
+    let get = |node: &Node| -> Result<HttpResult> {
+        let args = [
+            "http-get".to_string(),
+            "--addr".into(),
+            node.ext_ipv4().to_string(),
+            "--port".into(),
+            HC_PORT.to_string(),
+            "--timeout-ms".into(),
+            "1000".into(),
+        ];
+        let mut lines = env.client.run_client_as::<HttpResult, _>(&args)?;
+        lines.pop().context("no http-get result")
+    };
+    let expect = |node: &Node, status: u16, local: usize| -> Result<()> {
+        let mut last = HttpResult::default();
+        let seen = poll_until(DEADLINE, || {
+            last = get(node)?;
+            let body = last.body.as_deref().unwrap_or_default();
+            Ok((last.status == Some(status)
+                && body.contains(&format!("\"localEndpoints\": {local}")))
+            .then_some(()))
+        })?;
+        if seen.is_none() {
+            bail!(
+                "{}: wanted {status} with {local} local endpoints, got {last:?}",
+                node.name()
+            );
+        }
+        Ok(())
+    };
+    expect(&env.nodes[0], 200, 1)?;
+    expect(&env.nodes[1], 503, 0)?;
+    // b1 terminating (still serving): no longer counted.
+    let eps = vec![EndpointSpec {
+        node_name: Some("n1".into()),
+        ..EndpointSpec::terminating(env.backends[0].ipv4().into())
+    }];
+    let ports = vec![
+        PortSpec::tcp("http", 8080),
+        PortSpec::new("dns", 8080, Proto::Udp),
+    ];
+    env.cluster
+        .manifests()
+        .write_slice(&SliceSpec::new("web-1", "web", ports, eps))?;
+    expect(&env.nodes[0], 503, 0)?;
+    // Ready again: counted again.
+    env.slice(&[0])?;
+    expect(&env.nodes[0], 200, 1)?;
+    Ok(())
+}
+
+/// A ClientIP affinity service keeps a client on one backend whatever its
+/// source port; without affinity the ports spread.
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend() -> Result<()> {
+    let env = setup("extaf")?;
+    env.service(json!({"sessionAffinity": "ClientIP"}))?;
+    env.slice(&[0, 1])?;
+    env.start_agents()?;
+    let c = Connect::tcp(env.nodes[0].ext_ipv4(), NODE_PORT)
+        .count(30)
+        .timeout_ms(1000);
+    let r = env.converge("affinity service answers", &c, all_ok)?;
+    assert_eq!(
+        by_server(&r).len(),
+        1,
+        "one backend for one client: {:?}",
+        by_server(&r)
+    );
+    env.service(json!({}))?;
+    env.converge("without affinity both backends serve", &c, |r| {
+        all_ok(r) && by_server(r).len() == 2
+    })?;
+    Ok(())
+}
+
+/// IPv6 NodePort from outside, with SNAT to the node's IPv6 address.
+#[test]
+fn ipv6_node_port() -> Result<()> {
+    let env = setup("ext6")?;
+    let mut svc = ServiceSpec::new("web6", &[ip("fd00:5::30")], Vec::new());
+    svc.extra_spec = Some(json!({
+        "type": "NodePort",
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": 30090}],
+    }));
+    env.cluster
+        .manifests()
+        .write(&svc.file_name(), &to_yaml(&svc.to_json()))?;
+    let eps = (0..2)
+        .map(|i| EndpointSpec {
+            node_name: Some(env.nodes[i].name().to_string()),
+            ..EndpointSpec::ready(env.backends[i].ipv6().into())
+        })
+        .collect();
+    let slice = SliceSpec::new("web6-1", "web6", vec![PortSpec::tcp("http", 8080)], eps);
+    env.cluster.manifests().write_slice(&slice)?;
+    env.start_agents()?;
+    let n1 = &env.nodes[0];
+    let c = Connect::tcp(n1.ext_ipv6(), 30090)
+        .count(40)
+        .timeout_ms(1000);
+    let r = env.converge("IPv6 NodePort reaches both backends", &c, |r| {
+        all_ok(r) && by_server(r).len() == 2
+    })?;
+    let seen = clients_seen(&r);
+    assert_eq!(seen["b1"], BTreeSet::from([env.client.ipv6().to_string()]));
+    assert_eq!(seen["b2"], BTreeSet::from([n1.ext_ipv6().to_string()]));
     Ok(())
 }
