@@ -56,6 +56,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     })
     .context("starting the dataplane")?;
     tracing::info!(cgroup = %cgroup.display(), bpffs = %args.bpffs.display(), node = %node.name, "programs attached");
+    if !args.devices.is_empty() {
+        spawn_external_stats(args.bpffs.clone(), metrics.clone());
+    }
 
     let (tx, mut rx) = mpsc::channel(1024);
     tokio::spawn(source.run(node.name.clone(), tx));
@@ -243,6 +246,18 @@ fn observe_event(
         }
         Object::Node(_) => {}
     }
+}
+
+/// Sample the external path's counters and conntrack usage for /metrics,
+/// on a thread of its own: counting conntrack entries takes a syscall each.
+fn spawn_external_stats(bpffs: PathBuf, metrics: Arc<Metrics>) {
+    std::thread::spawn(move || loop {
+        match crate::dataplane::read_external_stats(&bpffs) {
+            Ok(stats) => metrics.set_external(stats),
+            Err(e) => tracing::debug!(error = %e, "reading external path statistics"),
+        }
+        std::thread::sleep(std::time::Duration::from_secs(10));
+    });
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the

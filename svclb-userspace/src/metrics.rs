@@ -64,6 +64,7 @@ struct Inner {
     /// map name -> (entries, capacity)
     maps: BTreeMap<String, (usize, usize)>,
     translation_errors: BTreeMap<String, u64>,
+    external: Option<crate::dataplane::ExternalStats>,
 }
 
 impl Default for Metrics {
@@ -86,6 +87,7 @@ impl Metrics {
                 livez: BTreeMap::new(),
                 maps: BTreeMap::new(),
                 translation_errors: BTreeMap::new(),
+                external: None,
             }),
         }
     }
@@ -122,6 +124,11 @@ impl Metrics {
         self.inner()
             .maps
             .insert(map.to_owned(), (entries, capacity));
+    }
+
+    /// The external path's counters and conntrack usage (sampled).
+    pub fn set_external(&self, stats: crate::dataplane::ExternalStats) {
+        self.inner().external = Some(stats);
     }
 
     /// An object or service that could not be translated or applied.
@@ -219,6 +226,66 @@ impl Metrics {
             "map",
             m.maps.iter().map(|(k, (n, _))| (k.clone(), *n as f64)),
         );
+        if let Some(x) = &m.external {
+            use svclb_common::stats::*;
+            single(
+                &mut out,
+                "svclb_conntrack_entries",
+                "Entries in the external path's conntrack map (sampled)",
+                "gauge",
+                x.conntrack_entries as f64,
+            );
+            single(
+                &mut out,
+                "svclb_conntrack_capacity",
+                "Size of the external path's conntrack map (--conntrack-size)",
+                "gauge",
+                x.conntrack_capacity as f64,
+            );
+            single(
+                &mut out,
+                "svclb_conntrack_flows_created_total",
+                "New external flows (each adds two conntrack entries)",
+                "counter",
+                x.counter(CT_CREATED) as f64,
+            );
+            single(
+                &mut out,
+                "svclb_conntrack_evictions_total",
+                "Conntrack entries evicted because the map was full (estimate: created minus present)",
+                "counter",
+                x.conntrack_evictions() as f64,
+            );
+            labelled(
+                &mut out,
+                "svclb_xdp_packets_total",
+                "Packets the external path translated, by where they went",
+                "counter",
+                "result",
+                [
+                    ("forwarded", XDP_FORWARDED),
+                    ("passed", XDP_PASSED),
+                    ("icmp_translated", ICMP_TRANSLATED),
+                    ("unsupported", UNSUPPORTED),
+                ]
+                .into_iter()
+                .map(|(k, i)| (k.to_string(), x.counter(i) as f64)),
+            );
+            labelled(
+                &mut out,
+                "svclb_xdp_drops_total",
+                "New external flows not served (dropped, or refused by the stack for a node port without endpoints), by reason",
+                "counter",
+                "reason",
+                [
+                    ("no_backend", NO_BACKEND),
+                    ("source_range", SOURCE_RANGE_DENIED),
+                    ("snat_exhausted", SNAT_EXHAUSTED),
+                ]
+                .into_iter()
+                .map(|(k, i)| (k.to_string(), x.counter(i) as f64)),
+            );
+        }
         labelled(
             &mut out,
             "svclb_translation_errors_total",
@@ -504,6 +571,54 @@ mod tests {
             .collect();
         assert_eq!(found.len(), 1, "{name} {labels:?}");
         found[0].value
+    }
+
+    /// Conntrack evictions: created flows make two entries each; what is
+    /// not in the map any more was evicted. XDP counters by label.
+    #[test]
+    fn external_path_counters() {
+        use svclb_common::stats::*;
+        let m = Metrics::new();
+        assert!(
+            !m.render().contains("svclb_conntrack"),
+            "absent without devices"
+        );
+        let mut counters = vec![0; COUNT as usize];
+        counters[CT_CREATED as usize] = 100;
+        counters[SOURCE_RANGE_DENIED as usize] = 3;
+        counters[XDP_FORWARDED as usize] = 7;
+        m.set_external(crate::dataplane::ExternalStats {
+            counters,
+            conntrack_entries: 64,
+            conntrack_capacity: 64,
+        });
+        let (types, samples) = parse(&m.render());
+        assert_eq!(types["svclb_conntrack_evictions_total"], "counter");
+        assert_eq!(
+            value(&samples, "svclb_conntrack_evictions_total", &[]),
+            136.0
+        );
+        assert_eq!(value(&samples, "svclb_conntrack_entries", &[]), 64.0);
+        assert_eq!(
+            value(&samples, "svclb_conntrack_flows_created_total", &[]),
+            100.0
+        );
+        assert_eq!(
+            value(
+                &samples,
+                "svclb_xdp_drops_total",
+                &[("reason", "source_range")]
+            ),
+            3.0
+        );
+        assert_eq!(
+            value(
+                &samples,
+                "svclb_xdp_packets_total",
+                &[("result", "forwarded")]
+            ),
+            7.0
+        );
     }
 
     #[test]

@@ -225,3 +225,68 @@ fn nix_ifindex(dev: &str) -> Option<u32> {
 pub fn map_path(bpffs: &Path, name: &str) -> PathBuf {
     bpffs.join(name)
 }
+
+/// What the external path's counters and conntrack map say, read from the
+/// pins (any process can, while the agent runs or not).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExternalStats {
+    /// `svclb_common::stats` counters, summed over CPUs.
+    pub counters: Vec<u64>,
+    pub conntrack_entries: usize,
+    pub conntrack_capacity: usize,
+}
+
+impl ExternalStats {
+    pub fn counter(&self, index: u32) -> u64 {
+        self.counters.get(index as usize).copied().unwrap_or(0)
+    }
+
+    /// Conntrack entries the LRU map evicted to make room: every new flow
+    /// adds two (its direction and the reply's) and nothing else removes
+    /// any, so created minus present. An estimate: a resized map resets.
+    pub fn conntrack_evictions(&self) -> u64 {
+        (2 * self.counter(svclb_common::stats::CT_CREATED))
+            .saturating_sub(self.conntrack_entries as u64)
+    }
+}
+
+/// Read the counters and count conntrack entries (one syscall per entry:
+/// call it off the agent's sync loop).
+pub fn read_external_stats(bpffs: &Path) -> Result<ExternalStats, DataplaneError> {
+    use aya::maps::{HashMap, MapData, PerCpuArray};
+    use svclb_common::maps::{CONNTRACK, STATS};
+    let open = |name: &'static str| {
+        MapData::from_pin(map_path(bpffs, name)).map_err(|source| DataplaneError::Map {
+            map: name,
+            op: "open",
+            source,
+        })
+    };
+    let map_err =
+        |map: &'static str, op: &'static str| move |source| DataplaneError::Map { map, op, source };
+    let stats: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(STATS)?))
+            .map_err(map_err(STATS, "open"))?;
+    let counters = (0..svclb_common::stats::COUNT)
+        .map(|i| {
+            stats
+                .get(&i, 0)
+                .map(|per_cpu| per_cpu.iter().sum::<u64>())
+                .map_err(map_err(STATS, "read"))
+        })
+        .collect::<Result<Vec<u64>, _>>()?;
+    let ct_data = open(CONNTRACK)?;
+    let capacity = ct_data
+        .info()
+        .map(|i| i.max_entries() as usize)
+        .unwrap_or(0);
+    let ct: HashMap<_, svclb_common::FlowKey, svclb_common::Flow> =
+        HashMap::try_from(aya::maps::Map::LruHashMap(ct_data))
+            .map_err(map_err(CONNTRACK, "open"))?;
+    let entries = ct.keys().filter(Result::is_ok).count();
+    Ok(ExternalStats {
+        counters,
+        conntrack_entries: entries,
+        conntrack_capacity: capacity,
+    })
+}
