@@ -9,17 +9,28 @@ use serde::Serialize;
 use svclb_common::{
     maps, Backend, ServiceKey, ServiceValue, BACKEND_TERMINATING, SVC_FLAG_AFFINITY,
     SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
-    SVC_FLAG_NODE_PORT,
+    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::cli::Output;
 use crate::dataplane::abi::{addr_from_abi, frontend_key};
 use crate::dataplane::{entries, map_path};
-use crate::model::FrontendKey;
+use crate::model::{FrontendKey, Scope};
 
 #[derive(Debug, Serialize)]
 pub struct Dump {
     pub frontends: Vec<FrontendDump>,
+    /// The external path's conntrack map, when the agent used --devices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<ConntrackDump>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConntrackDump {
+    pub entries: usize,
+    pub capacity: usize,
+    pub flows_created: u64,
+    pub evictions: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -27,6 +38,8 @@ pub struct FrontendDump {
     pub address: String,
     pub port: u16,
     pub protocol: String,
+    /// "socket" (connections from this node) or "external" (XDP).
+    pub scope: &'static str,
     pub rev_nat_id: u32,
     pub flags: Vec<&'static str>,
     /// ClientIP session affinity timeout in seconds.
@@ -42,6 +55,8 @@ pub struct BackendDump {
     pub port: u16,
     /// "active", "terminating", or "missing" (a slot naming no backend: a bug).
     pub state: &'static str,
+    /// On this node (external traffic reaches it without SNAT).
+    pub local: bool,
 }
 
 fn open<K: aya::Pod, V: aya::Pod>(
@@ -83,12 +98,16 @@ pub fn read(bpffs: &Path) -> anyhow::Result<Dump> {
             slots.insert((fk, key.slot), value.backend_id);
         }
     }
-    let frontends = records
+    let frontends: Vec<FrontendDump> = records
         .into_iter()
         .map(|(fk, record)| FrontendDump {
             address: fk.addr.to_string(),
             port: fk.port,
             protocol: fk.protocol.to_string(),
+            scope: match fk.scope {
+                Scope::Socket => "socket",
+                Scope::External => "external",
+            },
             rev_nat_id: record.rev_nat_id,
             flags: flag_names(record.flags),
             affinity_timeout: (record.flags & SVC_FLAG_AFFINITY != 0)
@@ -106,19 +125,38 @@ pub fn read(bpffs: &Path) -> anyhow::Result<Dump> {
                             } else {
                                 "active"
                             },
+                            local: b.local != 0,
                         },
                         None => BackendDump {
                             id,
                             address: String::new(),
                             port: 0,
                             state: "missing",
+                            local: false,
                         },
                     }
                 })
                 .collect(),
         })
         .collect();
-    Ok(Dump { frontends })
+    // Only agents with --devices use the conntrack map.
+    let conntrack = frontends_have_external(&frontends)
+        .then(|| crate::dataplane::read_external_stats(bpffs).ok())
+        .flatten()
+        .map(|x| ConntrackDump {
+            entries: x.conntrack_entries,
+            capacity: x.conntrack_capacity,
+            flows_created: x.counter(svclb_common::stats::CT_CREATED),
+            evictions: x.conntrack_evictions(),
+        });
+    Ok(Dump {
+        frontends,
+        conntrack,
+    })
+}
+
+fn frontends_have_external(frontends: &[FrontendDump]) -> bool {
+    frontends.iter().any(|f| f.scope == "external")
 }
 
 fn flag_names(flags: u16) -> Vec<&'static str> {
@@ -129,6 +167,7 @@ fn flag_names(flags: u16) -> Vec<&'static str> {
         (SVC_FLAG_LOAD_BALANCER, "LoadBalancer"),
         (SVC_FLAG_DROP_EMPTY, "DropEmpty"),
         (SVC_FLAG_AFFINITY, "Affinity"),
+        (SVC_FLAG_SOURCE_RANGES, "SourceRanges"),
     ]
     .into_iter()
     .filter(|(bit, _)| flags & bit != 0)
@@ -154,11 +193,14 @@ fn table(dump: &Dump) -> String {
         "FRONTEND", "FLAGS", "REV-NAT"
     );
     for f in &dump.frontends {
-        let frontend = if f.address.contains(':') {
+        let mut frontend = if f.address.contains(':') {
             format!("[{}]:{}/{}", f.address, f.port, f.protocol)
         } else {
             format!("{}:{}/{}", f.address, f.port, f.protocol)
         };
+        if f.scope == "external" {
+            frontend.push_str(" ext");
+        }
         let backends: Vec<String> = f
             .backends
             .iter()
@@ -168,7 +210,12 @@ fn table(dump: &Dump) -> String {
                 } else {
                     format!("{}:{}", b.address, b.port)
                 };
-                format!("{addr} ({}, id {})", b.state, b.id)
+                let local = if f.scope == "external" && b.local {
+                    ", local"
+                } else {
+                    ""
+                };
+                format!("{addr} ({}{local}, id {})", b.state, b.id)
             })
             .collect();
         let first = if backends.is_empty() && f.flags.contains(&"DropEmpty") {
@@ -189,6 +236,13 @@ fn table(dump: &Dump) -> String {
         for b in backends.iter().skip(1) {
             let _ = writeln!(out, "{:<40} {:<22} {:<8} {}", "", "", "", b);
         }
+    }
+    if let Some(ct) = &dump.conntrack {
+        let _ = writeln!(
+            out,
+            "conntrack: {} of {} entries, {} flows created, {} entries evicted",
+            ct.entries, ct.capacity, ct.flows_created, ct.evictions
+        );
     }
     out
 }

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use svclb_tests::manifests::to_yaml;
 use svclb_tests::{
     by_error, by_server, dropped_errno, poll_until, Cluster, Connect, EndpointSpec, ExternalClient,
-    HttpResult, Node, Pod, PortSpec, ProbeResult, Proto, ServiceSpec, SliceSpec, EXT_IF,
+    Hold, HttpResult, Node, Pod, PortSpec, ProbeResult, Proto, ServiceSpec, SliceSpec, EXT_IF,
 };
 
 const CLUSTER_IP: &str = "198.19.0.30";
@@ -201,6 +201,65 @@ fn cluster_policy_reaches_remote_backends_through_snat() -> Result<()> {
     env.converge("UDP NodePort on n1 reaches b1 and b2", &u, |r| {
         all_ok(r) && by_server(r).len() == 2
     })?;
+    // `svclb maps dump` shows the external frontend, which backend is
+    // local, and the tracked flows.
+    let dump = n1.dump_json()?;
+    let external: Vec<&Value> = dump["frontends"]
+        .as_array()
+        .context("frontends")?
+        .iter()
+        .filter(|f| f["scope"] == "external" && f["port"] == NODE_PORT && f["protocol"] == "TCP")
+        .collect();
+    assert_eq!(external.len(), 1, "{dump:#}");
+    let local: BTreeMap<String, bool> = external[0]["backends"]
+        .as_array()
+        .context("backends")?
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap_or_default().to_string(),
+                b["local"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(
+        local,
+        BTreeMap::from([
+            (env.backends[0].ipv4().to_string(), true),
+            (env.backends[1].ipv4().to_string(), false)
+        ])
+    );
+    assert!(
+        dump["conntrack"]["entries"].as_u64() >= Some(80),
+        "{dump:#}"
+    );
+    Ok(())
+}
+
+/// Established external connections survive an agent crash and restart:
+/// conntrack, maps and program links are pinned.
+#[test]
+fn agent_restart_keeps_external_connections() -> Result<()> {
+    let env = setup("extrs")?;
+    env.service(json!({}))?;
+    env.slice(&[0, 1])?;
+    env.start_agents()?;
+    let n1 = &env.nodes[0];
+    let c = Connect::tcp(n1.ext_ipv4(), NODE_PORT).count(10);
+    env.converge("n1 serves", &c, |r| all_ok(r) && by_server(r).len() == 2)?;
+    let hold = env
+        .client
+        .spawn_hold(&Hold::new(IpAddr::V4(n1.ext_ipv4()), NODE_PORT, 120_000, 20).until_eof())?;
+    std::thread::sleep(Duration::from_millis(300));
+    n1.agent().context("agent")?.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    n1.start_agent_with_devices(env.cluster.manifests().dir(), &[EXT_IF])?;
+    std::thread::sleep(Duration::from_millis(300));
+    n1.restart_agent()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let s = hold.finish_hold()?;
+    assert!(s.requests >= 20 && s.new_connections >= 20, "{s:?}");
+    assert_eq!((s.failures, s.new_connection_failures), (0, 0), "{s:?}");
     Ok(())
 }
 

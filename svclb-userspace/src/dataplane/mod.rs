@@ -66,6 +66,8 @@ pub struct Dataplane {
     pub writer: Writer<KernelMaps>,
     xdp_config: aya::maps::Array<aya::maps::MapData, svclb_common::XdpConfig>,
     snat_ports: (u16, u16),
+    /// --devices given: external frontends are served.
+    external: bool,
     initial_sync_done: bool,
     // Keeps the programs loaded while the agent runs (the pinned links keep
     // them attached after it exits).
@@ -162,6 +164,7 @@ impl Dataplane {
             writer,
             xdp_config,
             snat_ports: config.snat_ports,
+            external: !config.devices.is_empty(),
             initial_sync_done: false,
             _ebpf: ebpf,
         })
@@ -205,12 +208,22 @@ impl Dataplane {
         self.initial_sync_done
     }
 
+    /// Without --devices nothing reads external frontends: they are not
+    /// written (their Maglev tables would only take memory).
     pub fn apply(
         &mut self,
         id: &ServiceId,
         frontends: &[Frontend],
     ) -> Result<ApplyStats, DataplaneError> {
-        self.writer.apply(id, frontends)
+        if self.external {
+            return self.writer.apply(id, frontends);
+        }
+        let socket: Vec<Frontend> = frontends
+            .iter()
+            .filter(|f| f.key.scope == crate::model::Scope::Socket)
+            .cloned()
+            .collect();
+        self.writer.apply(id, &socket)
     }
 }
 
