@@ -17,7 +17,9 @@ use crate::metrics::{self, Metrics};
 use crate::model::{ModelError, NodeContext, Object, ObjectStore, ServiceId};
 use crate::source::{kube, Source, SourceEvent};
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
+    // `--devices=` (an empty ConfigMap value) means none.
+    args.devices.retain(|d| !d.is_empty());
     let source = match args.manifests.clone() {
         Some(dir) => Source::Manifests(dir),
         None => Source::Kube(

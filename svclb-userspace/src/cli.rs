@@ -52,7 +52,8 @@ pub struct RunArgs {
     pub metrics_bind_address: std::net::SocketAddr,
     /// The node's external devices (comma-separated): NodePort, LoadBalancer
     /// and ExternalIP traffic from outside is handled there by XDP, and
-    /// replies by tc egress. None: only traffic from this node is served.
+    /// replies by tc egress. None (or empty): only traffic from this node
+    /// is served.
     #[arg(long, value_delimiter = ',')]
     pub devices: Vec<String>,
     /// XDP attach mode on --devices.

@@ -3,7 +3,9 @@
 //! deploy/examples, sends traffic to the web Service's ClusterIP from a
 //! client pod, shows the BPF maps, scales the Service up and down by
 //! rewriting its EndpointSlices, and shows that a Service without endpoints
-//! refuses connections.
+//! refuses connections. Then a second node and an external client join:
+//! NodePort and LoadBalancer traffic from outside goes through XDP, with
+//! both external traffic policies.
 //!
 //! Everything happens in network namespaces and a cgroup that the harness
 //! creates and removes again. Exits non-zero when anything is off (a backend
@@ -27,6 +29,9 @@ use svclb_tests::{
 // runs from anywhere; `check_example` fails if they and the pods disagree.
 const WEB_YAML: &str = include_str!("../../../deploy/examples/web.yaml");
 const API_YAML: &str = include_str!("../../../deploy/examples/api.yaml");
+const SHOP_YAML: &str = include_str!("../../../deploy/examples/shop.yaml");
+const SHOP_NODE_PORT: u16 = 30080;
+const SHOP_LB: &str = "198.19.5.5";
 
 // What deploy/examples says (checked against the files at start).
 const WEB4: &str = "198.19.0.10";
@@ -66,7 +71,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    section("9. Clean up");
+    section("10. Clean up");
     let cleaned = cluster.cleanup().and_then(|()| {
         let left: Vec<_> = cluster
             .owned_paths()
@@ -218,7 +223,139 @@ fn run(cluster: &Cluster) -> Result<()> {
     );
     say("Refused at once with ECONNREFUSED (the time includes starting the client), as");
     say("kube-proxy's REJECT rule does: clients fail fast instead of waiting for a timeout.");
+
+    external(cluster, &node, &web[0])
+}
+
+/// Section 9: a second node, an external client, deploy/examples/shop.yaml.
+fn external(cluster: &Cluster, n1: &Node, web1: &Pod) -> Result<()> {
+    section("9. Traffic from outside the cluster (XDP)");
+    say("Node n2 joins with pod shop-n2; both nodes get an external interface (ext0)");
+    say("on a shared network, where an external client x1 lives. The agents now run with");
+    say("--devices ext0: XDP there serves node ports and load-balancer IPs.");
+    let n2 = cluster.add_node("n2")?;
+    let shop = n2.add_pod("shop-n2")?;
+    shop.spawn_server("shop-n2", &[HTTP_TARGET])?;
+    for n in [n1, &n2] {
+        n.attach_external()?;
+        n.write_node_object(&[])?;
+    }
+    let x1 = cluster.add_external_client("x1")?;
+    x1.route_via(&format!("{SHOP_LB}/32"), n1)?;
+    let docs = parse_docs(SHOP_YAML).context("deploy/examples/shop.yaml")?;
+    ensure!(
+        docs[1].to_string().contains(&web1.ipv4().to_string())
+            && docs[1].to_string().contains(&shop.ipv4().to_string()),
+        "deploy/examples/shop.yaml lists other pod addresses than the demo's"
+    );
+    cluster.manifests().write("shop.yaml", SHOP_YAML)?;
+    println!();
+    for n in [n1, &n2] {
+        println!("    node {}    ext0 {}", n.name(), n.ext_ipv4());
+    }
+    println!("    client x1  {}  (routes {SHOP_LB} to n1)", x1.ipv4());
+    println!(
+        "
+    $ svclb run --manifests {} --node-name n1 ... --devices ext0   (restarted)",
+        cluster.manifests().dir().display()
+    );
+    n1.agent().context("n1's agent")?.stop()?;
+    n1.start_agent_with_devices(cluster.manifests().dir(), &["ext0"])?;
+    n2.start_agent_with_devices(cluster.manifests().dir(), &["ext0"])?;
+
+    let n1_port = SocketAddr::new(IpAddr::V4(n1.ext_ipv4()), SHOP_NODE_PORT);
+    let lb = SocketAddr::new(ip(SHOP_LB), HTTP_PORT);
+    say("");
+    say("externalTrafficPolicy Cluster: n1 balances over both backends (Maglev). web-1 is");
+    say("local and sees the client's address; shop-n2 is on n2 and sees n1's (SNAT).");
+    for target in [n1_port, lb] {
+        let r = converge_external(&x1, target, |r| by_server(r).len() == 2)?;
+        print_external(target, &r);
+        let seen = seen_clients(&r);
+        ensure!(
+            seen.get("web-1") == Some(&BTreeSet::from([x1.ipv4().to_string()]))
+                && seen.get("shop-n2") == Some(&BTreeSet::from([n1.ext_ipv4().to_string()])),
+            "{target}: unexpected client addresses {seen:?}"
+        );
+    }
+    show_dump(n1)?;
+
+    say("");
+    say("externalTrafficPolicy Local: each node only uses its own backend, which sees the");
+    say("client's address; a node without a local endpoint would drop.");
+    let local = SHOP_YAML.replace(
+        "externalTrafficPolicy: Cluster",
+        "externalTrafficPolicy: Local",
+    );
+    cluster.manifests().write("shop.yaml", &local)?;
+    let n2_port = SocketAddr::new(IpAddr::V4(n2.ext_ipv4()), SHOP_NODE_PORT);
+    for (target, only) in [(n1_port, "web-1"), (n2_port, "shop-n2")] {
+        let r = converge_external(&x1, target, |r| {
+            by_server(r).keys().map(String::as_str).eq([only])
+        })?;
+        print_external(target, &r);
+        let seen = seen_clients(&r);
+        ensure!(
+            seen.get(only) == Some(&BTreeSet::from([x1.ipv4().to_string()])),
+            "{target}: {only} saw {seen:?}"
+        );
+    }
     Ok(())
+}
+
+/// 40 TCP connections from the external client, repeated until `done`
+/// (the agents apply changes asynchronously) and all answered.
+fn converge_external(
+    x1: &svclb_tests::ExternalClient,
+    target: SocketAddr,
+    done: impl Fn(&[ProbeResult]) -> bool,
+) -> Result<Vec<ProbeResult>> {
+    let mut last = Vec::new();
+    let ok = poll_until(APPLY_DEADLINE, || {
+        last = x1.connect(&Connect::tcp(target.ip(), target.port()).count(40))?;
+        Ok((by_error(&last).is_empty() && done(&last)).then_some(()))
+    })?;
+    ensure!(
+        ok.is_some(),
+        "{target}: answered by {:?}, errors {:?}",
+        by_server(&last),
+        by_error(&last)
+    );
+    Ok(last)
+}
+
+/// Backend -> the client addresses it saw.
+fn seen_clients(results: &[ProbeResult]) -> std::collections::BTreeMap<String, BTreeSet<String>> {
+    let mut m: std::collections::BTreeMap<String, BTreeSet<String>> = Default::default();
+    for r in results {
+        let seen = r
+            .client
+            .as_deref()
+            .and_then(|c| c.parse::<SocketAddr>().ok())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        m.entry(r.server.clone().unwrap_or_default())
+            .or_default()
+            .insert(seen);
+    }
+    m
+}
+
+fn print_external(target: SocketAddr, results: &[ProbeResult]) {
+    println!(
+        "
+    TCP from x1 to {target}: {} new connections",
+        results.len()
+    );
+    let counts = by_server(results);
+    for (name, seen) in seen_clients(results) {
+        let n = counts.get(&name).copied().unwrap_or(0);
+        let seen: Vec<String> = seen.into_iter().collect();
+        println!(
+            "      {name:<8} {n:>3}  saw the client as {}",
+            seen.join(", ")
+        );
+    }
 }
 
 fn ip(s: &str) -> IpAddr {
