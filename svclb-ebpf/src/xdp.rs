@@ -128,6 +128,12 @@ fn parse6(ctx: &XdpContext) -> Option<(Tuple, bool)> {
         return icmp::parse(ctx, true, proto).map(|t| (t, true));
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
+        // Extension headers (hop-by-hop, routing, fragment, AH, destination
+        // options) may hide TCP/UDP for a frontend: count them like IPv4
+        // options and fragments. Other protocols are simply not ours.
+        if matches!(proto, 0 | 43 | 44 | 51 | 60) {
+            ctx::count(stats::UNSUPPORTED);
+        }
         return None;
     }
     let src = load::<[u32; 4]>(ctx, IP6_SRC)?;

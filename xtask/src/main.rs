@@ -49,7 +49,7 @@ enum Cmd {
     Demo,
     /// Benchmarks; prints rates and ratios against a baseline measured in the same run.
     Bench {
-        /// Which benchmark: sock, control-plane
+        /// Which benchmark: sock, control-plane, xdp
         which: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -84,7 +84,8 @@ fn main() -> Result<()> {
             match which.as_str() {
                 "sock" => run_tool("svclb-bench-sock", &args),
                 "control-plane" => run_tool("svclb-bench-control-plane", &args),
-                other => bail!("unknown benchmark {other:?}; available: sock, control-plane"),
+                "xdp" => bench_xdp(&args),
+                other => bail!("unknown benchmark {other:?}; available: sock, control-plane, xdp"),
             }
         }
     }
@@ -146,6 +147,19 @@ fn test(args: &[String]) -> Result<()> {
         cmd.arg("--").args(args);
     }
     status(&mut cmd)
+}
+
+/// The XDP program's per-packet cost by BPF_PROG_RUN, then the end-to-end
+/// XDP benchmark of the tests crate when this build has it.
+fn bench_xdp(args: &[String]) -> Result<()> {
+    run_tool("svclb-bench-xdp", args)?;
+    const E2E: &str = "svclb-bench-xdp-e2e";
+    if profile_dir(true).join(E2E).exists() {
+        run_tool(E2E, &[])
+    } else {
+        println!("{E2E}: not built in this tree (missing), skipped");
+        Ok(())
+    }
 }
 
 /// Run a tool binary of the tests crate (demo, benchmarks) built in release.

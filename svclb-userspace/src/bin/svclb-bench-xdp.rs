@@ -1,0 +1,362 @@
+//! `cargo xtask bench xdp`: the per-packet cost of `svclb_xdp`, measured by
+//! BPF_PROG_RUN (the kernel's own timing), for a miss, a new flow and an
+//! established flow at 1, 1,000 and 10,000 external NodePort services with
+//! 10 remote backends each (so new flows take the SNAT path and every
+//! translated packet goes through bpf_fib_lookup and XDP_TX), beside a
+//! trivial XDP_DROP program measured the same way in the same run.
+//!
+//! BPF_PROG_RUN with repeat > 1 runs again on the packet the previous run
+//! left, so translated paths are measured one call at a time (repeat = 1,
+//! many calls, the kernel's duration per call); the miss path, which leaves
+//! the packet alone, with a large repeat. Runs in a network namespace of
+//! its own (prog_test::TestNode); nothing is sent. Timings are printed,
+//! never asserted.
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use svclb_userspace::dataplane::maglev::DEFAULT_TABLE_SIZE;
+use svclb_userspace::dataplane::prog_test::packet::Packet;
+use svclb_userspace::dataplane::prog_test::{
+    ProgTest, TestNode, EXT_MAC, NODE_V4, ROUTER_MAC, XDP_DROP, XDP_PASS, XDP_TX,
+};
+use svclb_userspace::model::{Backend, Frontend, FrontendKey, FrontendKind, Protocol, Scope};
+
+#[derive(Parser)]
+struct Args {
+    /// Service counts to measure at.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+    services: Vec<usize>,
+    #[arg(long, default_value_t = 10)]
+    backends: usize,
+    /// Calls (one packet each) per translated case.
+    #[arg(long, default_value_t = 20_000)]
+    calls: usize,
+    /// Miss path: batches of `--repeat` runs each.
+    #[arg(long, default_value_t = 20)]
+    batches: usize,
+    #[arg(long, default_value_t = 10_000)]
+    repeat: u32,
+    /// Maglev table entries per frontend (a prime).
+    #[arg(long, default_value_t = DEFAULT_TABLE_SIZE)]
+    maglev_size: u32,
+}
+
+/// Mean and median of per-packet times, in ns.
+#[derive(Clone, Copy)]
+struct Stat {
+    mean: f64,
+    p50: f64,
+}
+
+fn stat(mut ns: Vec<f64>) -> Stat {
+    ns.sort_by(f64::total_cmp);
+    Stat {
+        mean: ns.iter().sum::<f64>() / ns.len() as f64,
+        p50: ns[ns.len() / 2],
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("this benchmark loads BPF programs and creates a network namespace: run it as root");
+    }
+    let node = TestNode::create().context("creating the benchmark's network namespace")?;
+    node.in_netns(|| run(&args, &node))?
+}
+
+fn run(args: &Args, node: &TestNode) -> Result<()> {
+    let ifindex = node.ext_ifindex;
+    let drop = DropProgram::load()?;
+    let miss_packet = inbound(client(0), SocketAddr::new(NODE_V4.into(), 9)).build();
+    let drop_loop = stat(
+        (0..args.calls)
+            .map(|_| drop.run(&miss_packet, ifindex, 1))
+            .collect::<Result<_>>()?,
+    );
+    let drop_repeat = stat(
+        (0..args.batches)
+            .map(|_| drop.run(&miss_packet, ifindex, args.repeat))
+            .collect::<Result<_>>()?,
+    );
+    println!(
+        "Maglev table: {} entries per frontend ({} KiB of kernel memory per service)",
+        args.maglev_size,
+        args.maglev_size.div_ceil(1000) * 4000 / 1024
+    );
+    println!(
+        "calls per translated case: {}; miss: {} batches x {} repeats",
+        args.calls, args.batches, args.repeat
+    );
+    let mut rows = vec![
+        ("XDP_DROP baseline, repeat=1 calls", 0, drop_loop),
+        ("XDP_DROP baseline, large repeat", 0, drop_repeat),
+    ];
+    let mut established = Vec::new();
+    for &n in &args.services {
+        let mut t = ProgTest::load(svclb_common::maps::CONNTRACK_MAX_ENTRIES)?;
+        t.writer.set_maglev_size(args.maglev_size);
+        t.set_snat(Some(NODE_V4), None, (1024, 65535))?;
+        let started = Instant::now();
+        for i in 0..n {
+            t.apply(&format!("svc-{i}"), &[nodeport(i, args.backends)])?;
+        }
+        eprintln!("{n} services applied in {:.1?}", started.elapsed());
+
+        let miss: Vec<f64> = (0..args.batches)
+            .map(|_| {
+                let r = t.run_xdp_repeat(&miss_packet, Some(ifindex), args.repeat)?;
+                expect(r.verdict, XDP_PASS, "miss")?;
+                Ok(r.duration.as_nanos() as f64)
+            })
+            .collect::<Result<_>>()?;
+        // One flow per call, spread over the services.
+        let flows: Vec<Vec<u8>> = (0..args.calls)
+            .map(|c| inbound(client(c), frontend_addr(c % n)).build())
+            .collect();
+        let per_call = |what: &str| -> Result<Stat> {
+            let ns = flows
+                .iter()
+                .map(|p| {
+                    let r = t.run_xdp(p, Some(ifindex))?;
+                    expect(r.verdict, XDP_TX, what)?;
+                    Ok(r.duration.as_nanos() as f64)
+                })
+                .collect::<Result<_>>()?;
+            Ok(stat(ns))
+        };
+        let new = per_call("new flow")?;
+        let est = per_call("established flow")?;
+        rows.push(("miss (large repeat)", n, stat(miss)));
+        rows.push(("new flow (SNAT, remote backend)", n, new));
+        rows.push(("established flow", n, est));
+        established.push((n, est));
+    }
+
+    println!();
+    println!(
+        "{:<36} {:>9} {:>12} {:>10} {:>14}",
+        "case", "services", "ns/packet", "p50 ns", "x XDP_DROP"
+    );
+    for (case, n, s) in &rows {
+        // Compare like with like: the miss with the repeated baseline.
+        let base = if case.starts_with("miss") || case.contains("large repeat") {
+            drop_repeat
+        } else {
+            drop_loop
+        };
+        let services = if *n == 0 { "-".into() } else { n.to_string() };
+        println!(
+            "{case:<36} {services:>9} {:>12.1} {:>10.1} {:>14.2}",
+            s.mean,
+            s.p50,
+            s.mean / base.mean
+        );
+    }
+    println!();
+    if let (Some((n1, first)), Some((nk, last))) = (established.first(), established.last()) {
+        let ratio = last.mean / first.mean;
+        println!(
+            "established({nk})/established({n1}): {ratio:.2} (target <= 1.2: {})",
+            met(ratio <= 1.2)
+        );
+        let worst = established.iter().map(|(_, s)| s.mean).fold(0.0, f64::max);
+        println!(
+            "established flow: at most {worst:.1} ns/packet (target <= 100: {}; {:.1} ns above the XDP_DROP baseline)",
+            met(worst <= 100.0),
+            worst - drop_loop.mean
+        );
+    }
+    Ok(())
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+fn expect(verdict: u32, want: u32, what: &str) -> Result<()> {
+    if verdict != want {
+        bail!("{what}: verdict {verdict}, expected {want}");
+    }
+    Ok(())
+}
+
+/// Client `c`: distinct address and port per flow, from 198.18.128.0/17.
+fn client(c: usize) -> SocketAddr {
+    let ip = u32::from(Ipv4Addr::new(198, 18, 128, 1)) + (c / 50_000) as u32;
+    SocketAddr::new(Ipv4Addr::from(ip).into(), 10_000 + (c % 50_000) as u16)
+}
+
+/// Service `i`'s node port.
+fn frontend_addr(i: usize) -> SocketAddr {
+    SocketAddr::new(NODE_V4.into(), 20_000 + i as u16)
+}
+
+fn inbound(src: SocketAddr, dst: SocketAddr) -> Packet {
+    Packet {
+        src_mac: ROUTER_MAC,
+        dst_mac: EXT_MAC,
+        payload: vec![0; 64],
+        ..Packet::tcp(src, dst)
+    }
+}
+
+/// Service `i`: a NodePort with `backends` remote pods (198.18.2.1.. on
+/// the peer node; the port tells services apart).
+fn nodeport(i: usize, backends: usize) -> Frontend {
+    let at = frontend_addr(i);
+    let mut b: Vec<Backend> = (0..backends)
+        .map(|j| Backend {
+            addr: Ipv4Addr::new(198, 18, 2, 1 + j as u8).into(),
+            port: 10_000 + i as u16,
+            terminating: false,
+            local: false,
+        })
+        .collect();
+    b.sort();
+    Frontend {
+        key: FrontendKey {
+            addr: at.ip(),
+            port: at.port(),
+            protocol: Protocol::Tcp,
+            scope: Scope::External,
+        },
+        kind: FrontendKind::NodePort,
+        backends: b,
+        when_empty: Default::default(),
+        affinity_timeout: None,
+        source_ranges: Vec::new(),
+    }
+}
+
+/// The baseline: `r0 = XDP_DROP; exit`, loaded with bpf(2) directly (not
+/// part of svclb's object) and run through BPF_PROG_TEST_RUN like svclb_xdp.
+struct DropProgram(OwnedFd);
+
+/// union bpf_attr for BPF_PROG_LOAD, up to expected_attach_type.
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// union bpf_attr for BPF_PROG_TEST_RUN.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
+    // SAFETY: `attr` is a valid, exclusively borrowed bpf_attr prefix of
+    // the size passed; the kernel reads it and writes results into it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+impl DropProgram {
+    fn load() -> Result<Self> {
+        // BPF_MOV64_IMM(r0, XDP_DROP); BPF_EXIT.
+        let insns: [u8; 16] = [
+            0xb7,
+            0,
+            0,
+            0,
+            XDP_DROP as u8,
+            0,
+            0,
+            0, //
+            0x95,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        let license = c"GPL";
+        let mut attr = ProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_XDP,
+            insn_cnt: 2,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            ..Default::default()
+        };
+        attr.prog_name[..9].copy_from_slice(b"xdp_drop\0");
+        let fd = bpf(BPF_PROG_LOAD, &mut attr).context("loading the XDP_DROP baseline")?;
+        // SAFETY: a new file descriptor the kernel just returned to us.
+        Ok(DropProgram(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+    }
+
+    /// Mean ns per run over `repeat` runs, as the kernel measured it.
+    fn run(&self, packet: &[u8], ifindex: u32, repeat: u32) -> Result<f64> {
+        let ctx: Vec<u8> = [0, packet.len() as u32, 0, ifindex, 0, 0]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut attr = TestRunAttr {
+            prog_fd: self.0.as_raw_fd() as u32,
+            data_size_in: packet.len() as u32,
+            data_size_out: out.len() as u32,
+            data_in: packet.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat,
+            ctx_size_in: ctx.len() as u32,
+            ctx_in: ctx.as_ptr() as u64,
+            ..Default::default()
+        };
+        bpf(BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN of the baseline")?;
+        expect(attr.retval, XDP_DROP, "baseline")?;
+        Ok(f64::from(attr.duration))
+    }
+}
