@@ -48,10 +48,10 @@ const V6: Layout = Layout {
 };
 
 /// For an ICMP error (IPv4 proto 1 / IPv6 next header 58) quoting a TCP or
-/// UDP packet: the tuple of the packets flowing the other way, which is
-/// how conntrack knows the flow. None for anything else.
+/// UDP packet: fill `t` with the tuple of the packets flowing the other
+/// way, which is how conntrack knows the flow. None for anything else.
 #[inline(always)]
-pub fn parse<P: Packet>(p: &P, v6: bool, proto: u8) -> Option<Tuple> {
+pub fn parse<P: Packet>(p: &P, v6: bool, proto: u8, t: &mut Tuple) -> Option<()> {
     let l = if v6 { &V6 } else { &V4 };
     let icmp_type = p.read::<u8>(l.icmp)?;
     let error = if v6 {
@@ -78,26 +78,19 @@ pub fn parse<P: Packet>(p: &P, v6: bool, proto: u8) -> Option<Tuple> {
     }
     // The 8 quoted L4 bytes must be there.
     p.read::<u8>(l.inner_l4 + 7)?;
-    let (src, dst) = if v6 {
-        (
-            p.read::<[u32; 4]>(l.inner_src)?,
-            p.read::<[u32; 4]>(l.inner_dst)?,
-        )
+    // The quoted packet went the other way: its source is the flow's
+    // destination.
+    if v6 {
+        t.dst = p.read::<[u32; 4]>(l.inner_src)?;
+        t.src = p.read::<[u32; 4]>(l.inner_dst)?;
     } else {
-        (
-            v4_mapped(p.read::<u32>(l.inner_src)?),
-            v4_mapped(p.read::<u32>(l.inner_dst)?),
-        )
-    };
-    let sport = u16::from_be(p.read::<u16>(l.inner_l4)?);
-    let dport = u16::from_be(p.read::<u16>(l.inner_l4 + 2)?);
-    Some(Tuple {
-        src: dst,
-        dst: src,
-        sport: dport,
-        dport: sport,
-        proto: inner_proto,
-    })
+        t.dst = v4_mapped(p.read::<u32>(l.inner_src)?);
+        t.src = v4_mapped(p.read::<u32>(l.inner_dst)?);
+    }
+    t.dport = u16::from_be(p.read::<u16>(l.inner_l4)?);
+    t.sport = u16::from_be(p.read::<u16>(l.inner_l4 + 2)?);
+    t.proto = inner_proto;
+    Some(())
 }
 
 /// Rewrite the error for flow entry `f` (found for `t`): the outer packet

@@ -56,7 +56,8 @@ fn egress(ctx: &TcContext) -> Option<()> {
     if proto == PROTO_ICMP || proto == PROTO_ICMPV6 {
         // A local backend's error about a client's packet (say, port
         // unreachable) must come from the frontend and quote it.
-        let t = icmp::parse(ctx, v6, proto)?;
+        let mut t = Tuple::default();
+        icmp::parse(ctx, v6, proto, &mut t)?;
         let f = external::egress(&t)?;
         return icmp::rewrite(ctx, v6, &t, &f);
     }

@@ -18,7 +18,7 @@ use svclb_common::{stats, v4_mapped, Flow, FLOW_INGRESS, PROTO_TCP, PROTO_UDP};
 use crate::{
     csum::Delta,
     ctx,
-    external::{self, Decision, Tuple},
+    external::{self, Decision, Scratch, Tuple},
     icmp,
     maps::TX_DEVICES,
     pkt::{self, load, store},
@@ -47,6 +47,9 @@ const IP6_L4: usize = 54;
 
 #[xdp]
 pub fn svclb_xdp(ctx: XdpContext) -> u32 {
+    // The 512-byte stack is shared along the call chain (and kernels
+    // before 6.x count every frame as at least 32 bytes): this frame only
+    // parses and dispatches; the work happens in callees on separate paths.
     let Some(s) = ctx::scratch() else {
         return XDP_PASS;
     };
@@ -54,47 +57,55 @@ pub fn svclb_xdp(ctx: XdpContext) -> u32 {
         return XDP_PASS;
     };
     if icmp_error {
-        // About a flow svclb translates: goes where that flow's packets go.
-        if !external::related(s, FLOW_INGRESS) {
-            return XDP_PASS;
-        }
-        if icmp::rewrite(&ctx, v6, &s.t, &s.flow).is_none() {
-            return XDP_DROP;
-        }
-        ctx::count(stats::ICMP_TRANSLATED);
-        return forward(&ctx, v6, &s.flow);
+        return icmp_error_path(&ctx, s, v6);
     }
     match external::ingress(s, v6) {
         Decision::Pass => XDP_PASS,
         Decision::Drop => XDP_DROP,
-        Decision::Translate => {
-            if rewrite(&ctx, v6, &s.t, &s.flow).is_none() {
-                return XDP_DROP;
-            }
-            forward(&ctx, v6, &s.flow)
-        }
+        Decision::Translate => translate(&ctx, s, v6),
     }
+}
+
+/// Rewrite a tracked packet and send it on.
+#[inline(never)]
+fn translate(ctx: &XdpContext, s: &Scratch, v6: bool) -> u32 {
+    if rewrite(ctx, v6, &s.t, &s.flow).is_none() {
+        return XDP_DROP;
+    }
+    forward(ctx, v6, &s.flow)
+}
+
+/// An ICMP error about a flow svclb translates goes where that flow's
+/// packets go.
+#[inline(never)]
+fn icmp_error_path(ctx: &XdpContext, s: &mut Scratch, v6: bool) -> u32 {
+    if !external::related(s, FLOW_INGRESS) {
+        return XDP_PASS;
+    }
+    if icmp::rewrite(ctx, v6, &s.t, &s.flow).is_none() {
+        return XDP_DROP;
+    }
+    ctx::count(stats::ICMP_TRANSLATED);
+    forward(ctx, v6, &s.flow)
 }
 
 /// Fill `t` from a packet svclb may translate: Some((is IPv6, is an ICMP
 /// error)) then, where for an ICMP error `t` is its flow as conntrack
-/// knows it.
+/// knows it. (Fields are written in place: no tuple copies on the stack.)
 #[inline(always)]
 fn parse(ctx: &XdpContext, t: &mut Tuple) -> Option<(bool, bool)> {
     let ethertype = load::<u16>(ctx, 12)?;
-    let (parsed, v6) = match u16::from_be(ethertype) {
-        ETH_P_IP => (parse4(ctx)?, false),
-        ETH_P_IPV6 => (parse6(ctx)?, true),
-        _ => return None,
-    };
-    *t = parsed.0;
-    Some((v6, parsed.1))
+    match u16::from_be(ethertype) {
+        ETH_P_IP => parse4(ctx, t).map(|icmp| (false, icmp)),
+        ETH_P_IPV6 => parse6(ctx, t).map(|icmp| (true, icmp)),
+        _ => None,
+    }
 }
 
-/// The TCP/UDP tuple of an IPv4 packet svclb can translate, or the flow
-/// of an ICMP error (true).
+/// An IPv4 TCP/UDP packet svclb can translate (false), or an ICMP error
+/// about one (true).
 #[inline(always)]
-fn parse4(ctx: &XdpContext) -> Option<(Tuple, bool)> {
+fn parse4(ctx: &XdpContext, t: &mut Tuple) -> Option<bool> {
     let version_ihl = load::<u8>(ctx, 14)?;
     let frag = u16::from_be(load::<u16>(ctx, 20)?);
     if version_ihl != 0x45 || frag & 0x3fff != 0 {
@@ -103,29 +114,22 @@ fn parse4(ctx: &XdpContext) -> Option<(Tuple, bool)> {
     }
     let proto = load::<u8>(ctx, 23)?;
     if proto == PROTO_ICMP {
-        return icmp::parse(ctx, false, proto).map(|t| (t, true));
+        return icmp::parse(ctx, false, proto, t).map(|()| true);
     }
-    let src = load::<u32>(ctx, IP4_SRC)?;
-    let dst = load::<u32>(ctx, IP4_DST)?;
-    let (sport, dport) = ports(ctx, IP4_L4, proto)?;
-    let t = Tuple {
-        src: v4_mapped(src),
-        dst: v4_mapped(dst),
-        sport,
-        dport,
-        proto,
-    };
-    Some((t, false))
+    ports(ctx, IP4_L4, proto, t)?;
+    t.src = v4_mapped(load::<u32>(ctx, IP4_SRC)?);
+    t.dst = v4_mapped(load::<u32>(ctx, IP4_DST)?);
+    Some(false)
 }
 
 #[inline(always)]
-fn parse6(ctx: &XdpContext) -> Option<(Tuple, bool)> {
+fn parse6(ctx: &XdpContext, t: &mut Tuple) -> Option<bool> {
     let proto = load::<u8>(ctx, 20)?;
     if load::<u8>(ctx, 14)? >> 4 != 6 {
         return None;
     }
     if proto == PROTO_ICMPV6 {
-        return icmp::parse(ctx, true, proto).map(|t| (t, true));
+        return icmp::parse(ctx, true, proto, t).map(|()| true);
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         // Extension headers (hop-by-hop, routing, fragment, AH, destination
@@ -136,22 +140,15 @@ fn parse6(ctx: &XdpContext) -> Option<(Tuple, bool)> {
         }
         return None;
     }
-    let src = load::<[u32; 4]>(ctx, IP6_SRC)?;
-    let dst = load::<[u32; 4]>(ctx, IP6_DST)?;
-    let (sport, dport) = ports(ctx, IP6_L4, proto)?;
-    let t = Tuple {
-        src,
-        dst,
-        sport,
-        dport,
-        proto,
-    };
-    Some((t, false))
+    ports(ctx, IP6_L4, proto, t)?;
+    t.src = load::<[u32; 4]>(ctx, IP6_SRC)?;
+    t.dst = load::<[u32; 4]>(ctx, IP6_DST)?;
+    Some(false)
 }
 
-/// Source and destination port, when the whole TCP or UDP header is there.
+/// Protocol and ports into `t`, when the whole TCP or UDP header is there.
 #[inline(always)]
-fn ports(ctx: &XdpContext, l4: usize, proto: u8) -> Option<(u16, u16)> {
+fn ports(ctx: &XdpContext, l4: usize, proto: u8, t: &mut Tuple) -> Option<()> {
     let header = match proto {
         PROTO_TCP => 20,
         PROTO_UDP => 8,
@@ -159,9 +156,10 @@ fn ports(ctx: &XdpContext, l4: usize, proto: u8) -> Option<(u16, u16)> {
     };
     // Bounds check of the whole header (the checksum sits at its end).
     load::<u8>(ctx, l4 + header - 1)?;
-    let sport = u16::from_be(load::<u16>(ctx, l4)?);
-    let dport = u16::from_be(load::<u16>(ctx, l4 + 2)?);
-    Some((sport, dport))
+    t.proto = proto;
+    t.sport = u16::from_be(load::<u16>(ctx, l4)?);
+    t.dport = u16::from_be(load::<u16>(ctx, l4 + 2)?);
+    Some(())
 }
 
 /// Offset of the TCP or UDP checksum.

@@ -254,6 +254,9 @@ pub fn attach_external(
         }
     };
     detach_stale(bpffs, devices);
+    if devices.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut modes = Vec::new();
     {
         let prog: &mut Xdp = ebpf
