@@ -4,7 +4,8 @@
 //! comes out, byte for byte, with one built independently (checksums
 //! computed from scratch, MACs from the test node's neighbours).
 //!
-//! Needs root (BPF, network namespaces); skipped otherwise. Each test runs
+//! Needs root (BPF, network namespaces) and Linux 5.15+ (BPF_PROG_RUN with
+//! an XDP context); skipped otherwise. Each test runs
 //! in a network namespace of its own (see `prog_test::TestNode`), where
 //! `bpf_fib_lookup` finds fixed routes and permanent neighbours. Nothing
 //! is sent anywhere: BPF_PROG_RUN only reports the verdict.
@@ -45,6 +46,14 @@ fn fixture(f: impl FnOnce(&mut ProgTest, &TestNode) + Send) {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: XDP fixtures need root (BPF, network namespaces)");
+        return;
+    }
+    // BPF_PROG_RUN takes an XDP context (the ingress device, which the FIB
+    // lookup starts from) from Linux 5.15 on.
+    if aya::util::KernelVersion::current()
+        .is_ok_and(|v| v < aya::util::KernelVersion::new(5, 15, 0))
+    {
+        eprintln!("skipped: XDP fixtures need BPF_PROG_RUN with an xdp_md context (Linux 5.15+)");
         return;
     }
     let node = TestNode::create().expect("creating the test node's namespace");

@@ -357,8 +357,8 @@ fn maglev_picks_the_same_backend_on_either_node() -> Result<()> {
 #[test]
 fn icmp_errors_from_backends_are_translated_back() -> Result<()> {
     let env = setup("exticmp")?;
-    // Target port 9999: nothing listens there.
-    let mut svc = ServiceSpec::new("closed", &[ip("198.19.0.31")], Vec::new());
+    // Dual stack; target port 9999: nothing listens there.
+    let mut svc = ServiceSpec::new("closed", &[ip("198.19.0.31"), ip("fd00:5::31")], Vec::new());
     svc.extra_spec = Some(json!({
         "type": "NodePort",
         "ports": [{"name": "u", "port": 81, "protocol": "UDP", "targetPort": 9999, "nodePort": 30081}],
@@ -366,33 +366,54 @@ fn icmp_errors_from_backends_are_translated_back() -> Result<()> {
     env.cluster
         .manifests()
         .write(&svc.file_name(), &to_yaml(&svc.to_json()))?;
-    let slice = |backend: usize| -> Result<()> {
-        let eps = vec![EndpointSpec {
-            node_name: Some(env.nodes[backend].name().to_string()),
-            ..EndpointSpec::ready(env.backends[backend].ipv4().into())
-        }];
-        let s = SliceSpec::new(
-            "closed-1",
-            "closed",
-            vec![PortSpec::new("u", 9999, Proto::Udp)],
-            eps,
-        );
-        env.cluster.manifests().write_slice(&s).map(drop)
+    let slices = |backend: usize| -> Result<()> {
+        let node_name = Some(env.nodes[backend].name().to_string());
+        let pod = &env.backends[backend];
+        for (name, addr) in [
+            ("closed-v4", IpAddr::V4(pod.ipv4())),
+            ("closed-v6", IpAddr::V6(pod.ipv6())),
+        ] {
+            let eps = vec![EndpointSpec {
+                node_name: node_name.clone(),
+                ..EndpointSpec::ready(addr)
+            }];
+            let ports = vec![PortSpec::new("u", 9999, Proto::Udp)];
+            let s = SliceSpec::new(name, "closed", ports, eps);
+            env.cluster.manifests().write_slice(&s)?;
+        }
+        Ok(())
     };
-    slice(0)?;
+    slices(0)?;
     env.start_agents()?;
     let n1 = &env.nodes[0];
-    let c = Connect::udp(n1.ext_ipv4(), 30081)
-        .connected()
-        .count(3)
-        .timeout_ms(1000);
     let refused = |r: &[ProbeResult]| {
         !r.is_empty() && r.iter().all(|r| r.error.as_deref() == Some("ECONNREFUSED"))
     };
-    env.converge("local backend's port unreachable", &c, refused)?;
+    let families = [IpAddr::V4(n1.ext_ipv4()), IpAddr::V6(n1.ext_ipv6())];
+    for addr in families {
+        let c = Connect::udp(addr, 30081)
+            .connected()
+            .count(3)
+            .timeout_ms(1000);
+        env.converge(
+            &format!("local backend's port unreachable via {addr}"),
+            &c,
+            refused,
+        )?;
+    }
     // Now the only backend is on n2: n1 SNATs, n2's pod answers n1.
-    slice(1)?;
-    env.converge("remote backend's port unreachable", &c, refused)?;
+    slices(1)?;
+    for addr in families {
+        let c = Connect::udp(addr, 30081)
+            .connected()
+            .count(3)
+            .timeout_ms(1000);
+        env.converge(
+            &format!("remote backend's port unreachable via {addr}"),
+            &c,
+            refused,
+        )?;
+    }
     Ok(())
 }
 

@@ -141,11 +141,13 @@ fn run(args: &Args, node: &TestNode) -> Result<()> {
             })
             .collect::<Result<_>>()?;
         let hot = stat(hot_ns);
+        let steady = steady_state(&mut t, &flows[0], ifindex, args.batches)?;
         rows.push(("miss (large repeat)", n, stat(miss)));
         rows.push(("new flow (SNAT, remote backend)", n, new));
         rows.push(("established, each call another flow", n, est));
         rows.push(("established, one flow back to back", n, hot));
-        established.push((n, hot));
+        rows.push(("established, steady state (repeat)", n, steady));
+        established.push((n, steady));
     }
 
     println!();
@@ -154,8 +156,8 @@ fn run(args: &Args, node: &TestNode) -> Result<()> {
         "case", "services", "ns/packet", "p50 ns", "x XDP_DROP"
     );
     for (case, n, s) in &rows {
-        // Compare like with like: the miss with the repeated baseline.
-        let base = if case.starts_with("miss") || case.contains("large repeat") {
+        // Compare like with like: repeated runs with the repeated baseline.
+        let base = if case.contains("repeat") {
             drop_repeat
         } else {
             drop_loop
@@ -177,9 +179,9 @@ fn run(args: &Args, node: &TestNode) -> Result<()> {
         );
         let worst = established.iter().map(|(_, s)| s.mean).fold(0.0, f64::max);
         println!(
-            "established flow (back to back): at most {worst:.1} ns/packet (target <= 100: {}; {:.1} ns above the XDP_DROP baseline)",
+            "established flow (steady state): at most {worst:.1} ns/packet (target <= 100: {}; {:.1} ns above the XDP_DROP baseline)",
             met(worst <= 100.0),
-            worst - drop_loop.mean
+            worst - drop_repeat.mean
         );
     }
     Ok(())
@@ -198,6 +200,62 @@ fn expect(verdict: u32, want: u32, what: &str) -> Result<()> {
         bail!("{what}: verdict {verdict}, expected {want}");
     }
     Ok(())
+}
+
+/// The established path with the kernel's repeat loop, which runs each
+/// repetition on the packet the previous one left. A translated packet
+/// changes, so measure one whose translation is itself: a client-to-
+/// backend packet with a conntrack entry that maps it to the same addresses
+/// (made from `flow`'s real entry, same backend id). Each run then does
+/// everything an established packet does (conntrack hit, backend check,
+/// rewrite with checksums, FIB lookup, TTL and MACs, XDP_TX); only the TTL
+/// drops, so at most 250 repetitions per call, from TTL 255.
+fn steady_state(t: &mut ProgTest, flow: &[u8], ifindex: u32, batches: usize) -> Result<Stat> {
+    const REPEAT: u32 = 250;
+    let first =
+        svclb_userspace::dataplane::prog_test::packet::summary(flow).context("flow packet")?;
+    let (_, real) = t
+        .conntrack()
+        .into_iter()
+        .find(|(k, f)| k.sport == first.src.port() && f.backend_id != 0)
+        .context("the flow's conntrack entry")?;
+    let client = first.src;
+    let backend = SocketAddr::new(abi_ip(real.dst), real.dport);
+    let mut packet = inbound(client, backend);
+    packet.ttl = 255;
+    let key = svclb_common::FlowKey {
+        src: real_src(client),
+        dst: real.dst,
+        sport: client.port(),
+        dport: real.dport,
+        proto: svclb_common::PROTO_TCP,
+        _pad: [0; 3],
+    };
+    let identity = svclb_common::Flow {
+        src: key.src,
+        dst: key.dst,
+        sport: key.sport,
+        dport: key.dport,
+        ..real
+    };
+    t.track(&key, &identity)?;
+    let packet = packet.build();
+    let ns = (0..batches)
+        .map(|_| {
+            let r = t.run_xdp_repeat(&packet, Some(ifindex), REPEAT)?;
+            expect(r.verdict, XDP_TX, "established flow (steady state)")?;
+            Ok(r.duration.as_nanos() as f64)
+        })
+        .collect::<Result<_>>()?;
+    Ok(stat(ns))
+}
+
+fn real_src(a: SocketAddr) -> [u32; 4] {
+    svclb_userspace::dataplane::abi::addr_to_abi(a.ip())
+}
+
+fn abi_ip(words: [u32; 4]) -> std::net::IpAddr {
+    svclb_userspace::dataplane::abi::addr_from_abi(words)
 }
 
 /// Client `c`: distinct address and port per flow, from 198.18.128.0/17.

@@ -170,6 +170,17 @@ impl ProgTest {
             })
     }
 
+    /// Add a conntrack entry, as if the programs had made it.
+    pub fn track(&mut self, key: &FlowKey, flow: &Flow) -> Result<(), DataplaneError> {
+        self.conntrack
+            .insert(key, flow, 0)
+            .map_err(|source| DataplaneError::Map {
+                map: svclb_common::maps::CONNTRACK,
+                op: "update",
+                source,
+            })
+    }
+
     /// Every conntrack entry.
     pub fn conntrack(&self) -> Vec<(FlowKey, Flow)> {
         self.conntrack.iter().filter_map(Result::ok).collect()

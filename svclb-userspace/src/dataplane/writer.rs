@@ -130,7 +130,7 @@ impl SourceRange {
 }
 
 /// The Maglev table an external frontend's slot 0 points at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Table {
     generation: u16,
     size: u32,
@@ -769,6 +769,9 @@ impl<M: MapOps> Writer<M> {
         });
         d.affinity_match.sort_unstable();
         d.affinity_match.dedup();
+        // A table may flip generations several times between flushes.
+        d.tables.sort_unstable();
+        d.tables.dedup();
         d.tables.retain(|(fk, rev_nat_id, t)| {
             !self
                 .frontends
