@@ -27,7 +27,13 @@ use kernel::Kernel;
 
 /// Modules the tests need beyond what the cloud kernels build in (their
 /// dependencies, e.g. stp and llc for bridge, come along).
-const MODULES: &[&str] = &["veth", "bridge"];
+const MODULES: &[&str] = &[
+    "veth",
+    "bridge",
+    // tc egress on kernels before TCX (6.6): the clsact qdisc and cls_bpf.
+    "sch_ingress",
+    "cls_bpf",
+];
 /// Every test spawns agents, servers and probes: give them room.
 const MEMORY: &str = "3G";
 /// Matches this machine's cores: more vCPUs than host cores only slows TCG down.

@@ -333,8 +333,9 @@ fn attach_xdp(
 }
 
 fn attach_tc(prog: &mut SchedClassifier, dev: &str, bpffs: &Path) -> Result<(), String> {
-    // Fails harmlessly when the qdisc exists.
-    let _ = aya::programs::tc::qdisc_add_clsact(dev);
+    // Fails harmlessly when the qdisc exists; otherwise its error explains
+    // a failing attach (say, no sch_ingress module).
+    let qdisc = aya::programs::tc::qdisc_add_clsact(dev).err();
     let options = NlOptions {
         priority: TC_PRIORITY,
         handle: TC_HANDLE,
@@ -356,7 +357,10 @@ fn attach_tc(prog: &mut SchedClassifier, dev: &str, bpffs: &Path) -> Result<(), 
                 None,
             )
             .map_err(|e| e.to_string())?;
-            prog.attach_to_link(old).map_err(|e| chain(&e))?
+            prog.attach_to_link(old).map_err(|e| match &qdisc {
+                Some(q) => format!("{} (adding the clsact qdisc: {})", chain(&e), chain(q)),
+                None => chain(&e),
+            })?
         }
     };
     let link = prog.take_link(id).map_err(|e| chain(&e))?;
