@@ -331,7 +331,13 @@ fn svclb_case(bench: &Bench, n: usize) -> Result<Option<(f64, f64)>> {
         let endpoints = svc
             .endpoints
             .iter()
-            .map(|e| EndpointSpec::ready((*e).into()))
+            // On this node: DNAT only, replies through tc egress (a
+            // "remote" backend behind the same node would get SNAT replies
+            // that never pass XDP).
+            .map(|e| EndpointSpec {
+                node_name: Some(bench.node.name().to_string()),
+                ..EndpointSpec::ready((*e).into())
+            })
             .collect();
         m.write_slice(&SliceSpec::new(
             &format!("{}-1", svc.name),
