@@ -33,6 +33,8 @@ pub struct Tuple {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    /// A TCP SYN without ACK: a new connection.
+    pub syn: bool,
 }
 
 impl Tuple {
@@ -113,6 +115,9 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
         _pad: 0,
     };
     let Some(fe) = ctx::lookup(&SERVICES, &skey) else {
+        if t.syn {
+            forget_reply(t, reply_key);
+        }
         return Decision::Pass;
     };
     if fe.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(fe.rev_nat_id, &t.src) {
@@ -211,6 +216,23 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
     let _ = CONNTRACK.insert(&*reply_key, &*flow, 0);
     ctx::count(stats::CT_CREATED);
     Decision::Translate
+}
+
+/// A new connection straight to an address a translated flow used (say,
+/// a client reusing its port to reach a pod directly): the old flow's reply
+/// entry must not rewrite this connection's replies. Conntrack entries are
+/// not timed out, so they are dropped here, on SYNs that hit no frontend.
+#[inline(always)]
+fn forget_reply(t: &Tuple, key: &mut FlowKey) {
+    *key = FlowKey {
+        src: t.dst,
+        dst: t.src,
+        sport: t.dport,
+        dport: t.sport,
+        proto: t.proto,
+        _pad: [0; 3],
+    };
+    let _ = CONNTRACK.remove(&*key);
 }
 
 #[inline(always)]

@@ -159,6 +159,8 @@ fn ports(ctx: &XdpContext, l4: usize, proto: u8, t: &mut Tuple) -> Option<()> {
     t.proto = proto;
     t.sport = u16::from_be(load::<u16>(ctx, l4)?);
     t.dport = u16::from_be(load::<u16>(ctx, l4 + 2)?);
+    // TCP flags: SYN (0x02) without ACK (0x10).
+    t.syn = proto == PROTO_TCP && load::<u8>(ctx, l4 + 13)? & 0x12 == 0x02;
     Some(())
 }
 

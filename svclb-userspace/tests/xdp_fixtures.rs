@@ -225,6 +225,41 @@ fn nodeport_to_local_backend_is_dnat_only_and_tc_translates_the_reply() {
     });
 }
 
+/// A client that reuses its port to reach the pod directly (no service):
+/// the SYN drops the old flow's reply entry, so tc leaves the pod's replies
+/// alone instead of dressing them up as the NodePort's.
+#[test]
+fn direct_connection_reusing_a_tuple_is_not_rewritten() {
+    fixture(|t, node| {
+        let fe = frontend(
+            FrontendKind::NodePort,
+            nodeport4(),
+            Protocol::Tcp,
+            &[backend(LOCAL4, true)],
+        );
+        t.apply("np", &[fe]).unwrap();
+        let via_service = inbound(PROTO_TCP, sa(CLIENT4), nodeport4());
+        assert_eq!(xdp(t, node, &via_service.build()).verdict, XDP_PASS);
+        let reply = Packet::tcp(sa(LOCAL4), sa(CLIENT4)).build();
+        let before = t.run_tc(&reply).expect("BPF_PROG_RUN of tc");
+        assert_ne!(
+            before.packet, reply,
+            "the service flow's reply is rewritten"
+        );
+
+        // Same client address and port, straight to the pod: a SYN that
+        // hits no frontend passes untouched and forgets the reply entry.
+        let direct = inbound(PROTO_TCP, sa(CLIENT4), sa(LOCAL4)).build();
+        let run = xdp(t, node, &direct);
+        assert_eq!((run.verdict, &run.packet), (XDP_PASS, &direct));
+        let after = t.run_tc(&reply).expect("BPF_PROG_RUN of tc");
+        assert_eq!(
+            after.packet, reply,
+            "the direct connection's reply is left alone"
+        );
+    });
+}
+
 #[test]
 fn tc_reply_translation_ipv6_and_udp_zero_checksum() {
     fixture(|t, _node| {

@@ -64,6 +64,14 @@ struct Rate {
     first_error: Option<String>,
 }
 
+/// A case's rates (requests/s) and ratios to the interleaved baseline.
+struct Measured {
+    tcp: f64,
+    tcp_ratio: f64,
+    udp: f64,
+    udp_ratio: f64,
+}
+
 struct Bench {
     cluster: Cluster,
     node: Node,
@@ -84,8 +92,12 @@ fn main() -> ExitCode {
 
 impl Bench {
     /// Median requests/s over the rounds for (TCP, UDP) to `target`.
-    fn measure(&self, target: SocketAddr) -> Result<(f64, f64)> {
+    /// Requests/s to `target` and its ratio to `direct`, TCP then UDP:
+    /// the probe takes the two targets in turn within each run, so both
+    /// see the same machine load; medians over the rounds.
+    fn measure(&self, direct: SocketAddr, target: SocketAddr) -> Result<Measured> {
         let mut rates = [Vec::new(), Vec::new()];
+        let mut ratios = [Vec::new(), Vec::new()];
         for _ in 0..self.args.rounds {
             for (i, proto) in [Proto::Tcp, Proto::Udp].into_iter().enumerate() {
                 let args = [
@@ -93,26 +105,38 @@ impl Bench {
                     "--proto".into(),
                     proto.probe().into(),
                     "--target".into(),
+                    direct.to_string(),
+                    "--target".into(),
                     target.to_string(),
                     "--duration-ms".into(),
-                    ((self.args.seconds * 1000.0).round() as u64).to_string(),
+                    ((self.args.seconds * 2000.0).round() as u64).to_string(),
                 ];
                 let mut lines: Vec<RateRun> = self.client.run_client_as(&args)?;
-                let r = lines
-                    .pop()
-                    .and_then(|mut l| l.results.pop())
-                    .context("rate printed nothing")?;
+                let run = lines.pop().context("rate printed nothing")?;
                 ensure!(
-                    r.ops > 0 && r.errors * 100 <= r.ops,
-                    "{proto} to {target}: {} ok, {} errors (first: {:?})",
-                    r.ops,
-                    r.errors,
-                    r.first_error
+                    run.results.len() == 2,
+                    "rate: {} results",
+                    run.results.len()
                 );
-                rates[i].push(r.ops_per_sec);
+                for r in &run.results {
+                    ensure!(
+                        r.ops > 0 && r.errors * 100 <= r.ops,
+                        "{proto}: {} ok, {} errors (first: {:?})",
+                        r.ops,
+                        r.errors,
+                        r.first_error
+                    );
+                }
+                rates[i].push(run.results[1].ops_per_sec);
+                ratios[i].push(run.results[1].ops_per_sec / run.results[0].ops_per_sec);
             }
         }
-        Ok((median(&mut rates[0]), median(&mut rates[1])))
+        Ok(Measured {
+            tcp: median(&mut rates[0]),
+            tcp_ratio: median(&mut ratios[0]),
+            udp: median(&mut rates[1]),
+            udp_ratio: median(&mut ratios[1]),
+        })
     }
 
     /// The measured service plus `count - 1` fillers before it.
@@ -244,19 +268,19 @@ fn run(args: Args) -> Result<()> {
         "  {:<34}{:>12}{:>8}{:>12}{:>8}",
         "case", "TCP", "ratio", "UDP", "ratio"
     );
-    // Warm-up, then the baseline.
     bench.measure_warm(direct)?;
-    let base = bench.measure(direct)?;
-    let line = |name: &str, r: (f64, f64)| {
+    let line = |name: &str, m: &Measured| {
         println!(
             "  {name:<34}{:>12.0}{:>8.3}{:>12.0}{:>8.3}",
-            r.0,
-            r.0 / base.0,
-            r.1,
-            r.1 / base.1
+            m.tcp, m.tcp_ratio, m.udp, m.udp_ratio
         )
     };
-    line("direct to pod IP (baseline)", base);
+    // The baseline against itself: how much two interleaved targets differ
+    // by chance.
+    line(
+        "direct to pod IP (vs itself)",
+        &bench.measure(direct, direct)?,
+    );
 
     for &n in &bench.args.services {
         let services = bench.services(n);
@@ -266,8 +290,8 @@ fn run(args: Args) -> Result<()> {
         let load = t.elapsed();
         // Masqueraded: the backend sees the node's bridge address.
         bench.check_nodeport(Some(bench.node.bridge_ipv4().into()))?;
-        let r = bench.measure(nodeport)?;
-        line(&format!("iptables, {n} services"), r);
+        let r = bench.measure(direct, nodeport)?;
+        line(&format!("iptables, {n} services"), &r);
         println!(
             "  {:<34}(ruleset: {} lines, loaded in {:.1} s)",
             "",
@@ -279,8 +303,8 @@ fn run(args: Args) -> Result<()> {
     bench.in_node(&bench.args.iptables_restore, &[], "*nat\nCOMMIT\n")?;
 
     for &n in &bench.args.services {
-        match svclb_case(&bench, n) {
-            Ok(Some(r)) => line(&format!("svclb XDP, {n} services"), r),
+        match svclb_case(&bench, n, direct) {
+            Ok(Some(r)) => line(&format!("svclb XDP, {n} services"), &r),
             Ok(None) => {
                 println!("  svclb XDP: skipped, the agent does not support --devices yet");
                 break;
@@ -289,7 +313,6 @@ fn run(args: Args) -> Result<()> {
         }
     }
     // Drift check: the baseline again.
-    line("direct to pod IP (again)", bench.measure(direct)?);
     Ok(())
 }
 
@@ -305,7 +328,7 @@ impl Bench {
 
 /// Write `services` as manifests, start the agent with --devices ext0 and
 /// measure; None when the agent rejects --devices.
-fn svclb_case(bench: &Bench, n: usize) -> Result<Option<(f64, f64)>> {
+fn svclb_case(bench: &Bench, n: usize, direct: SocketAddr) -> Result<Option<Measured>> {
     if let Some(agent) = bench.node.agent() {
         agent.stop()?;
     }
@@ -353,7 +376,7 @@ fn svclb_case(bench: &Bench, n: usize) -> Result<Option<(f64, f64)>> {
     }
     bench.check_nodeport(None)?;
     let nodeport = SocketAddr::new(bench.node.ext_ipv4().into(), NODE_PORT);
-    bench.measure(nodeport).map(Some)
+    bench.measure(direct, nodeport).map(Some)
 }
 
 fn median(v: &mut [f64]) -> f64 {
