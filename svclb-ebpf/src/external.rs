@@ -78,9 +78,42 @@ pub fn ingress(s: &mut Scratch, v6: bool) -> Decision {
         && s.flow.direction == FLOW_INGRESS
         && (s.flow.backend_id == 0 || ctx::lookup(&BACKENDS, &s.flow.backend_id).is_some())
     {
+        if s.t.syn && s.flow.backend_id != 0 {
+            refresh_reply(s);
+        }
         return Decision::Translate;
     }
     new_flow(s, v6)
+}
+
+/// A new connection on a tracked tuple (a client reusing its port): make
+/// sure its reply entry exists again, since a direct connection in between
+/// may have dropped it (see `forget_reply`).
+#[inline(never)]
+fn refresh_reply(s: &mut Scratch) {
+    let (t, f) = (&s.t, &s.flow);
+    // The backend answers the address it saw: the client's own (local
+    // backend, rewritten by tc) or the SNAT address (rewritten by XDP).
+    let local = f.src == t.src && f.sport == t.sport;
+    s.key = FlowKey {
+        src: f.dst,
+        dst: f.src,
+        sport: f.dport,
+        dport: f.sport,
+        proto: t.proto,
+        _pad: [0; 3],
+    };
+    let reply = Flow {
+        src: t.dst,
+        dst: t.src,
+        sport: t.dport,
+        dport: t.sport,
+        backend_id: 0,
+        rev_nat_id: f.rev_nat_id,
+        direction: if local { FLOW_EGRESS } else { FLOW_INGRESS },
+        _pad: [0; 3],
+    };
+    let _ = CONNTRACK.insert(&s.key, &reply, 0);
 }
 
 /// The conntrack entry of `s.t` into `s.flow`, if it is for `direction`

@@ -146,7 +146,7 @@ pub fn rewrite<P: Packet>(p: &P, v6: bool, t: &Tuple, f: &Flow) -> Option<()> {
     }
     if t.proto == PROTO_UDP {
         let uc = p.read::<u16>(l.inner_l4 + 6)?;
-        if !(uc == 0 && !v6) {
+        if uc != 0 || v6 {
             let mut d = inner;
             d.add(ports);
             let mut new_uc = d.apply(uc);

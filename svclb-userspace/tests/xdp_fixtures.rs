@@ -227,7 +227,8 @@ fn nodeport_to_local_backend_is_dnat_only_and_tc_translates_the_reply() {
 
 /// A client that reuses its port to reach the pod directly (no service):
 /// the SYN drops the old flow's reply entry, so tc leaves the pod's replies
-/// alone instead of dressing them up as the NodePort's.
+/// alone instead of dressing them up as the NodePort's; a later SYN through
+/// the service on the same tuple brings the entry back.
 #[test]
 fn direct_connection_reusing_a_tuple_is_not_rewritten() {
     fixture(|t, node| {
@@ -256,6 +257,15 @@ fn direct_connection_reusing_a_tuple_is_not_rewritten() {
         assert_eq!(
             after.packet, reply,
             "the direct connection's reply is left alone"
+        );
+
+        // And back through the service on the same tuple: conntrack still
+        // has the flow, and the SYN restores its reply entry.
+        assert_eq!(xdp(t, node, &via_service.build()).verdict, XDP_PASS);
+        let again = t.run_tc(&reply).expect("BPF_PROG_RUN of tc");
+        assert_eq!(
+            again.packet, before.packet,
+            "rewritten as the NodePort's again"
         );
     });
 }
