@@ -177,26 +177,7 @@ impl Dataplane {
         &mut self,
         addresses: &[std::net::IpAddr],
     ) -> Result<(), DataplaneError> {
-        let first = |v4: bool| {
-            addresses
-                .iter()
-                .find(|a| a.is_ipv4() == v4)
-                .map_or([0; 4], |a| abi::addr_to_abi(*a))
-        };
-        let config = svclb_common::XdpConfig {
-            snat_addr4: first(true),
-            snat_addr6: first(false),
-            snat_port_min: self.snat_ports.0,
-            snat_port_max: self.snat_ports.1,
-            _pad: 0,
-        };
-        self.xdp_config
-            .set(0, config, 0)
-            .map_err(|source| DataplaneError::Map {
-                map: svclb_common::maps::XDP_CONFIG,
-                op: "update",
-                source,
-            })
+        write_xdp_config(&mut self.xdp_config, addresses, self.snat_ports)
     }
 
     /// Every service has been applied once: remove what nobody claimed.
@@ -226,6 +207,33 @@ impl Dataplane {
             .collect();
         self.writer.apply(id, &socket)
     }
+}
+
+/// The external path's settings: the first IPv4 and IPv6 of `addresses`
+/// as SNAT sources, and the SNAT port range.
+pub(crate) fn write_xdp_config(
+    map: &mut aya::maps::Array<aya::maps::MapData, svclb_common::XdpConfig>,
+    addresses: &[std::net::IpAddr],
+    ports: (u16, u16),
+) -> Result<(), DataplaneError> {
+    let first = |v4: bool| {
+        addresses
+            .iter()
+            .find(|a| a.is_ipv4() == v4)
+            .map_or([0; 4], |a| abi::addr_to_abi(*a))
+    };
+    let config = svclb_common::XdpConfig {
+        snat_addr4: first(true),
+        snat_addr6: first(false),
+        snat_port_min: ports.0,
+        snat_port_max: ports.1,
+        _pad: 0,
+    };
+    map.set(0, config, 0).map_err(|source| DataplaneError::Map {
+        map: svclb_common::maps::XDP_CONFIG,
+        op: "update",
+        source,
+    })
 }
 
 fn nix_ifindex(dev: &str) -> Option<u32> {

@@ -22,7 +22,7 @@ use aya::Ebpf;
 use svclb_common::{Flow, FlowKey, XdpConfig};
 
 use super::loader::{self, TC_PROGRAM, XDP_PROGRAM};
-use super::{abi, ApplyStats, Capacity, DataplaneError, KernelMaps, WriterMaps};
+use super::{ApplyStats, Capacity, DataplaneError, KernelMaps, WriterMaps};
 use crate::model::{Frontend, ServiceId};
 
 pub mod packet;
@@ -143,21 +143,12 @@ impl ProgTest {
         v6: Option<Ipv6Addr>,
         ports: (u16, u16),
     ) -> Result<(), DataplaneError> {
-        let addr = |a: Option<IpAddr>| a.map_or([0; 4], abi::addr_to_abi);
-        let config = XdpConfig {
-            snat_addr4: addr(v4.map(IpAddr::V4)),
-            snat_addr6: addr(v6.map(IpAddr::V6)),
-            snat_port_min: ports.0,
-            snat_port_max: ports.1,
-            _pad: 0,
-        };
-        self.xdp_config
-            .set(0, config, 0)
-            .map_err(|source| DataplaneError::Map {
-                map: svclb_common::maps::XDP_CONFIG,
-                op: "update",
-                source,
-            })
+        let addresses: Vec<IpAddr> = v4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(v6.map(IpAddr::V6))
+            .collect();
+        super::write_xdp_config(&mut self.xdp_config, &addresses, ports)
     }
 
     /// Let XDP redirect to the device `ifindex` (the agent's --devices).
