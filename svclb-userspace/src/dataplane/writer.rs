@@ -150,14 +150,15 @@ impl Table {
     }
 }
 
-/// A backend as the maps know it: address, port and protocol.
-type BackendAddr = (IpAddr, u16, Protocol);
+/// A backend as the maps know it: address, port, protocol and whether it
+/// is on this node. Locality is part of the identity, so services whose
+/// slices disagree about an endpoint's node can't flip each other's.
+type BackendAddr = (IpAddr, u16, Protocol, bool);
 
 #[derive(Clone, Debug)]
 struct BackendEntry {
     addr: BackendAddr,
     state: u8,
-    local: bool,
     /// How many slots name this backend.
     refs: u32,
 }
@@ -355,13 +356,13 @@ impl<M: MapOps> Writer<M> {
                 _ => garbage.service_keys.push(service_key(&fk, slot)),
             }
         }
-        let mut by_id: HashMap<u32, (BackendAddr, u8, bool)> = HashMap::new();
+        let mut by_id: HashMap<u32, (BackendAddr, u8)> = HashMap::new();
         for (id, b) in &contents.backends {
             w.next_backend_id = w.next_backend_id.max(id + 1);
             match proto_from_abi(b.proto) {
                 Some(p) => {
-                    let addr = (addr_from_abi(b.addr), b.port, p);
-                    by_id.insert(*id, (addr, b.state, b.local != 0));
+                    let addr = (addr_from_abi(b.addr), b.port, p, b.local != 0);
+                    by_id.insert(*id, (addr, b.state));
                 }
                 None => w.maps.del_backend(*id)?,
             }
@@ -393,14 +394,13 @@ impl<M: MapOps> Writer<M> {
                 live_chunks.extend(t.keys(f.rev_nat_id));
             }
             for id in &f.slots {
-                let (addr, state, local) = by_id[id];
+                let (addr, state) = by_id[id];
                 w.by_addr.insert(addr, *id);
                 w.backends
                     .entry(*id)
                     .or_insert(BackendEntry {
                         addr,
                         state,
-                        local,
                         refs: 0,
                     })
                     .refs += 1;
@@ -502,19 +502,14 @@ impl<M: MapOps> Writer<M> {
         // 1. Backends.
         for f in &wanted {
             for b in &f.backends {
-                let addr = (b.addr, b.port, f.key.protocol);
+                let addr = (b.addr, b.port, f.key.protocol, b.local);
                 let state = if b.terminating {
                     BACKEND_TERMINATING
                 } else {
                     BACKEND_ACTIVE
                 };
-                let local = b.local;
                 let id = match self.by_addr.get(&addr) {
-                    Some(id)
-                        if self.backends[id].state == state && self.backends[id].local == local =>
-                    {
-                        continue
-                    }
+                    Some(id) if self.backends[id].state == state => continue,
                     Some(id) => *id,
                     None => {
                         let id = self.next_backend_id;
@@ -522,20 +517,11 @@ impl<M: MapOps> Writer<M> {
                         id
                     }
                 };
-                self.maps
-                    .put_backend(id, &abi_backend(&addr, state, local))?;
+                self.maps.put_backend(id, &abi_backend(&addr, state))?;
                 stats.writes += 1;
                 self.by_addr.insert(addr, id);
                 let refs = self.backends.get(&id).map_or(0, |e| e.refs);
-                self.backends.insert(
-                    id,
-                    BackendEntry {
-                        addr,
-                        state,
-                        local,
-                        refs,
-                    },
-                );
+                self.backends.insert(id, BackendEntry { addr, state, refs });
             }
         }
 
@@ -565,7 +551,7 @@ impl<M: MapOps> Writer<M> {
                 slots: f
                     .backends
                     .iter()
-                    .map(|b| self.by_addr[&(b.addr, b.port, f.key.protocol)])
+                    .map(|b| self.by_addr[&(b.addr, b.port, f.key.protocol, b.local)])
                     .collect(),
                 table: None,
                 source_ranges: f.source_ranges.iter().copied().collect(),
@@ -895,7 +881,11 @@ impl<M: MapOps> Writer<M> {
         let services = self.service_entries + self.pending.service_keys.len() + added;
         let new_backends: BTreeSet<BackendAddr> = wanted
             .iter()
-            .flat_map(|f| f.backends.iter().map(|b| (b.addr, b.port, f.key.protocol)))
+            .flat_map(|f| {
+                f.backends
+                    .iter()
+                    .map(|b| (b.addr, b.port, f.key.protocol, b.local))
+            })
             .filter(|a| !self.by_addr.contains_key(a))
             .collect();
         let backends = self.backends.len() + new_backends.len();
@@ -931,13 +921,13 @@ impl<M: MapOps> Writer<M> {
     }
 }
 
-fn abi_backend(addr: &BackendAddr, state: u8, local: bool) -> AbiBackend {
+fn abi_backend(addr: &BackendAddr, state: u8) -> AbiBackend {
     AbiBackend {
         addr: addr_to_abi(addr.0),
         port: addr.1,
         proto: proto_to_abi(addr.2),
         state,
-        local: u8::from(local),
+        local: u8::from(addr.3),
         _pad: [0; 3],
     }
 }

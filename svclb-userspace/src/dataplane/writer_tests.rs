@@ -524,6 +524,26 @@ fn restart_adopts_the_maps_and_rewrites_nothing() {
     assert_no_garbage(restarted.maps());
 }
 
+/// Two services whose slices disagree about an endpoint's node: each
+/// keeps the locality it asked for (the backend is stored twice), instead of
+/// the last one written flipping the other's.
+#[test]
+fn backend_locality_is_per_frontend() {
+    let mut w = writer();
+    let mut a = fe("198.19.0.1", 80, Protocol::Tcp, &[("198.18.1.2", 8080)]);
+    a.key.scope = Scope::External;
+    a.backends[0].local = true;
+    let mut b = fe("198.19.0.2", 80, Protocol::Tcp, &[("198.18.1.2", 8080)]);
+    b.key.scope = Scope::External;
+    w.apply(&sid("a"), std::slice::from_ref(&a)).unwrap();
+    w.apply(&sid("b"), std::slice::from_ref(&b)).unwrap();
+    w.flush().unwrap();
+    let desired = BTreeMap::from([(sid("a"), vec![a]), (sid("b"), vec![b])]);
+    assert_eq!(observed(w.maps()), expected(&desired));
+    assert_eq!(w.maps().backends.len(), 2);
+    assert_no_garbage(w.maps());
+}
+
 #[test]
 fn adopt_drops_half_written_frontends_and_garbage() {
     let mut m = FakeMaps::default();
@@ -561,9 +581,8 @@ fn adopt_drops_half_written_frontends_and_garbage() {
     m.backends.insert(
         7,
         abi_backend(
-            &("198.18.1.2".parse().unwrap(), 8080, Protocol::Tcp),
+            &("198.18.1.2".parse().unwrap(), 8080, Protocol::Tcp, false),
             0,
-            false,
         ),
     );
     m.rev_nat.insert(1, RevNat::default());
