@@ -13,10 +13,10 @@
 //! The external network ("fabric", created on first use): one netns with a
 //! bridge that nodes join with [`Node::attach_external`] and that
 //! [`ExternalClient`]s (outside the cluster) sit on:
-//! - node N: veth `ext0` with 198.20.0.N/24 and fd00:20::N/64, and routes
+//! - node N: veth `ext0` with 198.18.0.N/24 and fd00:20::N/64, and routes
 //!   to the pod subnets of every other attached node via that node's ext0
 //!   address, so pods on different nodes reach each other by pod IP;
-//! - external client k (0-based): 198.20.0.(200+k)/24, fd00:20::(200+k)/64
+//! - external client k (0-based): 198.18.0.(200+k)/24, fd00:20::(200+k)/64
 //!   (the number 200+k, so fd00:20::c8 for k = 0), with no routes beyond
 //!   the fabric subnet until the test adds some ([`ExternalClient::route_via`]).
 //!
@@ -51,9 +51,9 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// The node's interface on the external network.
 pub const EXT_IF: &str = "ext0";
 /// The external network's subnets.
-pub const EXT_CIDR4: &str = "198.20.0.0/24";
+pub const EXT_CIDR4: &str = "198.18.0.0/24";
 pub const EXT_CIDR6: &str = "fd00:20::/64";
-/// The first external client's host number (198.20.0.200).
+/// The first external client's host number (198.18.0.200).
 const CLIENT_HOST_BASE: u8 = 200;
 
 /// Where tests put service addresses.
@@ -537,9 +537,9 @@ struct NodeInner {
     agent_runs: AtomicU32,
 }
 
-/// 198.20.0.HOST: a node's (HOST = its index) or external client's address.
+/// 198.18.0.HOST: a node's (HOST = its index) or external client's address.
 fn ext_ipv4(host: u8) -> Ipv4Addr {
-    Ipv4Addr::new(198, 20, 0, host)
+    Ipv4Addr::new(198, 18, 0, host)
 }
 
 /// fd00:20::HOST (the number HOST, so fd00:20::a for node 10).
@@ -619,7 +619,7 @@ impl Node {
         Ipv6Addr::new(0xfd00, 0, 0, self.inner.index.into(), 0, 0, 0, 1)
     }
 
-    /// The address of [`EXT_IF`] (198.20.0.N), once attached.
+    /// The address of [`EXT_IF`] (198.18.0.N), once attached.
     pub fn ext_ipv4(&self) -> Ipv4Addr {
         ext_ipv4(self.inner.index)
     }

@@ -57,7 +57,7 @@ fn external_client_reaches_nodes_and_routed_pod_subnets() -> Result<()> {
     pod.spawn_server("web", &[8080])?;
     node.spawn_server("host", &[9090])?;
     let client = cluster.add_external_client("ext")?;
-    assert_eq!(client.ipv4().to_string(), "198.20.0.200");
+    assert_eq!(client.ipv4().to_string(), "198.18.0.200");
     assert_eq!(client.ipv6().to_string(), "fd00:20::c8");
 
     // The node's ext0 addresses are on the client's subnet.
@@ -174,7 +174,7 @@ fn node_object_lists_ext_addresses_once_attached() -> Result<()> {
     let v = read_node_object(&cluster, &node)?;
     assert_eq!(
         v["status"]["addresses"],
-        json!([{"type": "InternalIP", "address": "198.20.0.1"},
+        json!([{"type": "InternalIP", "address": "198.18.0.1"},
                {"type": "InternalIP", "address": "fd00:20::1"}])
     );
     Ok(())

@@ -660,7 +660,7 @@ fn arb_frontends() -> impl Strategy<Value = Vec<Frontend>> {
         prop::sample::select(vec![None, Some(10), Some(10_800)]),
         any::<bool>(),
         any::<bool>(),
-        prop::collection::btree_set(prop::sample::select(vec![8u8, 16, 24]), 0..3),
+        prop::collection::btree_set(prop::sample::select(vec![15u8, 16, 24]), 0..3),
     )
         .prop_map(
             |(h, protocol, backends, affinity_timeout, drop, external, ranges)| Frontend {
@@ -678,7 +678,7 @@ fn arb_frontends() -> impl Strategy<Value = Vec<Frontend>> {
                     ranges
                         .into_iter()
                         .map(|prefix| Cidr {
-                            addr: IpAddr::from([10, 0, 0, 0]),
+                            addr: IpAddr::from([198, 18, 0, 0]),
                             prefix,
                         })
                         .collect()

@@ -1328,11 +1328,11 @@ fn external_frontends_follow_the_external_traffic_policy() {
         ),
         (
             "source ranges apply to the load-balancer IP only, host bits cleared",
-            lb(json!({"loadBalancerSourceRanges": ["10.1.2.3/16", " 192.0.2.0/24 ", "fd00::/8"]})),
+            lb(json!({"loadBalancerSourceRanges": ["198.18.7.3/16", " 198.19.128.0/24 ", "fd00::/8"]})),
             json!([remote("198.18.2.2")]),
             vec![
                 "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.2.2:8080",
-                "LoadBalancer 198.19.5.5:80/TCP (external) -> 198.18.2.2:8080 [from 10.1.0.0/16 192.0.2.0/24]",
+                "LoadBalancer 198.19.5.5:80/TCP (external) -> 198.18.2.2:8080 [from 198.18.0.0/16 198.19.128.0/24]",
             ],
         ),
         (
@@ -1353,10 +1353,10 @@ fn external_frontends_follow_the_external_traffic_policy() {
     // A bad range is skipped with a warning naming the service.
     let t = run_on(
         &node,
-        lb(json!({"loadBalancerSourceRanges": ["10.0.0.0/8", "not-a-cidr"]})),
+        lb(json!({"loadBalancerSourceRanges": ["198.18.0.0/15", "not-a-cidr"]})),
         json!([remote("198.18.2.2")]),
     );
-    assert!(render_scope(&t, Scope::External)[1].ends_with("[from 10.0.0.0/8]"));
+    assert!(render_scope(&t, Scope::External)[1].ends_with("[from 198.18.0.0/15]"));
     assert!(warnings(&t)[0].contains("demo/web") && warnings(&t)[0].contains("not-a-cidr"));
 }
 

@@ -28,7 +28,7 @@ use svclb_tests::{
 
 const NODE_PORT: u16 = 30080;
 const TARGET_PORT: u16 = 8080;
-const CLUSTER_CIDR: &str = "198.18.0.0/16";
+const CLUSTER_CIDR: &str = "198.18.1.0/24";
 
 #[derive(Parser)]
 #[command(about = "NodePort from an external client: direct vs iptables vs svclb XDP")]
