@@ -45,6 +45,10 @@ pub mod maps {
     /// Devmap (hash by ifindex) of the devices XDP may redirect to: the
     /// agent's --devices. Anything else (pod veths) goes through the stack.
     pub const TX_DEVICES: &str = "SVCLB_TX_DEVICES";
+    /// Array of one u32, bumped by the agent after each backend deletion:
+    /// conntrack entries whose route was checked at another epoch check
+    /// their backend again.
+    pub const BACKENDS_EPOCH: &str = "SVCLB_BACKENDS_EPOCH";
 
     pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
     pub const BACKENDS_MAX_ENTRIES: u32 = 131_072;
@@ -255,13 +259,45 @@ pub struct Flow {
     pub dst: [u32; 4],
     pub sport: u16,
     pub dport: u16,
-    /// The backend of a client-to-backend entry (checked on every hit, so
-    /// flows to a removed backend pick a new one); 0 for reply entries.
+    /// The backend of a client-to-backend entry (checked again after a
+    /// backend deletion, so flows to a removed backend pick a new one); 0
+    /// for reply entries.
     pub backend_id: u32,
     pub rev_nat_id: u32,
     pub direction: u8,
     pub _pad: [u8; 3],
+    /// Where XDP sends the flow's packets, cached so an established packet
+    /// needs no FIB lookup and no backend check.
+    pub route: Route,
 }
+
+/// A cached forwarding decision of the XDP program (all zero until the
+/// first lookup). It is used while `epoch` equals [`maps::BACKENDS_EPOCH`]
+/// (no backend deleted since) and `checked_at` is less than
+/// [`ROUTE_TTL_JIFFIES`] old; then the backend is checked and the FIB
+/// looked up again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Route {
+    /// Low 32 bits of jiffies at the last check.
+    pub checked_at: u32,
+    pub epoch: u32,
+    /// The device to send on (XDP_TX when it is the ingress device); 0:
+    /// let the stack forward the packets.
+    pub ifindex: u32,
+    /// Packets up to this IP total length fit the route's MTU; longer ones
+    /// go to the stack (which sends "fragmentation needed").
+    pub max_len: u16,
+    /// The Ethernet header's destination and source addresses, as they
+    /// sit in the frame (16-bit words, so they are written as such).
+    pub macs: [u16; 6],
+    pub _pad: u16,
+}
+
+/// How long a cached route is used before the FIB is asked again (256
+/// jiffies: 0.26 s at HZ=1000, 2.6 s at HZ=100), so route and neighbour
+/// changes reach established flows within that time.
+pub const ROUTE_TTL_JIFFIES: u32 = 256;
 
 /// LPM trie key data (the trie's prefix length comes before it): the
 /// prefix length counts the 32 bits of `rev_nat_id_be` (big-endian, so the

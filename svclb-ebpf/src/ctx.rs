@@ -3,13 +3,18 @@
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_set_retval,
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_jiffies64,
+        bpf_ktime_get_ns, bpf_set_retval,
     },
     maps::{HashMap, LruHashMap},
     programs::SockAddrContext,
     EbpfContext,
 };
+use core::ptr::NonNull;
+
+use svclb_common::{Flow, FlowKey, Route};
+
+use crate::maps::CONNTRACK;
 
 /// A socket address as the hooks see it: IPv4 addresses IPv4-mapped, port in
 /// host byte order.
@@ -143,19 +148,59 @@ pub fn lookup_lru<K, V: Copy>(map: &LruHashMap<K, V>, key: &K) -> Option<V> {
     unsafe { map.get(key).copied() }
 }
 
-/// Copy an LRU map value into `out`; false when absent. For values too big
-/// to pass around by value on the 512-byte stack.
-#[inline(always)]
-pub fn lookup_lru_into<K, V: Copy>(map: &LruHashMap<K, V>, key: &K, out: &mut V) -> bool {
-    match map.get_ptr(key) {
-        Some(p) => {
-            // SAFETY: a pointer from a successful lookup, copied at once (see
-            // `lookup_lru`).
-            *out = unsafe { *p };
-            true
+/// A conntrack entry in the map, for writing its cached route back.
+#[derive(Clone, Copy)]
+pub struct CtEntry(NonNull<Flow>);
+
+impl CtEntry {
+    /// Cache `route`, looked up for `flow`'s addresses, in the entry.
+    #[inline(always)]
+    pub fn set_route(self, flow: &Flow, route: &Route) {
+        // SAFETY: a pointer from a successful lookup in this program run.
+        // LRU entries are preallocated, so the memory stays a Flow even if
+        // the entry is evicted and reused meanwhile; the address check
+        // keeps another flow from getting a route to somewhere else (short
+        // of a reuse between the check and the store).
+        unsafe {
+            let e = &mut *self.0.as_ptr();
+            if e.src == flow.src && e.dst == flow.dst {
+                e.route = *route;
+            }
         }
-        None => false,
     }
+}
+
+/// The conntrack entry for `key`, copied into `out`.
+#[inline(always)]
+pub fn conntrack_get(key: &FlowKey, out: &mut Flow) -> Option<CtEntry> {
+    let p = NonNull::new(CONNTRACK.get_ptr_mut(key)?)?;
+    // SAFETY: a pointer from a successful lookup, copied at once (see
+    // `lookup_lru`); copy_nonoverlapping compiles to word copies, where a
+    // plain assignment may become a byte-by-byte memmove call.
+    unsafe { core::ptr::copy_nonoverlapping(p.as_ptr(), out, 1) };
+    Some(CtEntry(p))
+}
+
+/// The conntrack entry for `key`, not copied.
+#[inline(always)]
+pub fn conntrack_entry(key: &FlowKey) -> Option<CtEntry> {
+    CONNTRACK
+        .get_ptr_mut(key)
+        .and_then(NonNull::new)
+        .map(CtEntry)
+}
+
+/// The low 32 bits of jiffies (inlined by the verifier: a single load).
+#[inline(always)]
+pub fn jiffies() -> u32 {
+    // SAFETY: no arguments, no memory access.
+    unsafe { bpf_jiffies64() as u32 }
+}
+
+/// The agent's backends epoch (see `svclb_common::maps::BACKENDS_EPOCH`).
+#[inline(always)]
+pub fn backends_epoch() -> u32 {
+    crate::maps::BACKENDS_EPOCH.get(0).copied().unwrap_or(0)
 }
 
 /// One entry of a Maglev table chunk, without copying the 4 KB chunk onto

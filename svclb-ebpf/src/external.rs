@@ -10,9 +10,9 @@
 //!   (applied by XDP when the remote backend's reply comes back), both
 //!   rewritten to come from the frontend and go to the client.
 use svclb_common::{
-    flow_hash, stats, Flow, FlowKey, MaglevKey, ServiceKey, SourceRangeKey, FLOW_EGRESS,
-    FLOW_INGRESS, MAGLEV_CHUNK, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
-    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    flow_hash, stats, Flow, FlowKey, MaglevKey, Route, ServiceKey, SourceRangeKey, FLOW_EGRESS,
+    FLOW_INGRESS, MAGLEV_CHUNK, ROUTE_TTL_JIFFIES, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
@@ -25,63 +25,60 @@ const NOEXIST: u64 = 1;
 /// SNAT ports tried for a new flow before giving up.
 const SNAT_TRIES: u32 = 8;
 
-/// A packet's addresses (IPv4-mapped for IPv4), ports (host order) and protocol.
-#[derive(Clone, Copy, Default)]
-pub struct Tuple {
-    pub src: [u32; 4],
-    pub dst: [u32; 4],
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    /// A TCP SYN without ACK: a new connection.
-    pub syn: bool,
-}
-
-impl Tuple {
-    #[inline(always)]
-    pub fn key(&self) -> FlowKey {
-        FlowKey {
-            src: self.src,
-            dst: self.dst,
-            sport: self.sport,
-            dport: self.dport,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
-    }
-}
+/// A packet's addresses (IPv4-mapped for IPv4), ports (host order) and
+/// protocol: its conntrack key as it is.
+pub type Tuple = FlowKey;
 
 /// Per-packet working memory, in a per-CPU map rather than on the 512-byte
 /// stack (XDP runs to completion on one CPU, so nothing else uses it meanwhile).
 pub struct Scratch {
     pub t: Tuple,
+    /// A TCP SYN without ACK: a new connection.
+    pub syn: bool,
     pub flow: Flow,
     pub key: FlowKey,
+    /// When the packet arrived (jiffies, low bits) and the backends epoch
+    /// then: what a route cached for this packet's flow is stamped with.
+    pub now: u32,
+    pub epoch: u32,
+    /// With `Decision::Translate`: the flow's cached route may be used.
+    pub fresh: bool,
 }
 
 pub enum Decision {
     /// Not ours: leave the packet to the stack untouched.
     Pass,
     Drop,
-    /// Rewrite the packet's addresses and ports to the flow's.
-    Translate,
+    /// Rewrite the packet's addresses and ports to the flow's (`s.flow`),
+    /// whose conntrack entry (if still there) this is; see `s.fresh`.
+    Translate(Option<ctx::CtEntry>),
 }
 
 /// What to do with a packet arriving at the node from outside; with
-/// `Translate`, `flow` says what to rewrite the packet to. (Flows are
+/// `Translate`, `s.flow` says what to rewrite the packet to. (Flows are
 /// passed by reference throughout: the stack holds 512 bytes in all.)
 #[inline(always)]
 pub fn ingress(s: &mut Scratch, v6: bool) -> Decision {
-    s.key = s.t.key();
-    if ctx::lookup_lru_into(&CONNTRACK, &s.key, &mut s.flow)
-        // A flow whose backend left the service picks a new one.
-        && s.flow.direction == FLOW_INGRESS
-        && (s.flow.backend_id == 0 || ctx::lookup(&BACKENDS, &s.flow.backend_id).is_some())
-    {
-        if s.t.syn && s.flow.backend_id != 0 {
-            refresh_reply(s);
+    s.now = ctx::jiffies();
+    s.epoch = ctx::backends_epoch();
+    if let Some(entry) = ctx::conntrack_get(&s.t, &mut s.flow) {
+        if s.flow.direction == FLOW_INGRESS {
+            let r = &s.flow.route;
+            // The backend was there when the route was cached, and no
+            // backend has been deleted since: skip the check.
+            let fresh = r.epoch == s.epoch && s.now.wrapping_sub(r.checked_at) < ROUTE_TTL_JIFFIES;
+            // A flow whose backend left the service picks a new one.
+            if fresh
+                || s.flow.backend_id == 0
+                || ctx::lookup(&BACKENDS, &s.flow.backend_id).is_some()
+            {
+                if s.syn && s.flow.backend_id != 0 {
+                    refresh_reply(s);
+                }
+                s.fresh = fresh;
+                return Decision::Translate(Some(entry));
+            }
         }
-        return Decision::Translate;
     }
     new_flow(s, v6)
 }
@@ -112,6 +109,7 @@ fn refresh_reply(s: &mut Scratch) {
         rev_nat_id: f.rev_nat_id,
         direction: if local { FLOW_EGRESS } else { FLOW_INGRESS },
         _pad: [0; 3],
+        route: Route::default(),
     };
     let _ = CONNTRACK.insert(&s.key, &reply, 0);
 }
@@ -120,14 +118,13 @@ fn refresh_reply(s: &mut Scratch) {
 /// (ICMP errors: related to a flow, never creating one).
 #[inline(always)]
 pub fn related(s: &mut Scratch, direction: u8) -> bool {
-    s.key = s.t.key();
-    ctx::lookup_lru_into(&CONNTRACK, &s.key, &mut s.flow) && s.flow.direction == direction
+    ctx::conntrack_get(&s.t, &mut s.flow).is_some() && s.flow.direction == direction
 }
 
 /// The translation a tc egress packet (a local backend's reply) needs.
 #[inline(always)]
 pub fn egress(t: &Tuple) -> Option<Flow> {
-    let flow = ctx::lookup_lru(&CONNTRACK, &t.key())?;
+    let flow = ctx::lookup_lru(&CONNTRACK, t)?;
     (flow.direction == FLOW_EGRESS).then_some(flow)
 }
 
@@ -136,8 +133,11 @@ pub fn egress(t: &Tuple) -> Option<Flow> {
 fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
     let Scratch {
         t,
+        syn,
         flow,
         key: reply_key,
+        fresh,
+        ..
     } = s;
     let skey = ServiceKey {
         addr: t.dst,
@@ -148,7 +148,7 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
         _pad: 0,
     };
     let Some(fe) = ctx::lookup(&SERVICES, &skey) else {
-        if t.syn {
+        if *syn {
             forget_reply(t, reply_key);
         }
         return Decision::Pass;
@@ -198,6 +198,7 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
         rev_nat_id: fe.rev_nat_id,
         direction: FLOW_INGRESS,
         _pad: [0; 3],
+        route: Route::default(),
     };
     *reply_key = FlowKey {
         src: backend.addr,
@@ -245,10 +246,12 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
     flow.dport = backend.port;
     flow.backend_id = backend_id;
     flow.direction = FLOW_INGRESS;
-    *reply_key = t.key();
-    let _ = CONNTRACK.insert(&*reply_key, &*flow, 0);
+    let _ = CONNTRACK.insert(&*t, &*flow, 0);
     ctx::count(stats::CT_CREATED);
-    Decision::Translate
+    // The entry as inserted, so that the route looked up for this first
+    // packet is cached in it.
+    *fresh = false;
+    Decision::Translate(ctx::conntrack_entry(t))
 }
 
 /// A new connection straight to an address a translated flow used (say,

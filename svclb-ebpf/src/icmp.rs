@@ -90,7 +90,6 @@ pub fn parse<P: Packet>(p: &P, v6: bool, proto: u8, t: &mut Tuple) -> Option<()>
     t.dport = u16::from_be(p.read::<u16>(l.inner_l4)?);
     t.sport = u16::from_be(p.read::<u16>(l.inner_l4 + 2)?);
     t.proto = inner_proto;
-    t.syn = false;
     Some(())
 }
 

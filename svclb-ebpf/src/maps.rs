@@ -53,6 +53,9 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 #[map(name = "SVCLB_TX_DEVICES")]
 pub static TX_DEVICES: DevMapHash = DevMapHash::pinned(TX_DEVICES_MAX_ENTRIES, 0);
 
+#[map(name = "SVCLB_BACKENDS_EPOCH")]
+pub static BACKENDS_EPOCH: Array<u32> = Array::pinned(1, 0);
+
 /// Not pinned: per-packet working memory of the XDP program.
 #[map(name = "SVCLB_SCRATCH")]
 pub static SCRATCH: PerCpuArray<crate::external::Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -74,7 +74,7 @@ fn egress(ctx: &TcContext) -> Option<()> {
         sport: u16::from_be(sport),
         dport: u16::from_be(dport),
         proto,
-        syn: false,
+        _pad: [0; 3],
     };
     let f = external::egress(&t)?;
     rewrite_source(ctx, v6, proto, csum_at, l4, &t, &f)

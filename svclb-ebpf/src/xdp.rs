@@ -13,15 +13,15 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use svclb_common::{stats, v4_mapped, Flow, FLOW_INGRESS, PROTO_TCP, PROTO_UDP};
+use svclb_common::{stats, v4_mapped, Flow, Route, FLOW_INGRESS, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     csum::Delta,
-    ctx,
+    ctx::{self, CtEntry},
     external::{self, Decision, Scratch, Tuple},
     icmp,
     maps::TX_DEVICES,
-    pkt::{self, load, store},
+    pkt::{self, load, Frame},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -53,7 +53,7 @@ pub fn svclb_xdp(ctx: XdpContext) -> u32 {
     let Some(s) = ctx::scratch() else {
         return XDP_PASS;
     };
-    let Some((v6, icmp_error)) = parse(&ctx, &mut s.t) else {
+    let Some((v6, icmp_error)) = parse(&ctx, s) else {
         return XDP_PASS;
     };
     if icmp_error {
@@ -62,17 +62,32 @@ pub fn svclb_xdp(ctx: XdpContext) -> u32 {
     match external::ingress(s, v6) {
         Decision::Pass => XDP_PASS,
         Decision::Drop => XDP_DROP,
-        Decision::Translate => translate(&ctx, s, v6),
+        Decision::Translate(entry) => translate(&ctx, s, v6, entry),
     }
 }
 
-/// Rewrite a tracked packet and send it on.
+/// Rewrite a tracked packet and send it on, by the route cached in its
+/// conntrack entry when that is fresh and the packet fits it.
 #[inline(never)]
-fn translate(ctx: &XdpContext, s: &Scratch, v6: bool) -> u32 {
-    if rewrite(ctx, v6, &s.t, &s.flow).is_none() {
+fn translate(ctx: &XdpContext, s: &mut Scratch, v6: bool, entry: Option<CtEntry>) -> u32 {
+    let Some(p) = rewrite(ctx, v6, &s.t, &s.flow) else {
         return XDP_DROP;
+    };
+    let len = ip_len(&p, v6);
+    if !s.fresh || len > s.flow.route.max_len {
+        match route(ctx, v6, &mut s.flow, len) {
+            Err(()) => return XDP_DROP,
+            Ok(true) => {
+                if let Some(entry) = entry {
+                    s.flow.route.checked_at = s.now;
+                    s.flow.route.epoch = s.epoch;
+                    entry.set_route(&s.flow, &s.flow.route);
+                }
+            }
+            Ok(false) => {}
+        }
     }
-    forward(ctx, v6, &s.flow)
+    forward(ctx, &p, v6, &s.flow.route)
 }
 
 /// An ICMP error about a flow svclb translates goes where that flow's
@@ -86,18 +101,27 @@ fn icmp_error_path(ctx: &XdpContext, s: &mut Scratch, v6: bool) -> u32 {
         return XDP_DROP;
     }
     ctx::count(stats::ICMP_TRANSLATED);
-    forward(ctx, v6, &s.flow)
+    let Some(p) = Frame::new(ctx, if v6 { IP6_L4 } else { IP4_L4 }) else {
+        return XDP_DROP;
+    };
+    if route(ctx, v6, &mut s.flow, ip_len(&p, v6)).is_err() {
+        return XDP_DROP;
+    }
+    forward(ctx, &p, v6, &s.flow.route)
 }
 
-/// Fill `t` from a packet svclb may translate: Some((is IPv6, is an ICMP
-/// error)) then, where for an ICMP error `t` is its flow as conntrack
-/// knows it. (Fields are written in place: no tuple copies on the stack.)
+/// Fill `s.t` and `s.syn` from a packet svclb may translate: Some((is
+/// IPv6, is an ICMP error)) then, where for an ICMP error `s.t` is its flow
+/// as conntrack knows it. (Fields are written in place: no tuple copies on
+/// the stack.)
 #[inline(always)]
-fn parse(ctx: &XdpContext, t: &mut Tuple) -> Option<(bool, bool)> {
-    let ethertype = load::<u16>(ctx, 12)?;
+fn parse(ctx: &XdpContext, s: &mut Scratch) -> Option<(bool, bool)> {
+    let ethertype = Frame::new(ctx, 14)?.read::<u16>(12)?;
+    s.syn = false;
+    s.t._pad = [0; 3];
     match u16::from_be(ethertype) {
-        ETH_P_IP => parse4(ctx, t).map(|icmp| (false, icmp)),
-        ETH_P_IPV6 => parse6(ctx, t).map(|icmp| (true, icmp)),
+        ETH_P_IP => parse4(ctx, s).map(|icmp| (false, icmp)),
+        ETH_P_IPV6 => parse6(ctx, s).map(|icmp| (true, icmp)),
         _ => None,
     }
 }
@@ -105,31 +129,34 @@ fn parse(ctx: &XdpContext, t: &mut Tuple) -> Option<(bool, bool)> {
 /// An IPv4 TCP/UDP packet svclb can translate (false), or an ICMP error
 /// about one (true).
 #[inline(always)]
-fn parse4(ctx: &XdpContext, t: &mut Tuple) -> Option<bool> {
-    let version_ihl = load::<u8>(ctx, 14)?;
-    let frag = u16::from_be(load::<u16>(ctx, 20)?);
+fn parse4(ctx: &XdpContext, s: &mut Scratch) -> Option<bool> {
+    let ip = Frame::new(ctx, IP4_L4)?;
+    let version_ihl = ip.read::<u8>(14)?;
+    let frag = u16::from_be(ip.read::<u16>(20)?);
     if version_ihl != 0x45 || frag & 0x3fff != 0 {
         ctx::count(stats::UNSUPPORTED);
         return None;
     }
-    let proto = load::<u8>(ctx, 23)?;
+    let proto = ip.read::<u8>(23)?;
     if proto == PROTO_ICMP {
-        return icmp::parse(ctx, false, proto, t).map(|()| true);
+        return icmp::parse(ctx, false, proto, &mut s.t).map(|()| true);
     }
-    ports(ctx, IP4_L4, proto, t)?;
-    t.src = v4_mapped(load::<u32>(ctx, IP4_SRC)?);
-    t.dst = v4_mapped(load::<u32>(ctx, IP4_DST)?);
+    let p = l4_frame(ctx, IP4_L4, proto)?;
+    ports(&p, IP4_L4, proto, s)?;
+    s.t.src = v4_mapped(p.read::<u32>(IP4_SRC)?);
+    s.t.dst = v4_mapped(p.read::<u32>(IP4_DST)?);
     Some(false)
 }
 
 #[inline(always)]
-fn parse6(ctx: &XdpContext, t: &mut Tuple) -> Option<bool> {
-    let proto = load::<u8>(ctx, 20)?;
-    if load::<u8>(ctx, 14)? >> 4 != 6 {
+fn parse6(ctx: &XdpContext, s: &mut Scratch) -> Option<bool> {
+    let ip = Frame::new(ctx, IP6_L4)?;
+    let proto = ip.read::<u8>(20)?;
+    if ip.read::<u8>(14)? >> 4 != 6 {
         return None;
     }
     if proto == PROTO_ICMPV6 {
-        return icmp::parse(ctx, true, proto, t).map(|()| true);
+        return icmp::parse(ctx, true, proto, &mut s.t).map(|()| true);
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         // Extension headers (hop-by-hop, routing, fragment, AH, destination
@@ -140,27 +167,32 @@ fn parse6(ctx: &XdpContext, t: &mut Tuple) -> Option<bool> {
         }
         return None;
     }
-    ports(ctx, IP6_L4, proto, t)?;
-    t.src = load::<[u32; 4]>(ctx, IP6_SRC)?;
-    t.dst = load::<[u32; 4]>(ctx, IP6_DST)?;
+    let p = l4_frame(ctx, IP6_L4, proto)?;
+    ports(&p, IP6_L4, proto, s)?;
+    s.t.src = p.read::<[u32; 4]>(IP6_SRC)?;
+    s.t.dst = p.read::<[u32; 4]>(IP6_DST)?;
     Some(false)
 }
 
-/// Protocol and ports into `t`, when the whole TCP or UDP header is there.
+/// The frame up to the end of the TCP or UDP header at `l4`, if it is all
+/// there (the checksum sits at its end).
 #[inline(always)]
-fn ports(ctx: &XdpContext, l4: usize, proto: u8, t: &mut Tuple) -> Option<()> {
-    let header = match proto {
-        PROTO_TCP => 20,
-        PROTO_UDP => 8,
-        _ => return None,
-    };
-    // Bounds check of the whole header (the checksum sits at its end).
-    load::<u8>(ctx, l4 + header - 1)?;
-    t.proto = proto;
-    t.sport = u16::from_be(load::<u16>(ctx, l4)?);
-    t.dport = u16::from_be(load::<u16>(ctx, l4 + 2)?);
+fn l4_frame(ctx: &XdpContext, l4: usize, proto: u8) -> Option<Frame> {
+    match proto {
+        PROTO_TCP => Frame::new(ctx, l4 + 20),
+        PROTO_UDP => Frame::new(ctx, l4 + 8),
+        _ => None,
+    }
+}
+
+/// Protocol, ports and SYN flag into `s`.
+#[inline(always)]
+fn ports(p: &Frame, l4: usize, proto: u8, s: &mut Scratch) -> Option<()> {
+    s.t.proto = proto;
+    s.t.sport = u16::from_be(p.read::<u16>(l4)?);
+    s.t.dport = u16::from_be(p.read::<u16>(l4 + 2)?);
     // TCP flags: SYN (0x02) without ACK (0x10).
-    t.syn = proto == PROTO_TCP && load::<u8>(ctx, l4 + 13)? & 0x12 == 0x02;
+    s.syn = proto == PROTO_TCP && p.read::<u8>(l4 + 13).is_some_and(|f| f & 0x12 == 0x02);
     Some(())
 }
 
@@ -175,105 +207,139 @@ fn l4_csum(l4: usize, proto: u8) -> usize {
 }
 
 /// Rewrite addresses and ports from `t` to `f`, updating the IPv4 header
-/// checksum and the TCP/UDP checksum (pseudo-header included).
+/// checksum and the TCP/UDP checksum (pseudo-header included). Returns the
+/// frame up to the end of the L4 header.
 #[inline(always)]
-fn rewrite(ctx: &XdpContext, v6: bool, t: &Tuple, f: &Flow) -> Option<()> {
+fn rewrite(ctx: &XdpContext, v6: bool, t: &Tuple, f: &Flow) -> Option<Frame> {
+    let l4 = if v6 { IP6_L4 } else { IP4_L4 };
+    let p = l4_frame(ctx, l4, t.proto)?;
     let mut addrs = Delta::default();
     addrs.addr(&t.src, &f.src, v6);
     addrs.addr(&t.dst, &f.dst, v6);
-    let l4 = if v6 {
-        store(ctx, IP6_SRC, f.src)?;
-        store(ctx, IP6_DST, f.dst)?;
-        IP6_L4
+    if v6 {
+        p.write(IP6_SRC, f.src)?;
+        p.write(IP6_DST, f.dst)?;
     } else {
-        let c = load::<u16>(ctx, IP4_CSUM)?;
-        store(ctx, IP4_CSUM, addrs.apply(c))?;
-        store(ctx, IP4_SRC, f.src[3])?;
-        store(ctx, IP4_DST, f.dst[3])?;
-        IP4_L4
-    };
+        let c = p.read::<u16>(IP4_CSUM)?;
+        p.write(IP4_CSUM, addrs.apply(c))?;
+        p.write(IP4_SRC, f.src[3])?;
+        p.write(IP4_DST, f.dst[3])?;
+    }
     let mut l4_delta = addrs;
     l4_delta.word16(t.sport.to_be(), f.sport.to_be());
     l4_delta.word16(t.dport.to_be(), f.dport.to_be());
     let csum_at = l4_csum(l4, t.proto);
-    let c = load::<u16>(ctx, csum_at)?;
+    let c = p.read::<u16>(csum_at)?;
     // An IPv4 UDP datagram without checksum (0) stays without one.
     if !(c == 0 && t.proto == PROTO_UDP && !v6) {
         let mut c = l4_delta.apply(c);
         if c == 0 && t.proto == PROTO_UDP {
             c = 0xffff;
         }
-        store(ctx, csum_at, c)?;
+        p.write(csum_at, c)?;
     }
-    store(ctx, l4, f.sport.to_be())?;
-    store(ctx, l4 + 2, f.dport.to_be())?;
-    Some(())
+    p.write(l4, f.sport.to_be())?;
+    p.write(l4 + 2, f.dport.to_be())?;
+    Some(p)
 }
 
-/// Send a translated packet on: straight back out (XDP_TX) or to another
-/// of the agent's devices when the route and neighbour are known, else to
-/// the stack (which also resolves neighbours and serves pod veths).
+/// The IP total length (IPv6: payload plus header), as the FIB lookup
+/// checks it against the route's MTU; 0 if unreadable.
+#[inline(always)]
+fn ip_len(p: &Frame, v6: bool) -> u16 {
+    if v6 {
+        p.read::<u16>(18)
+            .map_or(0, |l| u16::from_be(l).saturating_add(40))
+    } else {
+        p.read::<u16>(16).map_or(0, u16::from_be)
+    }
+}
+
+/// Where a translated packet of `f` (of IP length `len`) goes, into
+/// `f.route`: straight back out (XDP_TX) or to another of the agent's
+/// devices when the route and neighbour are known, else to the stack
+/// (which also resolves neighbours and serves pod veths). Err: no route
+/// (drop, as the stack would); Ok(true): a result worth caching.
 #[inline(never)]
-fn forward(ctx: &XdpContext, v6: bool, f: &Flow) -> u32 {
+fn route(ctx: &XdpContext, v6: bool, f: &mut Flow, len: u16) -> Result<bool, ()> {
     let ingress = ctx.ingress_ifindex() as u32;
     let mut p = pkt::fib_params();
     p.ifindex = ingress;
     p.sport = f.sport.to_be();
     p.dport = f.dport.to_be();
-    let (ttl_at, tot_len) = if v6 {
+    if v6 {
         p.family = AF_INET6;
         pkt::fib_set_v6(&mut p, &f.src, &f.dst);
-        let payload = load::<u16>(ctx, 18).map_or(0, u16::from_be);
-        (IP6_HOP_LIMIT, payload.saturating_add(40))
     } else {
         p.family = AF_INET;
         pkt::fib_set_v4(&mut p, f.src[3], f.dst[3]);
-        (IP4_TTL, load::<u16>(ctx, 16).map_or(0, u16::from_be))
-    };
+    }
     // Protocol: the byte after the TTL in IPv4, the next header in IPv6.
     p.l4_protocol = load::<u8>(ctx, if v6 { 20 } else { 23 }).unwrap_or(0);
-    pkt::fib_set_tot_len(&mut p, tot_len);
+    pkt::fib_set_tot_len(&mut p, len);
     let rc = pkt::fib_lookup(ctx, &mut p);
     if (FIB_BLACKHOLE..=FIB_PROHIBIT).contains(&rc) {
-        return XDP_DROP;
+        return Err(());
     }
     let out = p.ifindex;
-    let known = rc == 0 && (out == ingress || TX_DEVICES.get_ifindex(out).is_some());
-    let Some(ttl) = load::<u8>(ctx, ttl_at) else {
+    let r = &mut f.route;
+    if rc != 0 || (out != ingress && TX_DEVICES.get_ifindex(out).is_none()) {
+        r.ifindex = 0;
+        return Ok(false);
+    }
+    r.ifindex = out;
+    // 5.12+ return the route's MTU in place of the length; older kernels
+    // leave the length, so longer packets look up again.
+    r.max_len = pkt::fib_mtu(&p).max(len);
+    let (d, s) = (p.dmac, p.smac);
+    r.macs = [
+        u16::from_ne_bytes([d[0], d[1]]),
+        u16::from_ne_bytes([d[2], d[3]]),
+        u16::from_ne_bytes([d[4], d[5]]),
+        u16::from_ne_bytes([s[0], s[1]]),
+        u16::from_ne_bytes([s[2], s[3]]),
+        u16::from_ne_bytes([s[4], s[5]]),
+    ];
+    Ok(true)
+}
+
+/// Send a translated packet (`p`: at least its Ethernet and IP headers)
+/// by `r` (see `route`); a packet whose TTL runs out goes to the stack,
+/// which answers it.
+#[inline(always)]
+fn forward(ctx: &XdpContext, p: &Frame, v6: bool, r: &Route) -> u32 {
+    let ttl_at = if v6 { IP6_HOP_LIMIT } else { IP4_TTL };
+    let Some(ttl) = p.read::<u8>(ttl_at) else {
         return XDP_DROP;
     };
-    // The stack forwards (and answers TTL expiry) whatever XDP can't.
-    if !known || ttl <= 1 {
+    if r.ifindex == 0 || ttl <= 1 {
         ctx::count(stats::XDP_PASSED);
         return XDP_PASS;
     }
-    if decrement_ttl(ctx, v6, ttl).is_none()
-        || store(ctx, 0, p.dmac).is_none()
-        || store(ctx, 6, p.smac).is_none()
-    {
+    if decrement_ttl(p, v6, ttl).is_none() || p.write(0, r.macs).is_none() {
         return XDP_DROP;
     }
     ctx::count(stats::XDP_FORWARDED);
-    if out == ingress {
+    if r.ifindex == ctx.ingress_ifindex() as u32 {
         XDP_TX
     } else {
         TX_DEVICES
-            .redirect(out, XDP_PASS as u64)
+            .redirect(r.ifindex, XDP_PASS as u64)
             .unwrap_or_else(|e| e)
     }
 }
 
 #[inline(always)]
-fn decrement_ttl(ctx: &XdpContext, v6: bool, ttl: u8) -> Option<()> {
+fn decrement_ttl(p: &Frame, v6: bool, ttl: u8) -> Option<()> {
     if v6 {
-        return store(ctx, IP6_HOP_LIMIT, ttl - 1);
+        return p.write(IP6_HOP_LIMIT, ttl - 1);
     }
     // TTL and protocol form one 16-bit word of the header checksum.
-    let old = load::<u16>(ctx, IP4_TTL)?;
-    store(ctx, IP4_TTL, ttl - 1)?;
-    let new = load::<u16>(ctx, IP4_TTL)?;
+    let old = p.read::<u16>(IP4_TTL)?;
+    p.write(IP4_TTL, ttl - 1)?;
+    let new = p.read::<u16>(IP4_TTL)?;
     let mut d = Delta::default();
     d.word16(old, new);
-    let c = load::<u16>(ctx, IP4_CSUM)?;
-    store(ctx, IP4_CSUM, d.apply(c))
+    let c = p.read::<u16>(IP4_CSUM)?;
+    p.write(IP4_CSUM, d.apply(c))
 }

@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use svclb_userspace::dataplane::maglev::DEFAULT_TABLE_SIZE;
-use svclb_userspace::dataplane::prog_test::packet::Packet;
+use svclb_userspace::dataplane::prog_test::packet::{Packet, TCP_ACK, TCP_SYN};
 use svclb_userspace::dataplane::prog_test::{
     ProgTest, TestNode, EXT_MAC, NODE_V4, ROUTER_MAC, XDP_DROP, XDP_PASS, XDP_TX,
 };
@@ -72,7 +72,12 @@ fn main() -> Result<()> {
 fn run(args: &Args, node: &TestNode) -> Result<()> {
     let ifindex = node.ext_ifindex;
     let drop = DropProgram::load()?;
-    let miss_packet = inbound(client(0), SocketAddr::new(NODE_V4.into(), 9)).build();
+    // Traffic to the node itself, of its own established connections.
+    let miss_packet = Packet {
+        tcp_flags: TCP_ACK,
+        ..inbound(client(0), SocketAddr::new(NODE_V4.into(), 9))
+    }
+    .build();
     let drop_loop = stat(
         (0..args.calls)
             .map(|_| drop.run(&miss_packet, ifindex, 1))
@@ -114,12 +119,22 @@ fn run(args: &Args, node: &TestNode) -> Result<()> {
                 Ok(r.duration.as_nanos() as f64)
             })
             .collect::<Result<_>>()?;
-        // One flow per call, spread over the services.
-        let flows: Vec<Vec<u8>> = (0..args.calls)
-            .map(|c| inbound(client(c), frontend_addr(c % n)).build())
-            .collect();
-        let per_call = |what: &str| -> Result<Stat> {
-            let ns = flows
+        // One flow per call, spread over the services: its SYN, then the
+        // segments of the established connection.
+        let packets = |flags: u8| -> Vec<Vec<u8>> {
+            (0..args.calls)
+                .map(|c| {
+                    Packet {
+                        tcp_flags: flags,
+                        ..inbound(client(c), frontend_addr(c % n))
+                    }
+                    .build()
+                })
+                .collect()
+        };
+        let (syns, flows) = (packets(TCP_SYN), packets(TCP_ACK));
+        let per_call = |what: &str, packets: &[Vec<u8>]| -> Result<Stat> {
+            let ns = packets
                 .iter()
                 .map(|p| {
                     let r = t.run_xdp(p, Some(ifindex))?;
@@ -129,8 +144,8 @@ fn run(args: &Args, node: &TestNode) -> Result<()> {
                 .collect::<Result<_>>()?;
             Ok(stat(ns))
         };
-        let new = per_call("new flow")?;
-        let est = per_call("established flow")?;
+        let new = per_call("new flow", &syns)?;
+        let est = per_call("established flow", &flows)?;
         // One flow's packets back to back: its entries stay in the cache,
         // as for a busy connection.
         let hot_ns = (0..args.calls)
@@ -223,6 +238,7 @@ fn steady_state(t: &mut ProgTest, flow: &[u8], ifindex: u32, batches: usize) -> 
     let backend = SocketAddr::new(abi_ip(real.dst), real.dport);
     let mut packet = inbound(client, backend);
     packet.ttl = 255;
+    packet.tcp_flags = TCP_ACK;
     let key = svclb_common::FlowKey {
         src: real_src(client),
         dst: real.dst,
@@ -236,6 +252,8 @@ fn steady_state(t: &mut ProgTest, flow: &[u8], ifindex: u32, batches: usize) -> 
         dst: key.dst,
         sport: key.sport,
         dport: key.dport,
+        // Looked up (and cached) by the first run.
+        route: Default::default(),
         ..real
     };
     t.track(&key, &identity)?;

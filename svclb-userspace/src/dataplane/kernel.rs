@@ -1,6 +1,6 @@
 //! `MapOps` on the real, pinned BPF maps.
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use svclb_common::{
     AffinityMatchKey, Backend, MaglevChunk, MaglevKey, RevNat, ServiceKey, ServiceValue,
     SourceRangeKey,
@@ -17,6 +17,9 @@ pub struct KernelMaps {
     pub affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
     pub maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    /// Bumped after every backend deletion (see
+    /// `svclb_common::maps::BACKENDS_EPOCH`).
+    backends_epoch: Array<MapData, u32>,
     barrier: RcuBarrier,
 }
 
@@ -28,6 +31,7 @@ pub struct WriterMaps {
     pub affinity_match: Map,
     pub maglev: Map,
     pub source_ranges: Map,
+    pub backends_epoch: Map,
 }
 
 fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -46,6 +50,8 @@ impl KernelMaps {
             maglev: HashMap::try_from(m.maglev).map_err(map_err(MAGLEV, "open"))?,
             source_ranges: LpmTrie::try_from(m.source_ranges)
                 .map_err(map_err(SOURCE_RANGES, "open"))?,
+            backends_epoch: Array::try_from(m.backends_epoch)
+                .map_err(map_err(BACKENDS_EPOCH, "open"))?,
             barrier: RcuBarrier::new().map_err(DataplaneError::Barrier)?,
         })
     }
@@ -87,10 +93,20 @@ impl MapOps for KernelMaps {
             .insert(id, backend, 0)
             .map_err(map_err(svclb_common::maps::BACKENDS, "update"))
     }
+    /// Established external flows skip the check that their backend still
+    /// exists until the epoch moves: bump it once the backend is gone.
     fn del_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
+        use svclb_common::maps::{BACKENDS, BACKENDS_EPOCH};
         self.backends
             .remove(&id)
-            .map_err(map_err(svclb_common::maps::BACKENDS, "delete"))
+            .map_err(map_err(BACKENDS, "delete"))?;
+        let epoch = self
+            .backends_epoch
+            .get(&0, 0)
+            .map_err(map_err(BACKENDS_EPOCH, "lookup"))?;
+        self.backends_epoch
+            .set(0, epoch.wrapping_add(1), 0)
+            .map_err(map_err(BACKENDS_EPOCH, "update"))
     }
     fn put_rev_nat(&mut self, id: u32, rev_nat: &RevNat) -> Result<(), DataplaneError> {
         self.rev_nat

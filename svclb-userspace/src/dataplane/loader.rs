@@ -110,7 +110,7 @@ pub fn load(bpffs: &Path, conntrack_size: u32) -> Result<Ebpf, DataplaneError> {
              instead of ETIMEDOUT"
         );
     }
-    resize_pinned(bpffs, svclb_common::maps::CONNTRACK, conntrack_size);
+    unpin_incompatible_conntrack(bpffs, conntrack_size);
     EbpfLoader::new()
         .default_map_pin_directory(bpffs)
         .map_max_entries(svclb_common::maps::CONNTRACK, conntrack_size)
@@ -119,20 +119,26 @@ pub fn load(bpffs: &Path, conntrack_size: u32) -> Result<Ebpf, DataplaneError> {
         .map_err(|e| DataplaneError::Load(chain(&e)))
 }
 
-/// A pinned map of another size can't be reused: unpin it (the programs
-/// holding it keep it until they are replaced), losing its entries.
-fn resize_pinned(bpffs: &Path, name: &str, size: u32) {
+/// A pinned conntrack map of another size or layout (an older svclb's)
+/// can't be reused: unpin it (the programs holding it keep it until they
+/// are replaced), losing its entries.
+fn unpin_incompatible_conntrack(bpffs: &Path, size: u32) {
+    let name = svclb_common::maps::CONNTRACK;
     let path = super::map_path(bpffs, name);
     let Ok(map) = aya::maps::MapData::from_pin(&path) else {
         return;
     };
     let Ok(info) = map.info() else { return };
-    if info.max_entries() != size {
+    let layout = (
+        std::mem::size_of::<svclb_common::FlowKey>() as u32,
+        std::mem::size_of::<svclb_common::Flow>() as u32,
+    );
+    if info.max_entries() != size || (info.key_size(), info.value_size()) != layout {
         tracing::warn!(
             map = name,
             from = info.max_entries(),
             to = size,
-            "map size changed: starting with an empty map"
+            "map size or layout changed: starting with an empty map"
         );
         let _ = fs::remove_file(&path);
     }

@@ -118,6 +118,7 @@ impl Dataplane {
             affinity_match: take(&mut ebpf, AFFINITY_MATCH)?,
             maglev: take(&mut ebpf, MAGLEV)?,
             source_ranges: take(&mut ebpf, SOURCE_RANGES)?,
+            backends_epoch: take(&mut ebpf, BACKENDS_EPOCH)?,
         })?;
         let mut writer = Writer::adopt(maps, Capacity::default())?;
         writer.set_maglev_size(config.maglev_table_size);

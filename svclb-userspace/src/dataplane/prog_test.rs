@@ -85,6 +85,7 @@ impl ProgTest {
             affinity_match: take(AFFINITY_MATCH)?,
             maglev: take(MAGLEV)?,
             source_ranges: take(SOURCE_RANGES)?,
+            backends_epoch: take(BACKENDS_EPOCH)?,
         })?;
         let open = |map: &'static str| {
             move |source| DataplaneError::Map {

@@ -35,8 +35,14 @@ pub struct Packet {
     pub ip6_fragment: bool,
     /// UDP: send without a checksum (0; only valid in IPv4).
     pub udp_no_checksum: bool,
+    /// TCP flags ([`TCP_SYN`] by default: a new connection).
+    pub tcp_flags: u8,
     pub payload: Vec<u8>,
 }
+
+pub const TCP_SYN: u8 = 0x02;
+/// An established connection's segment.
+pub const TCP_ACK: u8 = 0x10;
 
 impl Packet {
     pub fn tcp(src: SocketAddr, dst: SocketAddr) -> Self {
@@ -51,6 +57,7 @@ impl Packet {
             ip4_frag: 0,
             ip6_fragment: false,
             udp_no_checksum: false,
+            tcp_flags: TCP_SYN,
             payload: b"svclb fixture".to_vec(),
         }
     }
@@ -69,7 +76,7 @@ impl Packet {
         let csum_at = if self.proto == PROTO_TCP {
             l4.extend_from_slice(&1u32.to_be_bytes()); // sequence number
             l4.extend_from_slice(&0u32.to_be_bytes()); // acknowledgement
-            l4.extend_from_slice(&[5 << 4, 0x02]); // data offset 5 words; SYN
+            l4.extend_from_slice(&[5 << 4, self.tcp_flags]); // data offset 5 words
             l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]); // window, checksum, urgent
             16
         } else {
