@@ -154,7 +154,8 @@ pub struct Backend {
     /// 1 when the endpoint runs on this node: external traffic reaches it
     /// with the client's address; other backends are reached through SNAT.
     pub local: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 
 #[repr(C)]
@@ -242,7 +243,9 @@ pub struct FlowKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Padding as scalars: a [u8; 3] compiles to a memset call in eBPF.
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 
 /// `Flow::direction`: which program applies the entry.
@@ -265,7 +268,8 @@ pub struct Flow {
     pub backend_id: u32,
     pub rev_nat_id: u32,
     pub direction: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    pub _pad2: u16,
     /// Where XDP sends the flow's packets, cached so an established packet
     /// needs no FIB lookup and no backend check.
     pub route: Route,

@@ -148,40 +148,41 @@ pub fn lookup_lru<K, V: Copy>(map: &LruHashMap<K, V>, key: &K) -> Option<V> {
     unsafe { map.get(key).copied() }
 }
 
-/// A conntrack entry in the map, for writing its cached route back.
+/// A conntrack entry in the map, read and updated in place: an
+/// established packet copies nothing.
 #[derive(Clone, Copy)]
 pub struct CtEntry(NonNull<Flow>);
 
 impl CtEntry {
-    /// Cache `route`, looked up for `flow`'s addresses, in the entry.
     #[inline(always)]
-    pub fn set_route(self, flow: &Flow, route: &Route) {
+    pub fn flow(&self) -> &Flow {
         // SAFETY: a pointer from a successful lookup in this program run.
-        // LRU entries are preallocated, so the memory stays a Flow even if
-        // the entry is evicted and reused meanwhile; the address check
-        // keeps another flow from getting a route to somewhere else (short
-        // of a reuse between the check and the store).
-        unsafe {
-            let e = &mut *self.0.as_ptr();
-            if e.src == flow.src && e.dst == flow.dst {
-                e.route = *route;
-            }
-        }
+        // LRU map elements are preallocated and live as long as the map (which
+        // the program holds), so the memory stays a valid Flow for the run.
+        // If the entry were evicted and reused meanwhile (it was just marked
+        // recently used), one packet would see a mix of two flows: the same
+        // exposure as copying it out, which could also be torn.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// Copy the entry out (for code that builds other entries from it).
+    #[inline(always)]
+    pub fn copy_to(&self, out: &mut Flow) {
+        // SAFETY: as in `flow`; copy_nonoverlapping compiles to word copies,
+        // where a plain assignment may become a byte-by-byte memmove call.
+        unsafe { core::ptr::copy_nonoverlapping(self.0.as_ptr(), out, 1) };
+    }
+
+    /// Cache `route` in the entry.
+    #[inline(always)]
+    pub fn set_route(&self, route: &Route) {
+        // SAFETY: as in `flow`; a racing writer (another CPU refreshing the
+        // same flow) stores an equally valid route.
+        unsafe { (*self.0.as_ptr()).route = *route };
     }
 }
 
-/// The conntrack entry for `key`, copied into `out`.
-#[inline(always)]
-pub fn conntrack_get(key: &FlowKey, out: &mut Flow) -> Option<CtEntry> {
-    let p = NonNull::new(CONNTRACK.get_ptr_mut(key)?)?;
-    // SAFETY: a pointer from a successful lookup, copied at once (see
-    // `lookup_lru`); copy_nonoverlapping compiles to word copies, where a
-    // plain assignment may become a byte-by-byte memmove call.
-    unsafe { core::ptr::copy_nonoverlapping(p.as_ptr(), out, 1) };
-    Some(CtEntry(p))
-}
-
-/// The conntrack entry for `key`, not copied.
+/// The conntrack entry for `key`.
 #[inline(always)]
 pub fn conntrack_entry(key: &FlowKey) -> Option<CtEntry> {
     CONNTRACK

@@ -35,8 +35,12 @@ pub struct Scratch {
     pub t: Tuple,
     /// A TCP SYN without ACK: a new connection.
     pub syn: bool,
+    /// A flow being set up or looked at (an established flow's entry is
+    /// used in place; see `Decision::Translate`).
     pub flow: Flow,
     pub key: FlowKey,
+    /// A route looked up for this packet.
+    pub route: Route,
     /// When the packet arrived (jiffies, low bits) and the backends epoch
     /// then: what a route cached for this packet's flow is stamped with.
     pub now: u32,
@@ -49,30 +53,29 @@ pub enum Decision {
     /// Not ours: leave the packet to the stack untouched.
     Pass,
     Drop,
-    /// Rewrite the packet's addresses and ports to the flow's (`s.flow`),
-    /// whose conntrack entry (if still there) this is; see `s.fresh`.
+    /// Rewrite the packet's addresses and ports to the flow's: this
+    /// conntrack entry's, or `s.flow` if the new entry is gone already.
+    /// See `s.fresh`.
     Translate(Option<ctx::CtEntry>),
 }
 
-/// What to do with a packet arriving at the node from outside; with
-/// `Translate`, `s.flow` says what to rewrite the packet to. (Flows are
+/// What to do with a packet arriving at the node from outside. (Flows are
 /// passed by reference throughout: the stack holds 512 bytes in all.)
 #[inline(always)]
 pub fn ingress(s: &mut Scratch, v6: bool) -> Decision {
     s.now = ctx::jiffies();
     s.epoch = ctx::backends_epoch();
-    if let Some(entry) = ctx::conntrack_get(&s.t, &mut s.flow) {
-        if s.flow.direction == FLOW_INGRESS {
-            let r = &s.flow.route;
+    if let Some(entry) = ctx::conntrack_entry(&s.t) {
+        let f = entry.flow();
+        if f.direction == FLOW_INGRESS {
+            let r = &f.route;
             // The backend was there when the route was cached, and no
             // backend has been deleted since: skip the check.
             let fresh = r.epoch == s.epoch && s.now.wrapping_sub(r.checked_at) < ROUTE_TTL_JIFFIES;
             // A flow whose backend left the service picks a new one.
-            if fresh
-                || s.flow.backend_id == 0
-                || ctx::lookup(&BACKENDS, &s.flow.backend_id).is_some()
-            {
-                if s.syn && s.flow.backend_id != 0 {
+            if fresh || f.backend_id == 0 || ctx::lookup(&BACKENDS, &f.backend_id).is_some() {
+                if s.syn && f.backend_id != 0 {
+                    entry.copy_to(&mut s.flow);
                     refresh_reply(s);
                 }
                 s.fresh = fresh;
@@ -83,9 +86,9 @@ pub fn ingress(s: &mut Scratch, v6: bool) -> Decision {
     new_flow(s, v6)
 }
 
-/// A new connection on a tracked tuple (a client reusing its port): make
-/// sure its reply entry exists again, since a direct connection in between
-/// may have dropped it (see `forget_reply`).
+/// A new connection on a tracked tuple (a client reusing its port; its
+/// entry in `s.flow`): make sure its reply entry exists again, since a
+/// direct connection in between may have dropped it (see `forget_reply`).
 #[inline(never)]
 fn refresh_reply(s: &mut Scratch) {
     let (t, f) = (&s.t, &s.flow);
@@ -98,7 +101,8 @@ fn refresh_reply(s: &mut Scratch) {
         sport: f.dport,
         dport: f.sport,
         proto: t.proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     let reply = Flow {
         src: t.dst,
@@ -108,7 +112,8 @@ fn refresh_reply(s: &mut Scratch) {
         backend_id: 0,
         rev_nat_id: f.rev_nat_id,
         direction: if local { FLOW_EGRESS } else { FLOW_INGRESS },
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
         route: Route::default(),
     };
     let _ = CONNTRACK.insert(&s.key, &reply, 0);
@@ -118,7 +123,13 @@ fn refresh_reply(s: &mut Scratch) {
 /// (ICMP errors: related to a flow, never creating one).
 #[inline(always)]
 pub fn related(s: &mut Scratch, direction: u8) -> bool {
-    ctx::conntrack_get(&s.t, &mut s.flow).is_some() && s.flow.direction == direction
+    match ctx::conntrack_entry(&s.t) {
+        Some(entry) => {
+            entry.copy_to(&mut s.flow);
+            s.flow.direction == direction
+        }
+        None => false,
+    }
 }
 
 /// The translation a tc egress packet (a local backend's reply) needs.
@@ -197,7 +208,8 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
         backend_id: 0,
         rev_nat_id: fe.rev_nat_id,
         direction: FLOW_INGRESS,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
         route: Route::default(),
     };
     *reply_key = FlowKey {
@@ -206,7 +218,8 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
         sport: backend.port,
         dport: t.sport,
         proto: t.proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     if backend.local != 0 {
         // The backend sees the client's address; tc egress rewrites its
@@ -266,7 +279,8 @@ fn forget_reply(t: &Tuple, key: &mut FlowKey) {
         sport: t.dport,
         dport: t.sport,
         proto: t.proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     let _ = CONNTRACK.remove(&*key);
 }

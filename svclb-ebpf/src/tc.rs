@@ -74,7 +74,8 @@ fn egress(ctx: &TcContext) -> Option<()> {
         sport: u16::from_be(sport),
         dport: u16::from_be(dport),
         proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     let f = external::egress(&t)?;
     rewrite_source(ctx, v6, proto, csum_at, l4, &t, &f)

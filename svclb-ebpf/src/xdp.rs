@@ -70,24 +70,29 @@ pub fn svclb_xdp(ctx: XdpContext) -> u32 {
 /// conntrack entry when that is fresh and the packet fits it.
 #[inline(never)]
 fn translate(ctx: &XdpContext, s: &mut Scratch, v6: bool, entry: Option<CtEntry>) -> u32 {
-    let Some(p) = rewrite(ctx, v6, &s.t, &s.flow) else {
+    let f = match &entry {
+        Some(e) => e.flow(),
+        None => &s.flow,
+    };
+    let Some(p) = rewrite(ctx, v6, &s.t, f) else {
         return XDP_DROP;
     };
     let len = ip_len(&p, v6);
-    if !s.fresh || len > s.flow.route.max_len {
-        match route(ctx, v6, &mut s.flow, len) {
-            Err(()) => return XDP_DROP,
-            Ok(true) => {
-                if let Some(entry) = entry {
-                    s.flow.route.checked_at = s.now;
-                    s.flow.route.epoch = s.epoch;
-                    entry.set_route(&s.flow, &s.flow.route);
-                }
-            }
-            Ok(false) => {}
-        }
+    if s.fresh && len <= f.route.max_len {
+        return forward(ctx, &p, v6, &f.route);
     }
-    forward(ctx, &p, v6, &s.flow.route)
+    match route(ctx, v6, f, len, &mut s.route) {
+        Err(()) => return XDP_DROP,
+        Ok(true) => {
+            if let Some(entry) = entry {
+                s.route.checked_at = s.now;
+                s.route.epoch = s.epoch;
+                entry.set_route(&s.route);
+            }
+        }
+        Ok(false) => {}
+    }
+    forward(ctx, &p, v6, &s.route)
 }
 
 /// An ICMP error about a flow svclb translates goes where that flow's
@@ -104,10 +109,10 @@ fn icmp_error_path(ctx: &XdpContext, s: &mut Scratch, v6: bool) -> u32 {
     let Some(p) = Frame::new(ctx, if v6 { IP6_L4 } else { IP4_L4 }) else {
         return XDP_DROP;
     };
-    if route(ctx, v6, &mut s.flow, ip_len(&p, v6)).is_err() {
+    if route(ctx, v6, &s.flow, ip_len(&p, v6), &mut s.route).is_err() {
         return XDP_DROP;
     }
-    forward(ctx, &p, v6, &s.flow.route)
+    forward(ctx, &p, v6, &s.route)
 }
 
 /// Fill `s.t` and `s.syn` from a packet svclb may translate: Some((is
@@ -118,7 +123,8 @@ fn icmp_error_path(ctx: &XdpContext, s: &mut Scratch, v6: bool) -> u32 {
 fn parse(ctx: &XdpContext, s: &mut Scratch) -> Option<(bool, bool)> {
     let ethertype = Frame::new(ctx, 14)?.read::<u16>(12)?;
     s.syn = false;
-    s.t._pad = [0; 3];
+    s.t._pad = 0;
+    s.t._pad2 = 0;
     match u16::from_be(ethertype) {
         ETH_P_IP => parse4(ctx, s).map(|icmp| (false, icmp)),
         ETH_P_IPV6 => parse6(ctx, s).map(|icmp| (true, icmp)),
@@ -255,13 +261,12 @@ fn ip_len(p: &Frame, v6: bool) -> u16 {
     }
 }
 
-/// Where a translated packet of `f` (of IP length `len`) goes, into
-/// `f.route`: straight back out (XDP_TX) or to another of the agent's
+/// Where a translated packet of `f` (of IP length `len`) goes, into `r`: straight back out (XDP_TX) or to another of the agent's
 /// devices when the route and neighbour are known, else to the stack
 /// (which also resolves neighbours and serves pod veths). Err: no route
 /// (drop, as the stack would); Ok(true): a result worth caching.
 #[inline(never)]
-fn route(ctx: &XdpContext, v6: bool, f: &mut Flow, len: u16) -> Result<bool, ()> {
+fn route(ctx: &XdpContext, v6: bool, f: &Flow, len: u16, r: &mut Route) -> Result<bool, ()> {
     let ingress = ctx.ingress_ifindex() as u32;
     let mut p = pkt::fib_params();
     p.ifindex = ingress;
@@ -282,7 +287,6 @@ fn route(ctx: &XdpContext, v6: bool, f: &mut Flow, len: u16) -> Result<bool, ()>
         return Err(());
     }
     let out = p.ifindex;
-    let r = &mut f.route;
     if rc != 0 || (out != ingress && TX_DEVICES.get_ifindex(out).is_none()) {
         r.ifindex = 0;
         return Ok(false);

@@ -14,7 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use svclb_common::{flow_hash, stats, FLOW_EGRESS, PROTO_TCP, PROTO_UDP};
 use svclb_userspace::dataplane::abi::addr_to_abi;
 use svclb_userspace::dataplane::maglev;
-use svclb_userspace::dataplane::prog_test::packet::{self, Packet, IP4_MF};
+use svclb_userspace::dataplane::prog_test::packet::{self, Packet, IP4_MF, TCP_ACK};
 use svclb_userspace::dataplane::prog_test::{
     ProgTest, Run, TestNode, EXT_MAC, NODE2_V4, NODE_V4, NODE_V6, PEER_MAC, ROUTER_MAC, TC_ACT_OK,
     XDP_DROP, XDP_PASS, XDP_TX,
@@ -478,6 +478,53 @@ fn flow_whose_backend_was_removed_picks_a_new_one() {
         let pick = maglev_pick(&rest, client, PROTO_TCP);
         assert_packet(&run, XDP_TX, &transmitted(&p, snat, pick, PEER_MAC));
         assert_eq!(t.stat(stats::CT_CREATED), 2);
+    });
+}
+
+#[test]
+fn established_flows_pick_up_a_new_next_hop_within_the_route_lifetime() {
+    fixture(|t, node| {
+        let fe = frontend(
+            FrontendKind::NodePort,
+            nodeport4(),
+            Protocol::Tcp,
+            &[backend(REMOTE4, false)],
+        );
+        t.apply("np", &[fe]).unwrap();
+        let p = inbound(PROTO_TCP, sa(CLIENT4), nodeport4());
+        let established = Packet {
+            tcp_flags: TCP_ACK,
+            ..p.clone()
+        };
+        let run = xdp(t, node, &p.build());
+        let snat = snat_source(&run);
+        let run = xdp(t, node, &established.build());
+        assert_packet(
+            &run,
+            XDP_TX,
+            &transmitted(&established, snat, sa(REMOTE4), PEER_MAC),
+        );
+
+        // The peer node's MAC changes: new flows see it at once.
+        const NEW_PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x22];
+        node.set_neighbour("198.19.200.2".parse().unwrap(), NEW_PEER_MAC)
+            .unwrap();
+        let other = inbound(PROTO_TCP, sa("198.18.128.11:40000"), nodeport4());
+        let run = xdp(t, node, &other.build());
+        assert_packet(
+            &run,
+            XDP_TX,
+            &transmitted(&other, snat_source(&run), sa(REMOTE4), NEW_PEER_MAC),
+        );
+        // The established flow, whose route is cached, within 256 jiffies
+        // (2.56 s at the lowest HZ, 100).
+        std::thread::sleep(std::time::Duration::from_millis(2700));
+        let run = xdp(t, node, &established.build());
+        assert_packet(
+            &run,
+            XDP_TX,
+            &transmitted(&established, snat, sa(REMOTE4), NEW_PEER_MAC),
+        );
     });
 }
 

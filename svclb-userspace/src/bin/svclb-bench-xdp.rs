@@ -245,7 +245,8 @@ fn steady_state(t: &mut ProgTest, flow: &[u8], ifindex: u32, batches: usize) -> 
         sport: client.port(),
         dport: real.dport,
         proto: svclb_common::PROTO_TCP,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     let identity = svclb_common::Flow {
         src: key.src,

@@ -343,12 +343,7 @@ impl TestNode {
             pod_ifindex: 0,
         };
         let n = node.name.clone();
-        let mac = |m: [u8; 6]| {
-            m.iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":")
-        };
+        let mac = mac_string;
         let (ext, peer, router) = (mac(EXT_MAC), mac(PEER_MAC), mac(ROUTER_MAC));
         let steps: Vec<Vec<&str>> = vec![
             vec!["link", "set", "lo", "up"],
@@ -464,6 +459,16 @@ impl TestNode {
         Ok(node)
     }
 
+    /// Give the neighbour at `addr` (on ext0) a new MAC address, as when
+    /// a next hop is replaced.
+    pub fn set_neighbour(&self, addr: IpAddr, mac: [u8; 6]) -> std::io::Result<()> {
+        let (addr, mac) = (addr.to_string(), mac_string(mac));
+        ip(&[
+            "-n", &self.name, "neigh", "replace", &addr, "lladdr", &mac, "dev", "ext0", "nud",
+            "permanent",
+        ])
+    }
+
     /// Move the calling thread into the namespace (for good: call it on a
     /// thread of its own, see [`TestNode::in_netns`]).
     pub fn enter(&self) -> std::io::Result<()> {
@@ -493,6 +498,13 @@ impl Drop for TestNode {
         let _g = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let _ = ip(&["netns", "del", &self.name]);
     }
+}
+
+fn mac_string(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn ip(args: &[&str]) -> std::io::Result<()> {

@@ -928,7 +928,8 @@ fn abi_backend(addr: &BackendAddr, state: u8) -> AbiBackend {
         proto: proto_to_abi(addr.2),
         state,
         local: u8::from(addr.3),
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     }
 }
 
