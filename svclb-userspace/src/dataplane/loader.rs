@@ -111,6 +111,11 @@ pub fn load(bpffs: &Path, conntrack_size: u32) -> Result<Ebpf, DataplaneError> {
         );
     }
     unpin_incompatible_conntrack(bpffs, conntrack_size);
+    if aya::util::KernelVersion::current()
+        .is_ok_and(|v| v < aya::util::KernelVersion::new(5, 15, 0))
+    {
+        pin_ifindex_only_tx_devices(bpffs)?;
+    }
     EbpfLoader::new()
         .default_map_pin_directory(bpffs)
         .map_max_entries(svclb_common::maps::CONNTRACK, conntrack_size)
@@ -142,6 +147,61 @@ fn unpin_incompatible_conntrack(bpffs: &Path, size: u32) {
         );
         let _ = fs::remove_file(&path);
     }
+}
+
+/// Before Linux 5.15, generic (SKB-mode) XDP refuses a program that uses a
+/// devmap whose entries can carry a program of their own, i.e. one with
+/// 8-byte `struct bpf_devmap_val` values: `generic_xdp_install` returns
+/// EINVAL (without an extended error) when `dev_map_can_have_prog` holds for
+/// any map the program uses. aya creates devmaps with those values on every
+/// kernel that has them (5.8+), so on 5.8-5.14 the XDP program could not
+/// attach to veth (generic mode) at all. With values that are only the
+/// ifindex (the layout before 5.8) it can.
+///
+/// aya's loader reuses a pinned map as it is, so pin such a map at the
+/// place where it looks. aya's `DevMapHash` still writes 8-byte values into
+/// it; the kernel copies only the map's value size, the leading ifindex,
+/// and svclb stores no programs in the devmap. The XDP program reads only
+/// the ifindex (`get_ifindex`).
+fn pin_ifindex_only_tx_devices(bpffs: &Path) -> Result<(), DataplaneError> {
+    use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_DEVMAP_HASH;
+    use aya_obj::maps::{bpf_map_def, LegacyMap, PinningType};
+    use svclb_common::maps::{TX_DEVICES, TX_DEVICES_MAX_ENTRIES};
+
+    const IFINDEX_SIZE: u32 = 4;
+    let path = super::map_path(bpffs, TX_DEVICES);
+    if let Ok(info) = aya::maps::MapData::from_pin(&path).and_then(|m| m.info()) {
+        if info.value_size() == IFINDEX_SIZE {
+            return Ok(());
+        }
+        tracing::warn!(
+            map = TX_DEVICES,
+            "replacing a pinned devmap with program-capable values (generic XDP rejects it before 5.15)"
+        );
+        let _ = fs::remove_file(&path);
+    }
+    let def = aya_obj::Map::Legacy(LegacyMap {
+        def: bpf_map_def {
+            map_type: BPF_MAP_TYPE_DEVMAP_HASH as u32,
+            key_size: 4,
+            value_size: IFINDEX_SIZE,
+            max_entries: TX_DEVICES_MAX_ENTRIES,
+            map_flags: 0,
+            id: 0,
+            pinning: PinningType::ByName,
+        },
+        inner_def: None,
+        section_index: 0,
+        section_kind: aya_obj::EbpfSectionKind::Maps,
+        symbol_index: None,
+        data: Vec::new(),
+    });
+    let map = aya::maps::MapData::create(def, TX_DEVICES, None)
+        .map_err(|e| DataplaneError::Load(format!("creating {TX_DEVICES}: {}", chain(&e))))?;
+    map.pin(&path).map_err(|e| DataplaneError::Bpffs {
+        path: path.clone(),
+        reason: format!("pin {TX_DEVICES}: {}", chain(&e)),
+    })
 }
 
 /// An error with its sources, so syscall errors show their errno.
