@@ -269,6 +269,11 @@ pub struct Flow {
     pub rev_nat_id: u32,
     pub direction: u8,
     pub _pad: u8,
+    /// What the translation does to the IPv4 header checksum (addresses)
+    /// and to the TCP/UDP checksum (addresses and ports), as one's-complement
+    /// sums folded to 16 bits: fixed per entry, so computed when it is made.
+    pub csum_ip: u16,
+    pub csum_l4: u16,
     pub _pad2: u16,
     /// Where XDP sends the flow's packets, cached so an established packet
     /// needs no FIB lookup and no backend check.

@@ -41,6 +41,18 @@ impl Delta {
     pub fn apply(self, csum: u16) -> u16 {
         !fold((!csum) as u64 + self.0)
     }
+
+    /// The change folded to 16 bits (one's-complement sums fold without
+    /// loss), to store it.
+    #[inline(always)]
+    pub fn folded(self) -> u16 {
+        fold(self.0)
+    }
+
+    #[inline(always)]
+    pub fn from_folded(d: u16) -> Delta {
+        Delta(d as u64)
+    }
 }
 
 #[inline(always)]

@@ -16,6 +16,7 @@ use svclb_common::{
 };
 
 use crate::{
+    csum::Delta,
     ctx,
     maps::{BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES},
 };
@@ -76,7 +77,7 @@ pub fn ingress(s: &mut Scratch, v6: bool) -> Decision {
             if fresh || f.backend_id == 0 || ctx::lookup(&BACKENDS, &f.backend_id).is_some() {
                 if s.syn && f.backend_id != 0 {
                     entry.copy_to(&mut s.flow);
-                    refresh_reply(s);
+                    refresh_reply(s, v6);
                 }
                 s.fresh = fresh;
                 return Decision::Translate(Some(entry));
@@ -90,7 +91,7 @@ pub fn ingress(s: &mut Scratch, v6: bool) -> Decision {
 /// entry in `s.flow`): make sure its reply entry exists again, since a
 /// direct connection in between may have dropped it (see `forget_reply`).
 #[inline(never)]
-fn refresh_reply(s: &mut Scratch) {
+fn refresh_reply(s: &mut Scratch, v6: bool) {
     let (t, f) = (&s.t, &s.flow);
     // The backend answers the address it saw: the client's own (local
     // backend, rewritten by tc) or the SNAT address (rewritten by XDP).
@@ -104,7 +105,7 @@ fn refresh_reply(s: &mut Scratch) {
         _pad: 0,
         _pad2: 0,
     };
-    let reply = Flow {
+    let mut reply = Flow {
         src: t.dst,
         dst: t.src,
         sport: t.dport,
@@ -113,9 +114,12 @@ fn refresh_reply(s: &mut Scratch) {
         rev_nat_id: f.rev_nat_id,
         direction: if local { FLOW_EGRESS } else { FLOW_INGRESS },
         _pad: 0,
+        csum_ip: 0,
+        csum_l4: 0,
         _pad2: 0,
         route: Route::default(),
     };
+    set_checksum_deltas(&mut reply, &s.key, v6);
     let _ = CONNTRACK.insert(&s.key, &reply, 0);
 }
 
@@ -209,6 +213,8 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
         rev_nat_id: fe.rev_nat_id,
         direction: FLOW_INGRESS,
         _pad: 0,
+        csum_ip: 0,
+        csum_l4: 0,
         _pad2: 0,
         route: Route::default(),
     };
@@ -225,6 +231,7 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
         // The backend sees the client's address; tc egress rewrites its
         // replies on their way out.
         flow.direction = FLOW_EGRESS;
+        set_checksum_deltas(flow, reply_key, v6);
         let _ = CONNTRACK.insert(&*reply_key, &*flow, 0);
         flow.src = t.src;
         flow.sport = t.sport;
@@ -242,6 +249,7 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
         while i < SNAT_TRIES {
             let candidate = min + ((start.wrapping_add(i * 7919)) % range) as u16;
             reply_key.dport = candidate;
+            set_checksum_deltas(flow, reply_key, v6);
             if CONNTRACK.insert(&*reply_key, &*flow, NOEXIST).is_ok() {
                 port = candidate;
                 break;
@@ -259,12 +267,27 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
     flow.dport = backend.port;
     flow.backend_id = backend_id;
     flow.direction = FLOW_INGRESS;
+    set_checksum_deltas(flow, t, v6);
     let _ = CONNTRACK.insert(&*t, &*flow, 0);
     ctx::count(stats::CT_CREATED);
     // The entry as inserted, so that the route looked up for this first
     // packet is cached in it.
     *fresh = false;
     Decision::Translate(ctx::conntrack_entry(t))
+}
+
+/// Store in `f` what translating a packet of `key` to it does to the
+/// checksums (the same for every packet of the entry).
+#[inline(always)]
+fn set_checksum_deltas(f: &mut Flow, key: &FlowKey, v6: bool) {
+    let mut ip = Delta::default();
+    ip.addr(&key.src, &f.src, v6);
+    ip.addr(&key.dst, &f.dst, v6);
+    let mut l4 = ip;
+    l4.word16(key.sport.to_be(), f.sport.to_be());
+    l4.word16(key.dport.to_be(), f.dport.to_be());
+    f.csum_ip = ip.folded();
+    f.csum_l4 = l4.folded();
 }
 
 /// A new connection straight to an address a translated flow used (say,

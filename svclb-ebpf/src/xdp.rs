@@ -213,32 +213,26 @@ fn l4_csum(l4: usize, proto: u8) -> usize {
 }
 
 /// Rewrite addresses and ports from `t` to `f`, updating the IPv4 header
-/// checksum and the TCP/UDP checksum (pseudo-header included). Returns the
-/// frame up to the end of the L4 header.
+/// checksum and the TCP/UDP checksum (pseudo-header included) by the
+/// entry's deltas. Returns the frame up to the end of the L4 header.
 #[inline(always)]
 fn rewrite(ctx: &XdpContext, v6: bool, t: &Tuple, f: &Flow) -> Option<Frame> {
     let l4 = if v6 { IP6_L4 } else { IP4_L4 };
     let p = l4_frame(ctx, l4, t.proto)?;
-    let mut addrs = Delta::default();
-    addrs.addr(&t.src, &f.src, v6);
-    addrs.addr(&t.dst, &f.dst, v6);
     if v6 {
         p.write(IP6_SRC, f.src)?;
         p.write(IP6_DST, f.dst)?;
     } else {
         let c = p.read::<u16>(IP4_CSUM)?;
-        p.write(IP4_CSUM, addrs.apply(c))?;
+        p.write(IP4_CSUM, Delta::from_folded(f.csum_ip).apply(c))?;
         p.write(IP4_SRC, f.src[3])?;
         p.write(IP4_DST, f.dst[3])?;
     }
-    let mut l4_delta = addrs;
-    l4_delta.word16(t.sport.to_be(), f.sport.to_be());
-    l4_delta.word16(t.dport.to_be(), f.dport.to_be());
     let csum_at = l4_csum(l4, t.proto);
     let c = p.read::<u16>(csum_at)?;
     // An IPv4 UDP datagram without checksum (0) stays without one.
     if !(c == 0 && t.proto == PROTO_UDP && !v6) {
-        let mut c = l4_delta.apply(c);
+        let mut c = Delta::from_folded(f.csum_l4).apply(c);
         if c == 0 && t.proto == PROTO_UDP {
             c = 0xffff;
         }

@@ -464,7 +464,16 @@ impl TestNode {
     pub fn set_neighbour(&self, addr: IpAddr, mac: [u8; 6]) -> std::io::Result<()> {
         let (addr, mac) = (addr.to_string(), mac_string(mac));
         ip(&[
-            "-n", &self.name, "neigh", "replace", &addr, "lladdr", &mac, "dev", "ext0", "nud",
+            "-n",
+            &self.name,
+            "neigh",
+            "replace",
+            &addr,
+            "lladdr",
+            &mac,
+            "dev",
+            "ext0",
+            "nud",
             "permanent",
         ])
     }
