@@ -110,6 +110,13 @@ fn inbound(proto: u8, src: SocketAddr, dst: SocketAddr) -> Packet {
     p
 }
 
+/// A TCP NodePort with the one backend `b`, and a client's SYN to it.
+fn tcp_nodeport_to(t: &mut ProgTest, b: Backend) -> Packet {
+    let fe = frontend(FrontendKind::NodePort, nodeport4(), Protocol::Tcp, &[b]);
+    t.apply("np", &[fe]).unwrap();
+    inbound(PROTO_TCP, sa(CLIENT4), nodeport4())
+}
+
 fn xdp(t: &ProgTest, node: &TestNode, p: &[u8]) -> Run {
     t.run_xdp(p, Some(node.ext_ifindex)).expect("BPF_PROG_RUN")
 }
@@ -190,14 +197,7 @@ fn pods(n: u8) -> Vec<SocketAddr> {
 #[test]
 fn nodeport_to_local_backend_is_dnat_only_and_tc_translates_the_reply() {
     fixture(|t, node| {
-        let fe = frontend(
-            FrontendKind::NodePort,
-            nodeport4(),
-            Protocol::Tcp,
-            &[backend(LOCAL4, true)],
-        );
-        t.apply("np", &[fe]).unwrap();
-        let p = inbound(PROTO_TCP, sa(CLIENT4), nodeport4());
+        let p = tcp_nodeport_to(t, backend(LOCAL4, true));
         let run = xdp(t, node, &p.build());
         // Client address kept; pod veths are not TX devices: to the stack.
         assert_packet(&run, XDP_PASS, &translated(&p, sa(CLIENT4), sa(LOCAL4)));
@@ -314,14 +314,7 @@ fn tc_reply_translation_ipv6_and_udp_zero_checksum() {
 #[test]
 fn nodeport_to_remote_backend_is_snat_dnat_tx_and_the_reply_comes_back() {
     fixture(|t, node| {
-        let fe = frontend(
-            FrontendKind::NodePort,
-            nodeport4(),
-            Protocol::Tcp,
-            &[backend(REMOTE4, false)],
-        );
-        t.apply("np", &[fe]).unwrap();
-        let p = inbound(PROTO_TCP, sa(CLIENT4), nodeport4());
+        let p = tcp_nodeport_to(t, backend(REMOTE4, false));
         let run = xdp(t, node, &p.build());
         let snat = snat_source(&run);
         assert_eq!(snat.ip(), IpAddr::from(NODE_V4));
@@ -484,14 +477,7 @@ fn flow_whose_backend_was_removed_picks_a_new_one() {
 #[test]
 fn established_flows_pick_up_a_new_next_hop_within_the_route_lifetime() {
     fixture(|t, node| {
-        let fe = frontend(
-            FrontendKind::NodePort,
-            nodeport4(),
-            Protocol::Tcp,
-            &[backend(REMOTE4, false)],
-        );
-        t.apply("np", &[fe]).unwrap();
-        let p = inbound(PROTO_TCP, sa(CLIENT4), nodeport4());
+        let p = tcp_nodeport_to(t, backend(REMOTE4, false));
         let established = Packet {
             tcp_flags: TCP_ACK,
             ..p.clone()
