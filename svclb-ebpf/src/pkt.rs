@@ -90,6 +90,41 @@ impl Frame {
     }
 }
 
+/// Arrays element by element. Copying an array between the packet and a
+/// map value with `read` or `write` lets LLVM merge the copy through the
+/// stack into one `memmove` (the pointers may alias), which the BPF
+/// backend cannot inline: a byte loop in a subprogram, on the hot path.
+/// Volatile element reads keep the copies apart.
+impl Frame {
+    #[inline(always)]
+    pub fn read_each<T: Copy, const N: usize>(&self, offset: usize) -> Option<[T; N]> {
+        if offset + core::mem::size_of::<[T; N]>() > self.len {
+            return None;
+        }
+        let at = (self.data + offset) as *const T;
+        // SAFETY: within the bounds checked above; alignment as in `load`.
+        Some(core::array::from_fn(|i| unsafe {
+            core::ptr::read_volatile(at.add(i))
+        }))
+    }
+
+    #[inline(always)]
+    pub fn write_each<T: Copy, const N: usize>(&self, offset: usize, items: &[T; N]) -> Option<()> {
+        if offset + core::mem::size_of::<[T; N]>() > self.len {
+            return None;
+        }
+        let mut i = 0;
+        while i < N {
+            // SAFETY: `items[i]` is in bounds.
+            let v = unsafe { core::ptr::read_volatile(&items[i]) };
+            // SAFETY: within the bounds checked above; alignment as in `load`.
+            unsafe { ((self.data + offset) as *mut T).add(i).write(v) };
+            i += 1;
+        }
+        Some(())
+    }
+}
+
 /// Copy `T` out of the packet at `offset`; None when the packet is shorter.
 ///
 /// Fields are read at their natural alignment, as word loads: the kernel

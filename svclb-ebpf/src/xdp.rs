@@ -175,8 +175,8 @@ fn parse6(ctx: &XdpContext, s: &mut Scratch) -> Option<bool> {
     }
     let p = l4_frame(ctx, IP6_L4, proto)?;
     ports(&p, IP6_L4, proto, s)?;
-    s.t.src = p.read::<[u32; 4]>(IP6_SRC)?;
-    s.t.dst = p.read::<[u32; 4]>(IP6_DST)?;
+    s.t.src = p.read_each(IP6_SRC)?;
+    s.t.dst = p.read_each(IP6_DST)?;
     Some(false)
 }
 
@@ -220,8 +220,8 @@ fn rewrite(ctx: &XdpContext, v6: bool, t: &Tuple, f: &Flow) -> Option<Frame> {
     let l4 = if v6 { IP6_L4 } else { IP4_L4 };
     let p = l4_frame(ctx, l4, t.proto)?;
     if v6 {
-        p.write(IP6_SRC, f.src)?;
-        p.write(IP6_DST, f.dst)?;
+        p.write_each(IP6_SRC, &f.src)?;
+        p.write_each(IP6_DST, &f.dst)?;
     } else {
         let c = p.read::<u16>(IP4_CSUM)?;
         p.write(IP4_CSUM, Delta::from_folded(f.csum_ip).apply(c))?;
@@ -314,7 +314,7 @@ fn forward(ctx: &XdpContext, p: &Frame, v6: bool, r: &Route) -> u32 {
         ctx::count(stats::XDP_PASSED);
         return XDP_PASS;
     }
-    if decrement_ttl(p, v6, ttl).is_none() || p.write(0, r.macs).is_none() {
+    if decrement_ttl(p, v6, ttl).is_none() || p.write_each(0, &r.macs).is_none() {
         return XDP_DROP;
     }
     ctx::count(stats::XDP_FORWARDED);
