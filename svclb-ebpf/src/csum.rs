@@ -4,13 +4,15 @@
 //! on byte order as long as every word is treated the same way.
 
 /// The accumulated change of some 16-bit words covered by a checksum.
+/// (A u32 holds the sum of up to 32768 word changes; svclb's take a few
+/// dozen at most, and two folding steps then suffice.)
 #[derive(Clone, Copy, Default)]
-pub struct Delta(u64);
+pub struct Delta(u32);
 
 impl Delta {
     #[inline(always)]
     pub fn word16(&mut self, from: u16, to: u16) {
-        self.0 += (!from) as u64 + to as u64;
+        self.0 += (!from) as u32 + to as u32;
     }
 
     #[inline(always)]
@@ -39,7 +41,7 @@ impl Delta {
     /// The checksum field after the change.
     #[inline(always)]
     pub fn apply(self, csum: u16) -> u16 {
-        !fold((!csum) as u64 + self.0)
+        !fold((!csum) as u32 + self.0)
     }
 
     /// The change folded to 16 bits (one's-complement sums fold without
@@ -51,15 +53,12 @@ impl Delta {
 
     #[inline(always)]
     pub fn from_folded(d: u16) -> Delta {
-        Delta(d as u64)
+        Delta(d as u32)
     }
 }
 
 #[inline(always)]
-fn fold(mut s: u64) -> u16 {
-    s = (s & 0xffff_ffff) + (s >> 32);
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    s as u16
+fn fold(s: u32) -> u16 {
+    let s = (s & 0xffff) + (s >> 16);
+    ((s & 0xffff) + (s >> 16)) as u16
 }

@@ -77,9 +77,10 @@ fn translate(ctx: &XdpContext, s: &mut Scratch, v6: bool, entry: Option<CtEntry>
     let Some(p) = rewrite(ctx, v6, &s.t, f) else {
         return XDP_DROP;
     };
+    let ip = Delta::from_folded(f.csum_ip);
     let len = ip_len(&p, v6);
     if s.fresh && len <= f.route.max_len {
-        return forward(ctx, &p, v6, &f.route);
+        return forward(ctx, &p, v6, &f.route, ip);
     }
     match route(ctx, v6, f, len, &mut s.route) {
         Err(()) => return XDP_DROP,
@@ -92,7 +93,7 @@ fn translate(ctx: &XdpContext, s: &mut Scratch, v6: bool, entry: Option<CtEntry>
         }
         Ok(false) => {}
     }
-    forward(ctx, &p, v6, &s.route)
+    forward(ctx, &p, v6, &s.route, ip)
 }
 
 /// An ICMP error about a flow svclb translates goes where that flow's
@@ -112,7 +113,7 @@ fn icmp_error_path(ctx: &XdpContext, s: &mut Scratch, v6: bool) -> u32 {
     if route(ctx, v6, &s.flow, ip_len(&p, v6), &mut s.route).is_err() {
         return XDP_DROP;
     }
-    forward(ctx, &p, v6, &s.route)
+    forward(ctx, &p, v6, &s.route, Delta::default())
 }
 
 /// Fill `s.t` and `s.syn` from a packet svclb may translate: Some((is
@@ -212,9 +213,10 @@ fn l4_csum(l4: usize, proto: u8) -> usize {
     }
 }
 
-/// Rewrite addresses and ports from `t` to `f`, updating the IPv4 header
-/// checksum and the TCP/UDP checksum (pseudo-header included) by the
-/// entry's deltas. Returns the frame up to the end of the L4 header.
+/// Rewrite addresses and ports from `t` to `f`, updating the TCP/UDP
+/// checksum (pseudo-header included) by the entry's delta; the IPv4 header
+/// checksum is left to `forward`, which may change the TTL too. Returns the
+/// frame up to the end of the L4 header.
 #[inline(always)]
 fn rewrite(ctx: &XdpContext, v6: bool, t: &Tuple, f: &Flow) -> Option<Frame> {
     let l4 = if v6 { IP6_L4 } else { IP4_L4 };
@@ -223,8 +225,6 @@ fn rewrite(ctx: &XdpContext, v6: bool, t: &Tuple, f: &Flow) -> Option<Frame> {
         p.write_each(IP6_SRC, &f.src)?;
         p.write_each(IP6_DST, &f.dst)?;
     } else {
-        let c = p.read::<u16>(IP4_CSUM)?;
-        p.write(IP4_CSUM, Delta::from_folded(f.csum_ip).apply(c))?;
         p.write(IP4_SRC, f.src[3])?;
         p.write(IP4_DST, f.dst[3])?;
     }
@@ -302,19 +302,19 @@ fn route(ctx: &XdpContext, v6: bool, f: &Flow, len: u16, r: &mut Route) -> Resul
 }
 
 /// Send a translated packet (`p`: at least its Ethernet and IP headers)
-/// by `r` (see `route`); a packet whose TTL runs out goes to the stack,
-/// which answers it.
+/// by `r` (see `route`), applying `ip` (the address change) to the IPv4
+/// header checksum together with the TTL's; a packet whose TTL runs out
+/// goes to the stack, which answers it.
 #[inline(always)]
-fn forward(ctx: &XdpContext, p: &Frame, v6: bool, r: &Route) -> u32 {
-    let ttl_at = if v6 { IP6_HOP_LIMIT } else { IP4_TTL };
-    let Some(ttl) = p.read::<u8>(ttl_at) else {
+fn forward(ctx: &XdpContext, p: &Frame, v6: bool, r: &Route, ip: Delta) -> u32 {
+    let Some(ttl) = decrement_ttl(p, v6, r.ifindex != 0, ip) else {
         return XDP_DROP;
     };
-    if r.ifindex == 0 || ttl <= 1 {
+    if ttl == 0 {
         ctx::count(stats::XDP_PASSED);
         return XDP_PASS;
     }
-    if decrement_ttl(p, v6, ttl).is_none() || p.write_each(0, &r.macs).is_none() {
+    if p.write_each(0, &r.macs).is_none() {
         return XDP_DROP;
     }
     ctx::count(stats::XDP_FORWARDED);
@@ -327,17 +327,32 @@ fn forward(ctx: &XdpContext, p: &Frame, v6: bool, r: &Route) -> u32 {
     }
 }
 
+/// When `forwarding` and the TTL (hop limit) allows, decrement it and
+/// return the new value; else leave it and return 0 (the stack takes the
+/// packet). The IPv4 checksum gets `ip` and the TTL change in one update.
+/// (The TTL and protocol form one checksummed word, read and written as
+/// such: a byte store followed by a word load of the same bytes stalls the
+/// CPU's store forwarding, which cost ~10% of the established path.)
 #[inline(always)]
-fn decrement_ttl(p: &Frame, v6: bool, ttl: u8) -> Option<()> {
+fn decrement_ttl(p: &Frame, v6: bool, forwarding: bool, mut ip: Delta) -> Option<u8> {
     if v6 {
-        return p.write(IP6_HOP_LIMIT, ttl - 1);
+        let hops = p.read::<u8>(IP6_HOP_LIMIT)?;
+        if !forwarding || hops <= 1 {
+            return Some(0);
+        }
+        p.write(IP6_HOP_LIMIT, hops - 1)?;
+        return Some(hops - 1);
     }
-    // TTL and protocol form one 16-bit word of the header checksum.
-    let old = p.read::<u16>(IP4_TTL)?;
-    p.write(IP4_TTL, ttl - 1)?;
-    let new = p.read::<u16>(IP4_TTL)?;
-    let mut d = Delta::default();
-    d.word16(old, new);
+    let word = p.read::<u16>(IP4_TTL)?;
+    let ttl = (u16::from_be(word) >> 8) as u8;
+    let mut left = 0;
+    if forwarding && ttl > 1 {
+        let new = (u16::from_be(word) - 0x100).to_be();
+        ip.word16(word, new);
+        p.write(IP4_TTL, new)?;
+        left = ttl - 1;
+    }
     let c = p.read::<u16>(IP4_CSUM)?;
-    p.write(IP4_CSUM, d.apply(c))
+    p.write(IP4_CSUM, ip.apply(c))?;
+    Some(left)
 }
