@@ -33,9 +33,15 @@ pub mod maps {
     /// [`crate::MaglevKey`] -> [`crate::MaglevChunk`]: the Maglev lookup
     /// tables of external frontends, in chunks, two generations at most.
     pub const MAGLEV: &str = "SVCLB_MAGLEV";
-    /// [`crate::FlowKey`] -> [`crate::Flow`] (LRU): connection tracking for
-    /// external traffic, one entry per direction the programs translate.
-    pub const CONNTRACK: &str = "SVCLB_CT";
+    /// [`crate::FlowKey4`] -> [`crate::Flow`] (LRU): connection tracking
+    /// for external IPv4 traffic, one entry per direction the programs
+    /// translate.
+    pub const CONNTRACK4: &str = "SVCLB_CT4";
+    /// [`crate::FlowKey`] -> [`crate::Flow`] (LRU): the same for IPv6.
+    pub const CONNTRACK6: &str = "SVCLB_CT6";
+    /// The conntrack map of earlier versions (both families, 40-byte keys):
+    /// the loader removes its pin.
+    pub const CONNTRACK_LEGACY: &str = "SVCLB_CT";
     /// LPM trie [`crate::SourceRangeKey`] -> u8: loadBalancerSourceRanges.
     pub const SOURCE_RANGES: &str = "SVCLB_SRC_RANGES";
     /// Array of one [`crate::XdpConfig`], written by the agent.
@@ -58,7 +64,7 @@ pub mod maps {
     pub const AFFINITY_MATCH_MAX_ENTRIES: u32 = 131_072;
     /// 16 chunks per table at the default table size: 16k tables.
     pub const MAGLEV_MAX_ENTRIES: u32 = 262_144;
-    /// Default; the agent sets it from --conntrack-size.
+    /// Default, per family; the agent sets it from --conntrack-size.
     pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
     pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 16_384;
     pub const TX_DEVICES_MAX_ENTRIES: u32 = 64;
@@ -234,7 +240,9 @@ pub struct MaglevChunk {
     pub backend_ids: [u32; MAGLEV_CHUNK as usize],
 }
 
-/// A flow as a packet shows it, in the direction the entry translates.
+/// A flow as a packet shows it, in the direction the entry translates
+/// (IPv4 addresses IPv4-mapped): the programs work on this form, and it is
+/// the key of IPv6 conntrack entries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FlowKey {
@@ -246,6 +254,50 @@ pub struct FlowKey {
     // Padding as scalars: a [u8; 3] compiles to a memset call in eBPF.
     pub _pad: u8,
     pub _pad2: u16,
+}
+
+/// The key of IPv4 conntrack entries: a [`FlowKey`] with plain IPv4
+/// addresses (network order). The kernel hashes and compares the whole key
+/// on every lookup, and 16 bytes cost about 10 ns less than 40 there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey4 {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub _pad2: u16,
+}
+
+impl FlowKey4 {
+    /// The IPv4 key of a flow whose addresses are IPv4-mapped.
+    #[inline(always)]
+    pub fn from_mapped(k: &FlowKey) -> FlowKey4 {
+        FlowKey4 {
+            src: k.src[3],
+            dst: k.dst[3],
+            sport: k.sport,
+            dport: k.dport,
+            proto: k.proto,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
+
+    #[inline(always)]
+    pub fn to_mapped(&self) -> FlowKey {
+        FlowKey {
+            src: v4_mapped(self.src),
+            dst: v4_mapped(self.dst),
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
 }
 
 /// `Flow::direction`: which program applies the entry.
@@ -414,6 +466,7 @@ mod user {
     unsafe impl aya::Pod for super::MaglevKey {}
     unsafe impl aya::Pod for super::MaglevChunk {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowKey4 {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::SourceRangeKey {}
     unsafe impl aya::Pod for super::XdpConfig {}

@@ -12,9 +12,9 @@ use aya_ebpf::{
 };
 use core::ptr::NonNull;
 
-use svclb_common::{Flow, FlowKey, Route};
+use svclb_common::{Flow, FlowKey, FlowKey4, Route};
 
-use crate::maps::CONNTRACK;
+use crate::maps::{CONNTRACK4, CONNTRACK6};
 
 /// A socket address as the hooks see it: IPv4 addresses IPv4-mapped, port in
 /// host byte order.
@@ -182,13 +182,67 @@ impl CtEntry {
     }
 }
 
+// Conntrack: the programs work on `FlowKey`s (IPv4 addresses mapped);
+// IPv4 entries are stored under the shorter `FlowKey4`, in their own map.
+
+/// The IPv4 conntrack key of `key`, written as four 32-bit words. The
+/// kernel hashes keys a word at a time, and a word load of bytes stored
+/// narrower just before stalls the CPU's store forwarding (on every lookup).
+#[inline(always)]
+fn key4(key: &FlowKey) -> FlowKey4 {
+    let [a, b] = key.sport.to_ne_bytes();
+    let [c, d] = key.dport.to_ne_bytes();
+    let words = [
+        key.src[3],
+        key.dst[3],
+        u32::from_ne_bytes([a, b, c, d]),
+        u32::from_ne_bytes([key.proto, 0, 0, 0]),
+    ];
+    // SAFETY: FlowKey4 is repr(C), 16 bytes without padding (sport, dport;
+    // proto, _pad, _pad2 fill the last two words in this order), valid for
+    // any bits.
+    unsafe { core::mem::transmute::<[u32; 4], FlowKey4>(words) }
+}
+
 /// The conntrack entry for `key`.
 #[inline(always)]
-pub fn conntrack_entry(key: &FlowKey) -> Option<CtEntry> {
-    CONNTRACK
-        .get_ptr_mut(key)
-        .and_then(NonNull::new)
-        .map(CtEntry)
+pub fn conntrack_entry(key: &FlowKey, v6: bool) -> Option<CtEntry> {
+    let p = if v6 {
+        CONNTRACK6.get_ptr_mut(key)
+    } else {
+        CONNTRACK4.get_ptr_mut(&key4(key))
+    };
+    p.and_then(NonNull::new).map(CtEntry)
+}
+
+/// A copy of the conntrack entry for `key`.
+#[inline(always)]
+pub fn conntrack_copy(key: &FlowKey, v6: bool) -> Option<Flow> {
+    if v6 {
+        lookup_lru(&CONNTRACK6, key)
+    } else {
+        lookup_lru(&CONNTRACK4, &key4(key))
+    }
+}
+
+/// Add or replace (`flags` 0) or only add (BPF_NOEXIST) an entry; false
+/// when the map refused it.
+#[inline(always)]
+pub fn conntrack_insert(key: &FlowKey, flow: &Flow, flags: u64, v6: bool) -> bool {
+    if v6 {
+        CONNTRACK6.insert(key, flow, flags).is_ok()
+    } else {
+        CONNTRACK4.insert(&key4(key), flow, flags).is_ok()
+    }
+}
+
+#[inline(always)]
+pub fn conntrack_remove(key: &FlowKey, v6: bool) {
+    let _ = if v6 {
+        CONNTRACK6.remove(key)
+    } else {
+        CONNTRACK4.remove(&key4(key))
+    };
 }
 
 /// The low 32 bits of jiffies (inlined by the verifier: a single load).

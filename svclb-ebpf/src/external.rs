@@ -18,7 +18,7 @@ use svclb_common::{
 use crate::{
     csum::Delta,
     ctx,
-    maps::{BACKENDS, CONNTRACK, SERVICES, SOURCE_RANGES},
+    maps::{BACKENDS, SERVICES, SOURCE_RANGES},
 };
 
 /// BPF_NOEXIST: the SNAT port allocation must not take over a port in use.
@@ -66,7 +66,7 @@ pub enum Decision {
 pub fn ingress(s: &mut Scratch, v6: bool) -> Decision {
     s.now = ctx::jiffies();
     s.epoch = ctx::backends_epoch();
-    if let Some(entry) = ctx::conntrack_entry(&s.t) {
+    if let Some(entry) = ctx::conntrack_entry(&s.t, v6) {
         let f = entry.flow();
         if f.direction == FLOW_INGRESS {
             let r = &f.route;
@@ -120,14 +120,14 @@ fn refresh_reply(s: &mut Scratch, v6: bool) {
         route: Route::default(),
     };
     set_checksum_deltas(&mut reply, &s.key, v6);
-    let _ = CONNTRACK.insert(&s.key, &reply, 0);
+    ctx::conntrack_insert(&s.key, &reply, 0, v6);
 }
 
 /// The conntrack entry of `s.t` into `s.flow`, if it is for `direction`
 /// (ICMP errors: related to a flow, never creating one).
 #[inline(always)]
-pub fn related(s: &mut Scratch, direction: u8) -> bool {
-    match ctx::conntrack_entry(&s.t) {
+pub fn related(s: &mut Scratch, direction: u8, v6: bool) -> bool {
+    match ctx::conntrack_entry(&s.t, v6) {
         Some(entry) => {
             entry.copy_to(&mut s.flow);
             s.flow.direction == direction
@@ -138,8 +138,8 @@ pub fn related(s: &mut Scratch, direction: u8) -> bool {
 
 /// The translation a tc egress packet (a local backend's reply) needs.
 #[inline(always)]
-pub fn egress(t: &Tuple) -> Option<Flow> {
-    let flow = ctx::lookup_lru(&CONNTRACK, t)?;
+pub fn egress(t: &Tuple, v6: bool) -> Option<Flow> {
+    let flow = ctx::conntrack_copy(t, v6)?;
     (flow.direction == FLOW_EGRESS).then_some(flow)
 }
 
@@ -164,7 +164,7 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
     };
     let Some(fe) = ctx::lookup(&SERVICES, &skey) else {
         if *syn {
-            forget_reply(t, reply_key);
+            forget_reply(t, reply_key, v6);
         }
         return Decision::Pass;
     };
@@ -232,7 +232,7 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
         // replies on their way out.
         flow.direction = FLOW_EGRESS;
         set_checksum_deltas(flow, reply_key, v6);
-        let _ = CONNTRACK.insert(&*reply_key, &*flow, 0);
+        ctx::conntrack_insert(reply_key, flow, 0, v6);
         flow.src = t.src;
         flow.sport = t.sport;
     } else {
@@ -250,7 +250,7 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
             let candidate = min + ((start.wrapping_add(i * 7919)) % range) as u16;
             reply_key.dport = candidate;
             set_checksum_deltas(flow, reply_key, v6);
-            if CONNTRACK.insert(&*reply_key, &*flow, NOEXIST).is_ok() {
+            if ctx::conntrack_insert(reply_key, flow, NOEXIST, v6) {
                 port = candidate;
                 break;
             }
@@ -268,12 +268,12 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
     flow.backend_id = backend_id;
     flow.direction = FLOW_INGRESS;
     set_checksum_deltas(flow, t, v6);
-    let _ = CONNTRACK.insert(&*t, &*flow, 0);
+    ctx::conntrack_insert(t, flow, 0, v6);
     ctx::count(stats::CT_CREATED);
     // The entry as inserted, so that the route looked up for this first
     // packet is cached in it.
     *fresh = false;
-    Decision::Translate(ctx::conntrack_entry(t))
+    Decision::Translate(ctx::conntrack_entry(t, v6))
 }
 
 /// Store in `f` what translating a packet of `key` to it does to the
@@ -295,7 +295,7 @@ fn set_checksum_deltas(f: &mut Flow, key: &FlowKey, v6: bool) {
 /// entry must not rewrite this connection's replies. Conntrack entries are
 /// not timed out, so they are dropped here, on SYNs that hit no frontend.
 #[inline(always)]
-fn forget_reply(t: &Tuple, key: &mut FlowKey) {
+fn forget_reply(t: &Tuple, key: &mut FlowKey, v6: bool) {
     *key = FlowKey {
         src: t.dst,
         dst: t.src,
@@ -305,7 +305,7 @@ fn forget_reply(t: &Tuple, key: &mut FlowKey) {
         _pad: 0,
         _pad2: 0,
     };
-    let _ = CONNTRACK.remove(&*key);
+    ctx::conntrack_remove(key, v6);
 }
 
 #[inline(always)]

@@ -6,9 +6,9 @@ use aya_ebpf::{
     Global,
 };
 use svclb_common::{
-    maps::*, stats, Affinity, AffinityKey, AffinityMatchKey, Backend, Flow, FlowKey, MaglevChunk,
-    MaglevKey, RevNat, ServiceKey, ServiceValue, SockRevNat, SockRevNatKey, SourceRangeKey,
-    XdpConfig,
+    maps::*, stats, Affinity, AffinityKey, AffinityMatchKey, Backend, Flow, FlowKey, FlowKey4,
+    MaglevChunk, MaglevKey, RevNat, ServiceKey, ServiceValue, SockRevNat, SockRevNatKey,
+    SourceRangeKey, XdpConfig,
 };
 
 #[map(name = "SVCLB_SERVICES")]
@@ -37,8 +37,11 @@ pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> =
 pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> =
     HashMap::pinned(MAGLEV_MAX_ENTRIES, NO_PREALLOC);
 
-#[map(name = "SVCLB_CT")]
-pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+#[map(name = "SVCLB_CT4")]
+pub static CONNTRACK4: LruHashMap<FlowKey4, Flow> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+
+#[map(name = "SVCLB_CT6")]
+pub static CONNTRACK6: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
 
 #[map(name = "SVCLB_SRC_RANGES")]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =

@@ -58,7 +58,7 @@ fn egress(ctx: &TcContext) -> Option<()> {
         // unreachable) must come from the frontend and quote it.
         let mut t = Tuple::default();
         icmp::parse(ctx, v6, proto, &mut t)?;
-        let f = external::egress(&t)?;
+        let f = external::egress(&t, v6)?;
         return icmp::rewrite(ctx, v6, &t, &f);
     }
     let csum_at = match proto {
@@ -77,7 +77,7 @@ fn egress(ctx: &TcContext) -> Option<()> {
         _pad: 0,
         _pad2: 0,
     };
-    let f = external::egress(&t)?;
+    let f = external::egress(&t, v6)?;
     rewrite_source(ctx, v6, proto, csum_at, l4, &t, &f)
 }
 

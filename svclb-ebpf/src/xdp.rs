@@ -100,7 +100,7 @@ fn translate(ctx: &XdpContext, s: &mut Scratch, v6: bool, entry: Option<CtEntry>
 /// packets go.
 #[inline(never)]
 fn icmp_error_path(ctx: &XdpContext, s: &mut Scratch, v6: bool) -> u32 {
-    if !external::related(s, FLOW_INGRESS) {
+    if !external::related(s, FLOW_INGRESS, v6) {
         return XDP_PASS;
     }
     if icmp::rewrite(ctx, v6, &s.t, &s.flow).is_none() {

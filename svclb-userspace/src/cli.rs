@@ -62,8 +62,9 @@ pub struct RunArgs {
     /// Entries per Maglev table (a prime, >= 100 x the largest backend count).
     #[arg(long, default_value_t = crate::dataplane::maglev::DEFAULT_TABLE_SIZE, value_parser = parse_maglev_size)]
     pub maglev_table_size: u32,
-    /// Conntrack entries for external traffic (LRU: the oldest flows are
-    /// evicted when full; see svclb_conntrack_evictions_total).
+    /// Conntrack entries for external traffic, per IP family (LRU: the
+    /// oldest flows are evicted when full; see
+    /// svclb_conntrack_evictions_total).
     #[arg(long, default_value_t = svclb_common::maps::CONNTRACK_MAX_ENTRIES)]
     pub conntrack_size: u32,
     /// Source ports for SNAT to remote backends, MIN-MAX. Keep it outside

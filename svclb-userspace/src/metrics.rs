@@ -231,14 +231,14 @@ impl Metrics {
             single(
                 &mut out,
                 "svclb_conntrack_entries",
-                "Entries in the external path's conntrack map (sampled)",
+                "Entries in the external path's conntrack maps, IPv4 and IPv6 (sampled)",
                 "gauge",
                 x.conntrack_entries as f64,
             );
             single(
                 &mut out,
                 "svclb_conntrack_capacity",
-                "Size of the external path's conntrack map (--conntrack-size)",
+                "Size of the external path's conntrack maps together (--conntrack-size each)",
                 "gauge",
                 x.conntrack_capacity as f64,
             );

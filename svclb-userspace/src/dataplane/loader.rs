@@ -90,8 +90,8 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-/// Load the object with its maps pinned in (or reused from) `bpffs`, the
-/// conntrack map sized `conntrack_size`.
+/// Load the object with its maps pinned in (or reused from) `bpffs`, each
+/// conntrack map (IPv4, IPv6) sized `conntrack_size`.
 pub fn load(bpffs: &Path, conntrack_size: u32) -> Result<Ebpf, DataplaneError> {
     if OBJECT.is_empty() {
         return Err(DataplaneError::Load(
@@ -111,6 +111,9 @@ pub fn load(bpffs: &Path, conntrack_size: u32) -> Result<Ebpf, DataplaneError> {
         );
     }
     unpin_incompatible_conntrack(bpffs, conntrack_size);
+    // The single conntrack map of earlier versions: the running programs
+    // hold it until they are replaced; nothing reads it after that.
+    let _ = fs::remove_file(super::map_path(bpffs, svclb_common::maps::CONNTRACK_LEGACY));
     if aya::util::KernelVersion::current()
         .is_ok_and(|v| v < aya::util::KernelVersion::new(5, 15, 0))
     {
@@ -118,7 +121,8 @@ pub fn load(bpffs: &Path, conntrack_size: u32) -> Result<Ebpf, DataplaneError> {
     }
     EbpfLoader::new()
         .default_map_pin_directory(bpffs)
-        .map_max_entries(svclb_common::maps::CONNTRACK, conntrack_size)
+        .map_max_entries(svclb_common::maps::CONNTRACK4, conntrack_size)
+        .map_max_entries(svclb_common::maps::CONNTRACK6, conntrack_size)
         .override_global(globals::HAS_SET_RETVAL, &has_set_retval, true)
         .load(OBJECT)
         .map_err(|e| DataplaneError::Load(chain(&e)))
@@ -128,16 +132,27 @@ pub fn load(bpffs: &Path, conntrack_size: u32) -> Result<Ebpf, DataplaneError> {
 /// can't be reused: unpin it (the programs holding it keep it until they
 /// are replaced), losing its entries.
 fn unpin_incompatible_conntrack(bpffs: &Path, size: u32) {
-    let name = svclb_common::maps::CONNTRACK;
+    use std::mem::size_of;
+    use svclb_common::{maps, Flow, FlowKey, FlowKey4};
+    for (name, key_size) in [
+        (maps::CONNTRACK4, size_of::<FlowKey4>()),
+        (maps::CONNTRACK6, size_of::<FlowKey>()),
+    ] {
+        unpin_if_changed(
+            bpffs,
+            name,
+            size,
+            (key_size as u32, size_of::<Flow>() as u32),
+        );
+    }
+}
+
+fn unpin_if_changed(bpffs: &Path, name: &str, size: u32, layout: (u32, u32)) {
     let path = super::map_path(bpffs, name);
     let Ok(map) = aya::maps::MapData::from_pin(&path) else {
         return;
     };
     let Ok(info) = map.info() else { return };
-    let layout = (
-        std::mem::size_of::<svclb_common::FlowKey>() as u32,
-        std::mem::size_of::<svclb_common::Flow>() as u32,
-    );
     if info.max_entries() != size || (info.key_size(), info.value_size()) != layout {
         tracing::warn!(
             map = name,

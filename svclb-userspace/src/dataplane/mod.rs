@@ -273,11 +273,28 @@ impl ExternalStats {
     }
 }
 
+/// Entries in a conntrack map and its size.
+fn count_conntrack<K: aya::Pod>(
+    data: aya::maps::MapData,
+    name: &'static str,
+) -> Result<(usize, usize), DataplaneError> {
+    let capacity = data.info().map(|i| i.max_entries() as usize).unwrap_or(0);
+    let ct: aya::maps::HashMap<_, K, svclb_common::Flow> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(|source| {
+            DataplaneError::Map {
+                map: name,
+                op: "open",
+                source,
+            }
+        })?;
+    Ok((ct.keys().filter(Result::is_ok).count(), capacity))
+}
+
 /// Read the counters and count conntrack entries (one syscall per entry:
 /// call it off the agent's sync loop).
 pub fn read_external_stats(bpffs: &Path) -> Result<ExternalStats, DataplaneError> {
-    use aya::maps::{HashMap, MapData, PerCpuArray};
-    use svclb_common::maps::{CONNTRACK, STATS};
+    use aya::maps::{MapData, PerCpuArray};
+    use svclb_common::maps::{CONNTRACK4, CONNTRACK6, STATS};
     let open = |name: &'static str| {
         MapData::from_pin(map_path(bpffs, name)).map_err(|source| DataplaneError::Map {
             map: name,
@@ -298,15 +315,10 @@ pub fn read_external_stats(bpffs: &Path) -> Result<ExternalStats, DataplaneError
                 .map_err(map_err(STATS, "read"))
         })
         .collect::<Result<Vec<u64>, _>>()?;
-    let ct_data = open(CONNTRACK)?;
-    let capacity = ct_data
-        .info()
-        .map(|i| i.max_entries() as usize)
-        .unwrap_or(0);
-    let ct: HashMap<_, svclb_common::FlowKey, svclb_common::Flow> =
-        HashMap::try_from(aya::maps::Map::LruHashMap(ct_data))
-            .map_err(map_err(CONNTRACK, "open"))?;
-    let entries = ct.keys().filter(Result::is_ok).count();
+    // Entries and capacity of both conntrack maps (IPv4, IPv6).
+    let (v4, cap4) = count_conntrack::<svclb_common::FlowKey4>(open(CONNTRACK4)?, CONNTRACK4)?;
+    let (v6, cap6) = count_conntrack::<svclb_common::FlowKey>(open(CONNTRACK6)?, CONNTRACK6)?;
+    let (entries, capacity) = (v4 + v6, cap4 + cap6);
     Ok(ExternalStats {
         counters,
         conntrack_entries: entries,

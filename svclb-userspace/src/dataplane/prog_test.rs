@@ -19,7 +19,7 @@ use std::time::Duration;
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray};
 use aya::programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp};
 use aya::Ebpf;
-use svclb_common::{Flow, FlowKey, XdpConfig};
+use svclb_common::{Flow, FlowKey, FlowKey4, XdpConfig};
 
 use super::loader::{self, TC_PROGRAM, XDP_PROGRAM};
 use super::{ApplyStats, Capacity, DataplaneError, KernelMaps, WriterMaps};
@@ -60,7 +60,8 @@ pub struct ProgTest {
     pub writer: super::Writer<KernelMaps>,
     xdp_config: Array<MapData, XdpConfig>,
     tx_devices: DevMapHash<MapData>,
-    conntrack: HashMap<MapData, FlowKey, Flow>,
+    conntrack4: HashMap<MapData, FlowKey4, Flow>,
+    conntrack6: HashMap<MapData, FlowKey, Flow>,
     stats: PerCpuArray<MapData, u64>,
     bpffs: PathBuf,
     ebpf: Ebpf,
@@ -96,7 +97,8 @@ impl ProgTest {
         };
         let xdp_config = Array::try_from(take(XDP_CONFIG)?).map_err(open(XDP_CONFIG))?;
         let tx_devices = DevMapHash::try_from(take(TX_DEVICES)?).map_err(open(TX_DEVICES))?;
-        let conntrack = HashMap::try_from(take(CONNTRACK)?).map_err(open(CONNTRACK))?;
+        let conntrack4 = HashMap::try_from(take(CONNTRACK4)?).map_err(open(CONNTRACK4))?;
+        let conntrack6 = HashMap::try_from(take(CONNTRACK6)?).map_err(open(CONNTRACK6))?;
         let stats = PerCpuArray::try_from(take(STATS)?).map_err(open(STATS))?;
         let load_err = |program: &'static str| {
             move |e: ProgramError| DataplaneError::Attach {
@@ -114,7 +116,8 @@ impl ProgTest {
             writer,
             xdp_config,
             tx_devices,
-            conntrack,
+            conntrack4,
+            conntrack6,
             stats,
             bpffs,
             ebpf,
@@ -162,20 +165,28 @@ impl ProgTest {
             })
     }
 
-    /// Add a conntrack entry, as if the programs had made it.
+    /// Add a conntrack entry, as if the programs had made it (to the IPv4
+    /// map when the key's addresses are IPv4-mapped).
     pub fn track(&mut self, key: &FlowKey, flow: &Flow) -> Result<(), DataplaneError> {
-        self.conntrack
-            .insert(key, flow, 0)
-            .map_err(|source| DataplaneError::Map {
-                map: svclb_common::maps::CONNTRACK,
-                op: "update",
-                source,
-            })
+        use svclb_common::maps::{CONNTRACK4, CONNTRACK6};
+        let (map, result) = if svclb_common::is_v4_mapped(&key.src) {
+            let key = FlowKey4::from_mapped(key);
+            (CONNTRACK4, self.conntrack4.insert(key, flow, 0))
+        } else {
+            (CONNTRACK6, self.conntrack6.insert(key, flow, 0))
+        };
+        result.map_err(|source| DataplaneError::Map {
+            map,
+            op: "update",
+            source,
+        })
     }
 
-    /// Every conntrack entry.
+    /// Every conntrack entry of both families (IPv4 keys IPv4-mapped).
     pub fn conntrack(&self) -> Vec<(FlowKey, Flow)> {
-        self.conntrack.iter().filter_map(Result::ok).collect()
+        let v4 = self.conntrack4.iter().filter_map(Result::ok);
+        let v6 = self.conntrack6.iter().filter_map(Result::ok);
+        v4.map(|(k, f)| (k.to_mapped(), f)).chain(v6).collect()
     }
 
     /// A `svclb_common::stats` counter, summed over CPUs.
