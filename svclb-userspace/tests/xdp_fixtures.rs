@@ -749,3 +749,34 @@ fn maglev_choice_is_the_same_through_every_node_address() {
         assert!(seen.len() > 1, "the clients spread over several backends");
     });
 }
+
+#[test]
+fn packets_whose_ttl_runs_out_go_to_the_stack_translated() {
+    fixture(|t, node| {
+        // A new flow's first packet and an established flow's (cached
+        // route) both leave the TTL to the stack, which answers "time
+        // exceeded"; their addresses are translated and checksums right.
+        let p = Packet {
+            ttl: 1,
+            ..tcp_nodeport_to(t, backend(REMOTE4, false))
+        };
+        let run = xdp(t, node, &p.build());
+        let snat = snat_source(&run);
+        assert_packet(&run, XDP_PASS, &translated(&p, snat, sa(REMOTE4)));
+        let ack = Packet {
+            tcp_flags: TCP_ACK,
+            ..p.clone()
+        };
+        let run = xdp(t, node, &ack.build());
+        assert_packet(&run, XDP_PASS, &translated(&ack, snat, sa(REMOTE4)));
+        assert_eq!(t.stat(stats::XDP_PASSED), 2);
+        // With one hop left, it is forwarded.
+        let ack = Packet { ttl: 2, ..ack };
+        let run = xdp(t, node, &ack.build());
+        assert_packet(
+            &run,
+            XDP_TX,
+            &transmitted(&ack, snat, sa(REMOTE4), PEER_MAC),
+        );
+    });
+}
