@@ -272,18 +272,20 @@ pub struct FlowKey4 {
 }
 
 impl FlowKey4 {
-    /// The IPv4 key of a flow whose addresses are IPv4-mapped.
+    /// The IPv4 key of a flow whose addresses are IPv4-mapped, made of
+    /// four 32-bit words: the kernel hashes keys a word at a time, and in
+    /// eBPF a word load of bytes stored narrower just before (field by
+    /// field) stalls the CPU's store forwarding, on every lookup.
     #[inline(always)]
     pub fn from_mapped(k: &FlowKey) -> FlowKey4 {
-        FlowKey4 {
-            src: k.src[3],
-            dst: k.dst[3],
-            sport: k.sport,
-            dport: k.dport,
-            proto: k.proto,
-            _pad: 0,
-            _pad2: 0,
-        }
+        let [a, b] = k.sport.to_ne_bytes();
+        let [c, d] = k.dport.to_ne_bytes();
+        bytemuck::cast([
+            k.src[3],
+            k.dst[3],
+            u32::from_ne_bytes([a, b, c, d]),
+            u32::from_ne_bytes([k.proto, 0, 0, 0]),
+        ])
     }
 
     #[inline(always)]

@@ -185,32 +185,13 @@ impl CtEntry {
 // Conntrack: the programs work on `FlowKey`s (IPv4 addresses mapped);
 // IPv4 entries are stored under the shorter `FlowKey4`, in their own map.
 
-/// The IPv4 conntrack key of `key`, written as four 32-bit words. The
-/// kernel hashes keys a word at a time, and a word load of bytes stored
-/// narrower just before stalls the CPU's store forwarding (on every lookup).
-#[inline(always)]
-fn key4(key: &FlowKey) -> FlowKey4 {
-    let [a, b] = key.sport.to_ne_bytes();
-    let [c, d] = key.dport.to_ne_bytes();
-    let words = [
-        key.src[3],
-        key.dst[3],
-        u32::from_ne_bytes([a, b, c, d]),
-        u32::from_ne_bytes([key.proto, 0, 0, 0]),
-    ];
-    // SAFETY: FlowKey4 is repr(C), 16 bytes without padding (sport, dport;
-    // proto, _pad, _pad2 fill the last two words in this order), valid for
-    // any bits.
-    unsafe { core::mem::transmute::<[u32; 4], FlowKey4>(words) }
-}
-
 /// The conntrack entry for `key`.
 #[inline(always)]
 pub fn conntrack_entry(key: &FlowKey, v6: bool) -> Option<CtEntry> {
     let p = if v6 {
         CONNTRACK6.get_ptr_mut(key)
     } else {
-        CONNTRACK4.get_ptr_mut(&key4(key))
+        CONNTRACK4.get_ptr_mut(&FlowKey4::from_mapped(key))
     };
     p.and_then(NonNull::new).map(CtEntry)
 }
@@ -221,7 +202,7 @@ pub fn conntrack_copy(key: &FlowKey, v6: bool) -> Option<Flow> {
     if v6 {
         lookup_lru(&CONNTRACK6, key)
     } else {
-        lookup_lru(&CONNTRACK4, &key4(key))
+        lookup_lru(&CONNTRACK4, &FlowKey4::from_mapped(key))
     }
 }
 
@@ -232,7 +213,9 @@ pub fn conntrack_insert(key: &FlowKey, flow: &Flow, flags: u64, v6: bool) -> boo
     if v6 {
         CONNTRACK6.insert(key, flow, flags).is_ok()
     } else {
-        CONNTRACK4.insert(&key4(key), flow, flags).is_ok()
+        CONNTRACK4
+            .insert(&FlowKey4::from_mapped(key), flow, flags)
+            .is_ok()
     }
 }
 
@@ -241,7 +224,7 @@ pub fn conntrack_remove(key: &FlowKey, v6: bool) {
     let _ = if v6 {
         CONNTRACK6.remove(key)
     } else {
-        CONNTRACK4.remove(&key4(key))
+        CONNTRACK4.remove(&FlowKey4::from_mapped(key))
     };
 }
 
