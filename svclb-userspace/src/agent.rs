@@ -11,10 +11,10 @@ use tokio::sync::mpsc;
 
 use crate::cli::RunArgs;
 use crate::dataplane::{Dataplane, DataplaneConfig, DataplaneError};
-use crate::health::{self, ProxyHealth};
-use crate::healthcheck::HealthCheckServers;
-use crate::metrics::{self, Metrics};
-use crate::model::{ModelError, NodeContext, Object, ObjectStore, ServiceId};
+use crate::model::{self, ModelError, NodeContext, Object, ObjectStore, ServiceId};
+use crate::serve::health_check_ports::HealthCheckServers;
+use crate::serve::healthz::{self, ProxyHealth};
+use crate::serve::metrics::{self, Metrics};
 use crate::source::{kube, Source, SourceEvent};
 
 pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
@@ -37,14 +37,14 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     // Bound before the programs load, so a taken port fails the start-up.
     let metrics = Arc::new(Metrics::new());
     let health =
-        Arc::new(ProxyHealth::new(health::DEFAULT_HEALTH_TIMEOUT).with_metrics(metrics.clone()));
-    let healthz_server = crate::http::Server::bind(args.healthz_bind_address)
+        Arc::new(ProxyHealth::new(healthz::DEFAULT_HEALTH_TIMEOUT).with_metrics(metrics.clone()));
+    let healthz_server = crate::serve::Server::bind(args.healthz_bind_address)
         .await
         .context("--healthz-bind-address")?;
-    let metrics_server = crate::http::Server::bind(args.metrics_bind_address)
+    let metrics_server = crate::serve::Server::bind(args.metrics_bind_address)
         .await
         .context("--metrics-bind-address")?;
-    tokio::spawn(health::serve_on(healthz_server, health.clone()));
+    tokio::spawn(healthz::serve_on(healthz_server, health.clone()));
     tokio::spawn(metrics::serve_on(metrics_server, metrics.clone()));
     raise_memlock_rlimit();
     let mut dataplane = Dataplane::start(&DataplaneConfig {
@@ -96,11 +96,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             apply_event(&mut store, event, &mut pending, &mut synced, &metrics);
         }
         // No Node object (manifests without one): eligible, as kube-proxy.
-        health.set_node_eligible(
-            store
-                .node(&args.node_name)
-                .is_none_or(health::node_eligible),
-        );
+        health.set_node_eligible(store.node(&args.node_name).is_none_or(model::node_eligible));
         // Until the source has sent everything, a service may lack slices
         // that exist: writing it would refuse connections that work now.
         if !synced {
@@ -122,7 +118,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             sync_service(&store, &mut dataplane, &id, &node, &metrics);
         }
         // One RCU grace period per batch, after the changes are visible.
-        if let Err(e) = dataplane.writer.flush() {
+        if let Err(e) = dataplane.flush() {
             tracing::error!(error = %e, "removing stale map entries");
         }
         let (checks, warnings) = store.health_checks(&node);
@@ -133,7 +129,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             if let Err(e) = dataplane.finish_initial_sync() {
                 tracing::error!(error = %e, "removing stale frontends");
             }
-            let (entries, backends) = dataplane.writer.usage();
+            let (entries, backends) = dataplane.usage();
             tracing::info!(
                 services = store.service_ids().count(),
                 map_entries = entries,
@@ -149,7 +145,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         for t in triggers.drain(..) {
             metrics.observe_network_programming(now.duration_since(t).unwrap_or_default());
         }
-        let (entries, backends) = dataplane.writer.usage();
+        let (entries, backends) = dataplane.usage();
         metrics.set_map_usage("services", entries, SERVICES_MAX_ENTRIES as usize);
         metrics.set_map_usage("backends", backends, BACKENDS_MAX_ENTRIES as usize);
     }
@@ -239,7 +235,7 @@ fn observe_event(
             metrics.endpoint_changes(1);
             // Like kube-proxy: not for deletions (the annotation is then the
             // last update's), not for changes older than this agent.
-            let trigger = metrics::last_change_trigger_time(slice);
+            let trigger = model::last_change_trigger_time(slice);
             if let (SourceEvent::Applied(_), Some(t)) = (event, trigger) {
                 if t > started {
                     triggers.push(t);

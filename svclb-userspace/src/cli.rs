@@ -45,10 +45,10 @@ pub struct RunArgs {
     #[arg(long, default_value = "/sys/fs/bpf/svclb")]
     pub bpffs: PathBuf,
     /// Serve kube-proxy compatible /healthz and /livez on this address.
-    #[arg(long, default_value = crate::health::DEFAULT_HEALTHZ_BIND_ADDRESS)]
+    #[arg(long, default_value = crate::serve::healthz::DEFAULT_HEALTHZ_BIND_ADDRESS)]
     pub healthz_bind_address: std::net::SocketAddr,
     /// Serve Prometheus /metrics and /proxyMode on this address.
-    #[arg(long, default_value = crate::metrics::DEFAULT_METRICS_BIND_ADDRESS)]
+    #[arg(long, default_value = crate::serve::metrics::DEFAULT_METRICS_BIND_ADDRESS)]
     pub metrics_bind_address: std::net::SocketAddr,
     /// The node's external devices (comma-separated): NodePort, LoadBalancer
     /// and ExternalIP traffic from outside is handled there by XDP, and

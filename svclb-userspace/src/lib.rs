@@ -1,20 +1,20 @@
 //! svclb: a kube-proxy replacement built on eBPF socket hooks.
 //!
 //! Data flows source -> model -> dataplane -> kernel:
-//! - [`source`] reads Kubernetes objects (manifests directory, API server later);
+//! - [`source`] reads Kubernetes objects (the API server, or a manifests
+//!   directory);
 //! - [`model`] turns them into desired frontends and backend sets (pure);
 //! - [`dataplane`] diffs desired against applied state and writes BPF maps;
 //! - the programs in svclb-ebpf read those maps per connection.
 //!
-//! [`agent`] runs that loop; [`dump`] shows what the maps hold.
+//! [`agent`] starts everything and runs that loop; [`serve`] answers
+//! kube-proxy's HTTP endpoints (health, metrics, health check node ports);
+//! [`dump`] shows what the maps hold.
 
 pub mod agent;
 pub mod cli;
 pub mod dataplane;
 pub mod dump;
-pub mod health;
-pub mod healthcheck;
-pub mod http;
-pub mod metrics;
 pub mod model;
+pub mod serve;
 pub mod source;

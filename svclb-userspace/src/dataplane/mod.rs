@@ -191,6 +191,17 @@ impl Dataplane {
         self.initial_sync_done
     }
 
+    /// Delete what the applies since the last flush left behind (after one
+    /// RCU grace period: call once per batch).
+    pub fn flush(&mut self) -> Result<usize, DataplaneError> {
+        self.writer.flush()
+    }
+
+    /// (service map entries, backends) in use.
+    pub fn usage(&self) -> (usize, usize) {
+        self.writer.usage()
+    }
+
     /// Without --devices nothing reads external frontends: they are not
     /// written (their Maglev tables would only take memory).
     pub fn apply(

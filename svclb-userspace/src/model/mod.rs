@@ -7,18 +7,19 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-mod healthcheck;
+mod health_check_ports;
 mod store;
 #[cfg(test)]
 mod tests;
 mod translate;
 
-pub use healthcheck::{health_check, HealthCheck};
+pub use health_check_ports::{health_check, HealthCheck};
 pub use store::ObjectStore;
 pub use store::LABEL_SERVICE_NAME;
 pub use translate::translate;
@@ -262,6 +263,42 @@ impl NodeContext {
             addresses,
         }
     }
+}
+
+/// The taint Cluster Autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Whether load balancers should keep sending traffic to this node (what
+/// /healthz reports as nodeEligible): not when it is being deleted or
+/// Cluster Autoscaler has marked it for deletion.
+pub fn node_eligible(node: &Node) -> bool {
+    let deleting = node.metadata.deletion_timestamp.is_some();
+    let marked = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+    !deleting && !marked
+}
+
+/// The annotation the EndpointSlice controller sets to when the change it
+/// reflects happened (a Pod became ready, say).
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// When the change an EndpointSlice reflects began, for
+/// kubeproxy_network_programming_duration_seconds: observe `now - t` once
+/// the change is in the maps. None without a readable annotation. Like
+/// kube-proxy, callers skip times before the agent started (a restart would
+/// report the age of the cluster) and deletions (the annotation is then the
+/// time of the last update).
+pub fn last_change_trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
+    let value = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(LAST_CHANGE_TRIGGER_TIME)?;
+    let t: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
+    Some(t.into())
 }
 
 /// The result of translating one Service.

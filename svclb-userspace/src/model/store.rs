@@ -93,8 +93,9 @@ impl ObjectStore {
             }
             Object::Node(mut node) => {
                 normalize(&mut node.metadata);
-                // No translation reads Nodes yet (NodePort and topology will):
-                // nothing is affected.
+                // Translations read this node's zone and addresses through
+                // NodeContext; the agent resyncs every Service when those
+                // change, so no Service is affected here.
                 self.nodes.insert(name, *node);
             }
         }

@@ -1391,3 +1391,60 @@ fn node_context_from_node_object() {
         }
     );
 }
+
+#[test]
+fn node_eligibility() {
+    use k8s_openapi::api::core::v1::{NodeSpec, Taint};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let node = |deleting: bool, taints: &[&str]| Node {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some("n1".into()),
+            deletion_timestamp: deleting.then(|| Time(Default::default())),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            taints: Some(
+                taints
+                    .iter()
+                    .map(|k| Taint {
+                        key: k.to_string(),
+                        effect: "NoSchedule".into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert!(node_eligible(&Node::default()));
+    assert!(node_eligible(&node(false, &[])));
+    assert!(node_eligible(&node(
+        false,
+        &["node.kubernetes.io/unschedulable"]
+    )));
+    assert!(!node_eligible(&node(true, &[])));
+    assert!(!node_eligible(&node(false, &[TO_BE_DELETED_TAINT])));
+    assert!(!node_eligible(&node(true, &[TO_BE_DELETED_TAINT])));
+}
+
+#[test]
+fn trigger_time_annotation() {
+    use std::time::{Duration, UNIX_EPOCH};
+    let slice = |value: Option<&str>| {
+        let mut s = EndpointSlice::default();
+        s.metadata.annotations =
+            value.map(|v| [(LAST_CHANGE_TRIGGER_TIME.to_owned(), v.to_owned())].into());
+        s
+    };
+    assert_eq!(
+        last_change_trigger_time(&slice(Some("2024-02-29T12:34:56.5Z"))),
+        Some(UNIX_EPOCH + Duration::from_millis(1_709_210_096_500))
+    );
+    assert_eq!(
+        last_change_trigger_time(&slice(Some("2024-02-29T13:34:56+01:00"))),
+        Some(UNIX_EPOCH + Duration::from_secs(1_709_210_096))
+    );
+    assert_eq!(last_change_trigger_time(&slice(Some("yesterday"))), None);
+    assert_eq!(last_change_trigger_time(&slice(None)), None);
+}

@@ -10,9 +10,9 @@
 //!   load balancers use to weight nodes);
 //! - kube-proxy's JSON body, byte for byte (tab-indented, no final newline).
 //!
-//! One difference: the shared HTTP server answers methods other than GET
-//! and HEAD with 405, where Go's handler ignores the method. Load balancers
-//! probe with GET.
+//! One difference: the shared HTTP server ([`super::Server`]) answers
+//! methods other than GET and HEAD with 405, where Go's handler ignores the
+//! method. Load balancers probe with GET.
 //!
 //! A port that cannot be bound is logged with its Service and retried on the
 //! next sync; it never stops the agent.
@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use socket2::{Domain, Socket, Type};
 use tokio::task::JoinHandle;
 
-use crate::health::ProxyHealth;
-use crate::http::{Response, Server};
+use super::healthz::ProxyHealth;
+use super::{Response, Server};
 use crate::model::{HealthCheck, ModelError, ServiceId};
 
 #[derive(Debug, thiserror::Error)]
@@ -200,7 +200,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
-    use crate::http::get;
+    use crate::serve::get;
 
     const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 

@@ -5,7 +5,8 @@
 //! externalTrafficPolicy Local probes spec.healthCheckNodePort on every node
 //! and sends traffic only to nodes that answer 200, i.e. nodes with a ready
 //! endpoint of the Service. This module says which ports to serve and what
-//! count to report; the servers themselves are in crate::healthcheck.
+//! count to report; the servers themselves are in
+//! [`crate::serve::health_check_ports`].
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;

@@ -12,15 +12,22 @@
 //! svclb's own: `svclb_bpf_map_entries` / `svclb_bpf_map_capacity`
 //! {map} and `svclb_translation_errors_total` {reason}.
 //!
-//! The text format is written by hand: a dozen series do not justify a
-//! metrics library.
+//! Plus the `process_*` series Go's process collector adds to every
+//! kube-proxy ([`process`]).
+//!
+//! The text format is written here, not by prometheus-client: its encoder
+//! (0.2x) writes OpenMetrics, which appends "." to every help text, declares
+//! counters without their `_total` in `# TYPE` and ends with `# EOF`, so
+//! kube-proxy's exposition could not be kept byte for byte.
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::http::{HttpError, Response, Server, TEXT};
+use super::{Response, ServeError, Server, TEXT};
+
+mod process;
 
 pub const DEFAULT_METRICS_BIND_ADDRESS: &str = "127.0.0.1:10249";
 
@@ -149,9 +156,21 @@ impl Metrics {
         *self.inner().livez.entry(code).or_default() += 1;
     }
 
-    /// Every metric in the text exposition format, families sorted by name
-    /// as Prometheus client libraries do.
+    /// The agent's metrics in the text exposition format, families sorted
+    /// by name as Prometheus client libraries do.
     pub fn render(&self) -> String {
+        self.render_with(None)
+    }
+
+    /// What /metrics serves: [`Self::render`] and the process series, read now.
+    pub fn scrape(&self) -> String {
+        let process = process::ProcessStats::read()
+            .inspect_err(|e| tracing::debug!(error = %e, "reading process statistics"))
+            .ok();
+        self.render_with(process.as_ref())
+    }
+
+    fn render_with(&self, process: Option<&process::ProcessStats>) -> String {
         let m = self.inner();
         let mut out = String::new();
         let alpha = |help: &str| format!("[ALPHA] {help}");
@@ -210,6 +229,9 @@ impl Metrics {
             "counter",
             m.service_changes as f64,
         );
+        if let Some(p) = process {
+            p.render(&mut out);
+        }
         labelled(
             &mut out,
             "svclb_bpf_map_capacity",
@@ -306,7 +328,7 @@ impl Metrics {
 }
 
 /// Serve /metrics, /proxyMode and /healthz on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(), HttpError> {
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(), ServeError> {
     serve_on(Server::bind(addr).await?, metrics).await;
     Ok(())
 }
@@ -316,7 +338,7 @@ pub async fn serve_on(server: Server, metrics: Arc<Metrics>) {
     tracing::info!(addr = %server.local_addr(), "serving /metrics and /proxyMode");
     server
         .run(move |path| match path {
-            "/metrics" => Response::new(200, CONTENT_TYPE, metrics.render()),
+            "/metrics" => Response::new(200, CONTENT_TYPE, metrics.scrape()),
             "/proxyMode" => Response::new(200, TEXT, PROXY_MODE),
             // kube-proxy's metrics port has the apiserver's plain healthz too.
             "/healthz" => Response::new(200, TEXT, "ok"),
@@ -413,27 +435,6 @@ fn number(v: f64) -> String {
     } else {
         v.to_string()
     }
-}
-
-/// The annotation the EndpointSlice controller sets to when the change it
-/// reflects happened (a Pod became ready, say).
-pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
-
-/// The start of an EndpointSlice change for kubeproxy_network_programming_duration_seconds:
-/// observe `now - t` once the change is in the maps. None without a
-/// readable annotation. Like kube-proxy, skip times before the agent
-/// started (a restart would report the age of the cluster) and deletions
-/// (the annotation is then the time of the last update).
-pub fn last_change_trigger_time(
-    slice: &k8s_openapi::api::discovery::v1::EndpointSlice,
-) -> Option<SystemTime> {
-    let value = slice
-        .metadata
-        .annotations
-        .as_ref()?
-        .get(LAST_CHANGE_TRIGGER_TIME)?;
-    let t: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
-    Some(t.into())
 }
 
 fn unix_now() -> f64 {
@@ -781,25 +782,43 @@ mod tests {
         );
     }
 
+    /// Go's process collector's series, with values this process can have.
     #[test]
-    fn trigger_time_annotation() {
-        use k8s_openapi::api::discovery::v1::EndpointSlice;
-        let slice = |value: Option<&str>| {
-            let mut s = EndpointSlice::default();
-            s.metadata.annotations =
-                value.map(|v| [(LAST_CHANGE_TRIGGER_TIME.to_owned(), v.to_owned())].into());
-            s
-        };
-        assert_eq!(
-            last_change_trigger_time(&slice(Some("2024-02-29T12:34:56.5Z"))),
-            Some(UNIX_EPOCH + Duration::from_millis(1_709_210_096_500))
+    fn process_series() {
+        let text = Metrics::new().scrape();
+        let (types, samples) = parse(&text);
+        let get = |name: &str| value(&samples, name, &[]);
+        assert_eq!(types["process_cpu_seconds_total"], "counter");
+        assert!(get("process_cpu_seconds_total") >= 0.0);
+        let (open, max) = (get("process_open_fds"), get("process_max_fds"));
+        assert!(open >= 3.0 && open <= max, "{open} of {max}");
+        let (resident, virtual_) = (
+            get("process_resident_memory_bytes"),
+            get("process_virtual_memory_bytes"),
         );
-        assert_eq!(
-            last_change_trigger_time(&slice(Some("2024-02-29T13:34:56+01:00"))),
-            Some(UNIX_EPOCH + Duration::from_secs(1_709_210_096))
+        assert!(
+            resident > 1e5 && resident <= virtual_,
+            "{resident} {virtual_}"
         );
-        assert_eq!(last_change_trigger_time(&slice(Some("yesterday"))), None);
-        assert_eq!(last_change_trigger_time(&slice(None)), None);
+        assert!(get("process_virtual_memory_max_bytes") >= virtual_);
+        let (start, now) = (get("process_start_time_seconds"), unix_now());
+        assert!(
+            start > now - 86_400.0 && start <= now + 1.0,
+            "{start} {now}"
+        );
+        assert!(text.contains(
+            "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.\n\
+             # TYPE process_start_time_seconds gauge\n"
+        ));
+
+        let order: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap())
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted);
     }
 
     #[tokio::test]
@@ -810,7 +829,7 @@ mod tests {
         let addr = server.local_addr();
         tokio::spawn(serve_on(server, metrics.clone()));
 
-        let (status, headers, body) = crate::http::get(addr, "/metrics").await;
+        let (status, headers, body) = crate::serve::get(addr, "/metrics").await;
         assert_eq!(status, 200);
         assert!(headers.contains(&("content-type".into(), CONTENT_TYPE.into())));
         let (_, samples) = parse(&body);
@@ -822,16 +841,17 @@ mod tests {
             ),
             4.0
         );
+        assert!(value(&samples, "process_open_fds", &[]) > 0.0);
 
-        let (status, headers, body) = crate::http::get(addr, "/proxyMode").await;
+        let (status, headers, body) = crate::serve::get(addr, "/proxyMode").await;
         assert_eq!((status, body.as_str()), (200, "ebpf"));
         assert!(headers.contains(&("content-type".into(), TEXT.into())));
-        assert_eq!(crate::http::get(addr, "/healthz").await.2, "ok");
-        assert_eq!(crate::http::get(addr, "/livez").await.0, 404);
+        assert_eq!(crate::serve::get(addr, "/healthz").await.2, "ok");
+        assert_eq!(crate::serve::get(addr, "/livez").await.0, 404);
 
         // Later changes show on the next scrape.
         metrics.set_map_usage("backends", 3, 10);
-        let (_, _, body) = crate::http::get(addr, "/metrics").await;
+        let (_, _, body) = crate::serve::get(addr, "/metrics").await;
         let (_, samples) = parse(&body);
         assert_eq!(
             value(&samples, "svclb_bpf_map_entries", &[("map", "backends")]),

@@ -20,10 +20,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
 
-use crate::http::{HttpError, Response, Server};
-use crate::metrics::Metrics;
+use super::metrics::Metrics;
+use super::{Response, ServeError, Server};
 
 pub const DEFAULT_HEALTHZ_BIND_ADDRESS: &str = "0.0.0.0:10256";
 
@@ -31,9 +31,6 @@ pub const DEFAULT_HEALTHZ_BIND_ADDRESS: &str = "0.0.0.0:10256";
 /// periodic sync, but load balancers and alerts are tuned to kube-proxy's
 /// value, and a sync that takes a minute is broken either way.
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The taint Cluster Autoscaler puts on a node it is about to delete.
-pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 const JSON: &str = "application/json";
 
@@ -97,7 +94,8 @@ impl ProxyHealth {
         state.last_updated = Some(now);
     }
 
-    /// False while this node is being deleted (see [`node_eligible`]).
+    /// False while this node is being deleted (see
+    /// [`crate::model::node_eligible`]).
     pub fn set_node_eligible(&self, eligible: bool) {
         self.state().node_eligible = eligible;
     }
@@ -170,20 +168,8 @@ fn status(
     }
 }
 
-/// Whether load balancers should keep sending traffic to this node: not
-/// when it is being deleted or Cluster Autoscaler has marked it for deletion.
-pub fn node_eligible(node: &Node) -> bool {
-    let deleting = node.metadata.deletion_timestamp.is_some();
-    let marked = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
-    !deleting && !marked
-}
-
 /// Serve /healthz and /livez on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, health: Arc<ProxyHealth>) -> Result<(), HttpError> {
+pub async fn serve(addr: SocketAddr, health: Arc<ProxyHealth>) -> Result<(), ServeError> {
     serve_on(Server::bind(addr).await?, health).await;
     Ok(())
 }
@@ -203,46 +189,16 @@ pub async fn serve_on(server: Server, health: Arc<ProxyHealth>) {
 /// Go's time.Time.String() for a UTC time: `2006-01-02 15:04:05.999999999
 /// +0000 UTC`, fraction without trailing zeros. None is Go's zero time.
 fn go_time(t: Option<SystemTime>) -> String {
-    let Some(since_epoch) = t.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) else {
-        return "0001-01-01 00:00:00 +0000 UTC".into();
-    };
-    let secs = since_epoch.as_secs();
-    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    let mut out = format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    );
-    let nanos = since_epoch.subsec_nanos();
-    if nanos != 0 {
-        out.push_str(format!(".{nanos:09}").trim_end_matches('0'));
+    let since_epoch = t.filter(|t| *t >= UNIX_EPOCH);
+    match since_epoch.and_then(|t| Timestamp::try_from(t).ok()) {
+        Some(t) => t.strftime("%Y-%m-%d %H:%M:%S%.f +0000 UTC").to_string(),
+        None => "0001-01-01 00:00:00 +0000 UTC".into(),
     }
-    out.push_str(" +0000 UTC");
-    out
-}
-
-/// Days since 1970-01-01 -> (year, month, day) in the proleptic Gregorian
-/// calendar (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{NodeSpec, Taint};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     /// 2024-02-29 12:34:56.5 UTC
     const T0: u64 = 1_709_210_096;
@@ -380,40 +336,6 @@ mod tests {
     }
 
     #[test]
-    fn node_eligibility() {
-        let node = |deleting: bool, taints: &[&str]| Node {
-            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                name: Some("n1".into()),
-                deletion_timestamp: deleting.then(|| Time(Default::default())),
-                ..Default::default()
-            },
-            spec: Some(NodeSpec {
-                taints: Some(
-                    taints
-                        .iter()
-                        .map(|k| Taint {
-                            key: k.to_string(),
-                            effect: "NoSchedule".into(),
-                            ..Default::default()
-                        })
-                        .collect(),
-                ),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        assert!(node_eligible(&Node::default()));
-        assert!(node_eligible(&node(false, &[])));
-        assert!(node_eligible(&node(
-            false,
-            &["node.kubernetes.io/unschedulable"]
-        )));
-        assert!(!node_eligible(&node(true, &[])));
-        assert!(!node_eligible(&node(false, &[TO_BE_DELETED_TAINT])));
-        assert!(!node_eligible(&node(true, &[TO_BE_DELETED_TAINT])));
-    }
-
-    #[test]
     fn go_time_format() {
         let t = |secs: u64, nanos: u32| Some(UNIX_EPOCH + Duration::new(secs, nanos));
         assert_eq!(go_time(t(0, 0)), "1970-01-01 00:00:00 +0000 UTC");
@@ -441,7 +363,7 @@ mod tests {
         let addr = server.local_addr();
         tokio::spawn(serve_on(server, h.clone()));
 
-        let (status, headers, body) = crate::http::get(addr, "/healthz").await;
+        let (status, headers, body) = crate::serve::get(addr, "/healthz").await;
         assert_eq!(status, 200);
         assert!(headers.contains(&("content-type".into(), "application/json".into())));
         assert!(headers.contains(&("x-content-type-options".into(), "nosniff".into())));
@@ -450,15 +372,15 @@ mod tests {
             format!(r#"{{"lastUpdated": "{NOW}","currentTime": "{NOW}", "nodeEligible": true}}"#)
         );
         // Probes may add a query string.
-        assert_eq!(crate::http::get(addr, "/livez?x=1").await.0, 200);
-        assert_eq!(crate::http::get(addr, "/metrics").await.0, 404);
+        assert_eq!(crate::serve::get(addr, "/livez?x=1").await.0, 200);
+        assert_eq!(crate::serve::get(addr, "/metrics").await.0, 404);
 
         h.set_node_eligible(false);
-        assert_eq!(crate::http::get(addr, "/healthz").await.0, 503);
-        assert_eq!(crate::http::get(addr, "/livez").await.0, 200);
+        assert_eq!(crate::serve::get(addr, "/healthz").await.0, 503);
+        assert_eq!(crate::serve::get(addr, "/livez").await.0, 200);
 
         h.queued_update();
         set(&clock, at(61));
-        assert_eq!(crate::http::get(addr, "/livez").await.0, 503);
+        assert_eq!(crate::serve::get(addr, "/livez").await.0, 503);
     }
 }
