@@ -1,21 +1,23 @@
-//! The agent's main loop: source -> model -> dataplane.
-use std::collections::BTreeSet;
+//! The agent: start-up (source, HTTP endpoints, dataplane), then the
+//! [`SyncLoop`] fed with the source's events until a signal stops it.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
 
 use anyhow::{bail, Context};
-use svclb_common::maps::{BACKENDS_MAX_ENTRIES, SERVICES_MAX_ENTRIES};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::cli::RunArgs;
-use crate::dataplane::{Dataplane, DataplaneConfig, DataplaneError};
-use crate::model::{self, ModelError, NodeContext, Object, ObjectStore, ServiceId};
+use crate::dataplane::{Dataplane, DataplaneConfig};
 use crate::serve::health_check_ports::HealthCheckServers;
 use crate::serve::healthz::{self, ProxyHealth};
 use crate::serve::metrics::{self, Metrics};
+use crate::serve::Server;
 use crate::source::{kube, Source, SourceEvent};
+
+mod sync_loop;
+
+pub use sync_loop::SyncLoop;
 
 pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     // `--devices=` (an empty ConfigMap value) means none.
@@ -32,22 +34,13 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         Some(c) => c,
         None => cgroup2_root().context("finding the cgroup2 mount (pass --cgroup)")?,
     };
-    // Filled in from this node's Node object once the source has sent it.
-    let mut node = NodeContext::from_node(&args.node_name, None);
-    // Bound before the programs load, so a taken port fails the start-up.
     let metrics = Arc::new(Metrics::new());
     let health =
         Arc::new(ProxyHealth::new(healthz::DEFAULT_HEALTH_TIMEOUT).with_metrics(metrics.clone()));
-    let healthz_server = crate::serve::Server::bind(args.healthz_bind_address)
-        .await
-        .context("--healthz-bind-address")?;
-    let metrics_server = crate::serve::Server::bind(args.metrics_bind_address)
-        .await
-        .context("--metrics-bind-address")?;
-    tokio::spawn(healthz::serve_on(healthz_server, health.clone()));
-    tokio::spawn(metrics::serve_on(metrics_server, metrics.clone()));
+    // Before the programs load, so a taken port fails the start-up.
+    serve_endpoints(&args, &health, &metrics).await?;
     raise_memlock_rlimit();
-    let mut dataplane = Dataplane::start(&DataplaneConfig {
+    let dataplane = Dataplane::start(&DataplaneConfig {
         bpffs: args.bpffs.clone(),
         cgroup: cgroup.clone(),
         devices: args.devices.clone(),
@@ -57,192 +50,61 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         snat_ports: args.snat_ports,
     })
     .context("starting the dataplane")?;
-    tracing::info!(cgroup = %cgroup.display(), bpffs = %args.bpffs.display(), node = %node.name, "programs attached");
+    tracing::info!(cgroup = %cgroup.display(), bpffs = %args.bpffs.display(), node = %args.node_name, "programs attached");
     if !args.devices.is_empty() {
         spawn_external_stats(args.bpffs.clone(), metrics.clone());
     }
 
-    let (tx, mut rx) = mpsc::channel(1024);
-    tokio::spawn(source.run(node.name.clone(), tx));
-    let mut store = ObjectStore::new();
-    let mut health_checks = HealthCheckServers::new(health.clone());
-    let mut synced = false;
-    let mut pending: BTreeSet<ServiceId> = BTreeSet::new();
-    let started = SystemTime::now();
-    // When the EndpointSlice changes waiting for the next sync began.
-    let mut triggers: Vec<SystemTime> = Vec::new();
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    loop {
-        let event = tokio::select! {
-            event = rx.recv() => event,
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-        };
-        let Some(event) = event else {
-            bail!("the object source stopped");
-        };
-        if synced {
-            // Like kube-proxy, a change counts as queued only after the first
-            // sync: a slow initial list is not a stale agent.
-            health.queued_update();
-            metrics.sync_queued();
-        }
-        observe_event(&event, &metrics, started, &mut triggers);
-        apply_event(&mut store, event, &mut pending, &mut synced, &metrics);
-        // Take whatever else is queued so a burst becomes one update per service.
-        while let Ok(event) = rx.try_recv() {
-            observe_event(&event, &metrics, started, &mut triggers);
-            apply_event(&mut store, event, &mut pending, &mut synced, &metrics);
-        }
-        // No Node object (manifests without one): eligible, as kube-proxy.
-        health.set_node_eligible(store.node(&args.node_name).is_none_or(model::node_eligible));
-        // Until the source has sent everything, a service may lack slices
-        // that exist: writing it would refuse connections that work now.
-        if !synced {
-            continue;
-        }
-        // Zone and addresses decide backends and NodePort frontends of every
-        // service: when this node's object changes, resync them all.
-        let current = NodeContext::from_node(&args.node_name, store.node(&args.node_name));
-        if current != node {
-            tracing::info!(zone = ?current.zone, addresses = ?current.addresses, "node changed");
-            if let Err(e) = dataplane.set_node_addresses(&current.addresses) {
-                tracing::error!(error = %e, "setting the node's SNAT addresses");
-            }
-            node = current;
-            pending.extend(store.service_ids().cloned());
-        }
-        let pass = Instant::now();
-        for id in std::mem::take(&mut pending) {
-            sync_service(&store, &mut dataplane, &id, &node, &metrics);
-        }
-        // One RCU grace period per batch, after the changes are visible.
-        if let Err(e) = dataplane.flush() {
-            tracing::error!(error = %e, "removing stale map entries");
-        }
-        let (checks, warnings) = store.health_checks(&node);
-        health_checks.sync(checks, warnings);
-        if !dataplane.initial_sync_done() {
-            // Only now can entries left by an earlier agent for services that
-            // no longer exist be told apart from ones not yet synced.
-            if let Err(e) = dataplane.finish_initial_sync() {
-                tracing::error!(error = %e, "removing stale frontends");
-            }
-            let (entries, backends) = dataplane.usage();
-            tracing::info!(
-                services = store.service_ids().count(),
-                map_entries = entries,
-                backends,
-                "initial sync complete"
-            );
-        }
-        // Per-service failures are logged and counted in
-        // svclb_translation_errors_total; the pass itself completed.
-        metrics.observe_sync(pass.elapsed());
-        health.updated();
-        let now = SystemTime::now();
-        for t in triggers.drain(..) {
-            metrics.observe_network_programming(now.duration_since(t).unwrap_or_default());
-        }
-        let (entries, backends) = dataplane.usage();
-        metrics.set_map_usage("services", entries, SERVICES_MAX_ENTRIES as usize);
-        metrics.set_map_usage("backends", backends, BACKENDS_MAX_ENTRIES as usize);
-    }
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(source.run(args.node_name.clone(), tx));
+    let health_checks = HealthCheckServers::new(health.clone());
+    let sync = SyncLoop::new(&args.node_name, dataplane, health, metrics, health_checks);
+    sync_until_signal(sync, rx).await?;
     // The links and maps stay pinned: traffic keeps flowing until the next agent.
     tracing::info!("exiting; programs stay attached");
     Ok(())
 }
 
-/// Fold one source event into the store, collecting the services to sync.
-fn apply_event(
-    store: &mut ObjectStore,
-    event: SourceEvent,
-    pending: &mut BTreeSet<ServiceId>,
-    synced: &mut bool,
-    metrics: &Metrics,
-) {
-    let (affected, warnings) = match event {
-        SourceEvent::Snapshot(objects) => store.replace_all(objects),
-        SourceEvent::Replace { kind, objects } => store.replace_kind(kind, objects),
-        SourceEvent::Applied(object) => store.upsert(object),
-        SourceEvent::Deleted(object) => (store.delete(&object), Vec::new()),
-        SourceEvent::Synced => {
-            *synced = true;
-            (store.service_ids().cloned().collect(), Vec::new())
-        }
-    };
-    log_model_errors(&warnings, metrics);
-    pending.extend(affected);
+/// Bind --healthz-bind-address and --metrics-bind-address, and serve them.
+async fn serve_endpoints(
+    args: &RunArgs,
+    health: &Arc<ProxyHealth>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let healthz_server = Server::bind(args.healthz_bind_address)
+        .await
+        .context("--healthz-bind-address")?;
+    let metrics_server = Server::bind(args.metrics_bind_address)
+        .await
+        .context("--metrics-bind-address")?;
+    tokio::spawn(healthz::serve_on(healthz_server, health.clone()));
+    tokio::spawn(metrics::serve_on(metrics_server, metrics.clone()));
+    Ok(())
 }
 
-/// Translate one service and make the maps match. Problems are logged with
-/// the service's name; other services are unaffected.
-fn sync_service(
-    store: &ObjectStore,
-    dataplane: &mut Dataplane,
-    id: &ServiceId,
-    node: &NodeContext,
-    metrics: &Metrics,
-) {
-    let frontends = match store.translate(id, node) {
-        None => Vec::new(),
-        Some(t) => {
-            log_model_errors(&t.warnings, metrics);
-            if let Some(reason) = t.skipped {
-                tracing::debug!(service = %id, reason, "not proxied");
-            }
-            t.frontends
+/// Feed the source's events to `sync` until SIGTERM or SIGINT; an error if
+/// the source stops.
+async fn sync_until_signal(
+    mut sync: SyncLoop,
+    mut events: mpsc::Receiver<SourceEvent>,
+) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = sigterm.recv() => return Ok(()),
+            _ = sigint.recv() => return Ok(()),
+        };
+        let Some(event) = event else {
+            bail!("the object source stopped");
+        };
+        sync.handle(event);
+        // Take whatever else is queued so a burst becomes one update per service.
+        while let Ok(event) = events.try_recv() {
+            sync.handle(event);
         }
-    };
-    match dataplane.apply(id, &frontends) {
-        Ok(stats) if stats.writes + stats.deletes > 0 => {
-            tracing::info!(service = %id, frontends = frontends.len(), writes = stats.writes, deletes = stats.deletes, "applied");
-        }
-        Ok(_) => {}
-        Err(e) => {
-            metrics.translation_error(match e {
-                DataplaneError::Full { .. } => "maps_full",
-                _ => "map_update",
-            });
-            tracing::warn!(service = %id, "{e}");
-        }
-    }
-}
-
-fn log_model_errors(errors: &[ModelError], metrics: &Metrics) {
-    for e in errors {
-        metrics.translation_error("invalid_object");
-        tracing::warn!("{e}");
-    }
-}
-
-/// Count Service and EndpointSlice changes, and note when each EndpointSlice
-/// change began (for kubeproxy_network_programming_duration_seconds).
-/// Snapshots and relists are not changes.
-fn observe_event(
-    event: &SourceEvent,
-    metrics: &Metrics,
-    started: SystemTime,
-    triggers: &mut Vec<SystemTime>,
-) {
-    let (SourceEvent::Applied(object) | SourceEvent::Deleted(object)) = event else {
-        return;
-    };
-    match object {
-        Object::Service(_) => metrics.service_changes(1),
-        Object::EndpointSlice(slice) => {
-            metrics.endpoint_changes(1);
-            // Like kube-proxy: not for deletions (the annotation is then the
-            // last update's), not for changes older than this agent.
-            let trigger = model::last_change_trigger_time(slice);
-            if let (SourceEvent::Applied(_), Some(t)) = (event, trigger) {
-                if t > started {
-                    triggers.push(t);
-                }
-            }
-        }
-        Object::Node(_) => {}
+        sync.flush();
     }
 }
 
