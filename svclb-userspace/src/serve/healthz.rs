@@ -189,8 +189,9 @@ pub async fn serve_on(server: Server, health: Arc<ProxyHealth>) {
 /// Go's time.Time.String() for a UTC time: `2006-01-02 15:04:05.999999999
 /// +0000 UTC`, fraction without trailing zeros. None is Go's zero time.
 fn go_time(t: Option<SystemTime>) -> String {
-    let since_epoch = t.filter(|t| *t >= UNIX_EPOCH);
-    match since_epoch.and_then(|t| Timestamp::try_from(t).ok()) {
+    // A clock before 1970 is broken: shown as the zero time.
+    let t = t.filter(|t| *t >= UNIX_EPOCH);
+    match t.and_then(|t| Timestamp::try_from(t).ok()) {
         Some(t) => t.strftime("%Y-%m-%d %H:%M:%S%.f +0000 UTC").to_string(),
         None => "0001-01-01 00:00:00 +0000 UTC".into(),
     }
