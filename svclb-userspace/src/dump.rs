@@ -6,14 +6,10 @@ use std::path::Path;
 use anyhow::Context;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use serde::Serialize;
-use svclb_common::{
-    maps, Backend, ServiceKey, ServiceValue, BACKEND_TERMINATING, SVC_FLAG_AFFINITY,
-    SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
-    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
-};
+use svclb_common::{maps, Backend, ServiceKey, ServiceValue};
 
 use crate::cli::Output;
-use crate::dataplane::abi::{addr_from_abi, frontend_key};
+use crate::dataplane::abi::{service_entry, BackendRecord, FrontendRecord, ServiceEntry};
 use crate::dataplane::{entries, map_path};
 use crate::model::{FrontendKey, Scope};
 
@@ -80,63 +76,34 @@ pub fn read(bpffs: &Path) -> anyhow::Result<Dump> {
         &open::<ServiceKey, ServiceValue>(bpffs, maps::SERVICES)?,
         maps::SERVICES,
     )?;
-    let backends: HashMap<u32, Backend> = entries(
+    let backends: HashMap<u32, BackendRecord> = entries(
         &open::<u32, Backend>(bpffs, maps::BACKENDS)?,
         maps::BACKENDS,
     )?
-    .into_iter()
+    .iter()
+    .map(|(id, b)| (*id, BackendRecord::from_abi(b)))
     .collect();
-    let mut records: BTreeMap<FrontendKey, ServiceValue> = BTreeMap::new();
+    let mut records: BTreeMap<FrontendKey, FrontendRecord> = BTreeMap::new();
     let mut slots: HashMap<(FrontendKey, u16), u32> = HashMap::new();
-    for (key, value) in services {
-        let Some(fk) = frontend_key(&key) else {
-            continue;
-        };
-        if key.slot == 0 {
-            records.insert(fk, value);
-        } else {
-            slots.insert((fk, key.slot), value.backend_id);
+    for (key, value) in &services {
+        match service_entry(key, value) {
+            Some(ServiceEntry::Frontend(fk, record)) => {
+                records.insert(fk, record);
+            }
+            Some(ServiceEntry::Slot(fk, slot, backend_id)) => {
+                slots.insert((fk, slot), backend_id);
+            }
+            None => {}
         }
     }
     let frontends: Vec<FrontendDump> = records
-        .into_iter()
-        .map(|(fk, record)| FrontendDump {
-            address: fk.addr.to_string(),
-            port: fk.port,
-            protocol: fk.protocol.to_string(),
-            scope: match fk.scope {
-                Scope::Socket => "socket",
-                Scope::External => "external",
-            },
-            rev_nat_id: record.rev_nat_id,
-            flags: flag_names(record.flags),
-            affinity_timeout: (record.flags & SVC_FLAG_AFFINITY != 0)
-                .then_some(record.affinity_timeout),
-            backends: (1..=record.count)
-                .map(|slot| {
-                    let id = slots.get(&(fk, slot)).copied().unwrap_or(0);
-                    match backends.get(&id) {
-                        Some(b) => BackendDump {
-                            id,
-                            address: addr_from_abi(b.addr).to_string(),
-                            port: b.port,
-                            state: if b.state == BACKEND_TERMINATING {
-                                "terminating"
-                            } else {
-                                "active"
-                            },
-                            local: b.local != 0,
-                        },
-                        None => BackendDump {
-                            id,
-                            address: String::new(),
-                            port: 0,
-                            state: "missing",
-                            local: false,
-                        },
-                    }
-                })
-                .collect(),
+        .iter()
+        .map(|(fk, record)| {
+            let backends = (1..=record.count).map(|slot| {
+                let id = slots.get(&(*fk, slot)).copied().unwrap_or(0);
+                backend_dump(id, backends.get(&id))
+            });
+            frontend_dump(fk, record, backends.collect())
         })
         .collect();
     // Only agents with --devices use the conntrack map.
@@ -155,24 +122,53 @@ pub fn read(bpffs: &Path) -> anyhow::Result<Dump> {
     })
 }
 
-fn frontends_have_external(frontends: &[FrontendDump]) -> bool {
-    frontends.iter().any(|f| f.scope == "external")
+fn frontend_dump(
+    fk: &FrontendKey,
+    record: &FrontendRecord,
+    backends: Vec<BackendDump>,
+) -> FrontendDump {
+    let settings = &record.settings;
+    FrontendDump {
+        address: fk.addr.to_string(),
+        port: fk.port,
+        protocol: fk.protocol.to_string(),
+        scope: match fk.scope {
+            Scope::Socket => "socket",
+            Scope::External => "external",
+        },
+        rev_nat_id: record.rev_nat_id,
+        flags: settings.flag_names(),
+        affinity_timeout: settings.affinity().then_some(settings.affinity_timeout),
+        backends,
+    }
 }
 
-fn flag_names(flags: u16) -> Vec<&'static str> {
-    [
-        (SVC_FLAG_CLUSTER_IP, "ClusterIP"),
-        (SVC_FLAG_NODE_PORT, "NodePort"),
-        (SVC_FLAG_EXTERNAL_IP, "ExternalIP"),
-        (SVC_FLAG_LOAD_BALANCER, "LoadBalancer"),
-        (SVC_FLAG_DROP_EMPTY, "DropEmpty"),
-        (SVC_FLAG_AFFINITY, "Affinity"),
-        (SVC_FLAG_SOURCE_RANGES, "SourceRanges"),
-    ]
-    .into_iter()
-    .filter(|(bit, _)| flags & bit != 0)
-    .map(|(_, name)| name)
-    .collect()
+/// The backend a slot names; None: the slot names no backend (a bug).
+fn backend_dump(id: u32, backend: Option<&BackendRecord>) -> BackendDump {
+    match backend {
+        Some(b) => BackendDump {
+            id,
+            address: b.addr.to_string(),
+            port: b.port,
+            state: if b.terminating() {
+                "terminating"
+            } else {
+                "active"
+            },
+            local: b.local,
+        },
+        None => BackendDump {
+            id,
+            address: String::new(),
+            port: 0,
+            state: "missing",
+            local: false,
+        },
+    }
+}
+
+fn frontends_have_external(frontends: &[FrontendDump]) -> bool {
+    frontends.iter().any(|f| f.scope == "external")
 }
 
 pub fn run(bpffs: &Path, output: Output) -> anyhow::Result<()> {
@@ -193,31 +189,7 @@ fn table(dump: &Dump) -> String {
         "FRONTEND", "FLAGS", "REV-NAT"
     );
     for f in &dump.frontends {
-        let mut frontend = if f.address.contains(':') {
-            format!("[{}]:{}/{}", f.address, f.port, f.protocol)
-        } else {
-            format!("{}:{}/{}", f.address, f.port, f.protocol)
-        };
-        if f.scope == "external" {
-            frontend.push_str(" ext");
-        }
-        let backends: Vec<String> = f
-            .backends
-            .iter()
-            .map(|b| {
-                let addr = if b.address.contains(':') {
-                    format!("[{}]:{}", b.address, b.port)
-                } else {
-                    format!("{}:{}", b.address, b.port)
-                };
-                let local = if f.scope == "external" && b.local {
-                    ", local"
-                } else {
-                    ""
-                };
-                format!("{addr} ({}{local}, id {})", b.state, b.id)
-            })
-            .collect();
+        let backends: Vec<String> = f.backends.iter().map(|b| backend_cell(f, b)).collect();
         let first = if backends.is_empty() && f.flags.contains(&"DropEmpty") {
             "(none here: connections dropped)".to_string()
         } else if backends.is_empty() {
@@ -228,7 +200,7 @@ fn table(dump: &Dump) -> String {
         let _ = writeln!(
             out,
             "{:<40} {:<22} {:<8} {}",
-            frontend,
+            frontend_cell(f),
             f.flags.join(","),
             f.rev_nat_id,
             first
@@ -245,4 +217,30 @@ fn table(dump: &Dump) -> String {
         );
     }
     out
+}
+
+fn frontend_cell(f: &FrontendDump) -> String {
+    let mut frontend = if f.address.contains(':') {
+        format!("[{}]:{}/{}", f.address, f.port, f.protocol)
+    } else {
+        format!("{}:{}/{}", f.address, f.port, f.protocol)
+    };
+    if f.scope == "external" {
+        frontend.push_str(" ext");
+    }
+    frontend
+}
+
+fn backend_cell(f: &FrontendDump, b: &BackendDump) -> String {
+    let addr = if b.address.contains(':') {
+        format!("[{}]:{}", b.address, b.port)
+    } else {
+        format!("{}:{}", b.address, b.port)
+    };
+    let local = if f.scope == "external" && b.local {
+        ", local"
+    } else {
+        ""
+    };
+    format!("{addr} ({}{local}, id {})", b.state, b.id)
 }

@@ -6,8 +6,9 @@ use svclb_common::{
     SourceRangeKey,
 };
 
+use super::abi::SourceRange;
 use super::barrier::RcuBarrier;
-use super::writer::{MapContents, MapOps, SourceRange};
+use super::writer::{MapContents, MapOps};
 use super::DataplaneError;
 
 pub struct KernelMaps {

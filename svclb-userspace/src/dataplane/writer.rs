@@ -1,54 +1,63 @@
 //! The map writer: diffs desired frontends against what the maps hold and
 //! writes only the difference, in an order that keeps readers consistent.
 //!
-//! Readers (the socket programs) read a frontend's slot 0 (backend count),
-//! then one slot in 1..=count, then that slot's backend; with session
-//! affinity they may instead take a remembered backend that the
-//! affinity-match map still lists for the frontend. So for every reader:
-//! - every slot within the count it read must exist, and
-//! - every backend a slot names must exist.
+//! Readers (the socket and XDP programs) read a frontend's slot 0 (backend
+//! count, Maglev table), then one slot in 1..=count or one Maglev entry,
+//! then that backend; with session affinity they may instead take a
+//! remembered backend that the affinity-match map still lists for the
+//! frontend. So for every reader:
+//! - every slot within the count it read must exist,
+//! - every Maglev chunk of the table it read must exist, and
+//! - every backend a slot or Maglev entry names must exist.
 //!
-//! An update of one service therefore goes:
-//! 1. upsert new backends (and changed backend states);
-//! 2. write changed backend slots 1..=new_count (a slot overwritten in place
-//!    flips atomically from one valid backend id to another) and add
-//!    affinity-match entries for new members;
-//! 3. write slot 0 with the new count: from here new readers use the new set;
-//! 4. delete slot 0 of frontends that are gone;
-//! 5. wait for an RCU grace period: readers that read an old count are done;
-//! 6. delete slots beyond the new counts, gone frontends' slots, rev-NAT and
-//!    affinity-match entries, and backends no slot names any more.
+//! `apply` therefore writes an update of one service in this order (each
+//! step is a function of that name):
+//! 1. `upsert_backends`: new backends and changed backend states;
+//! 2. `write_slots`: changed backend slots 1..=new_count (a slot overwritten
+//!    in place flips atomically from one valid backend id to another), then
+//!    `add_affinity_members`, `write_maglev_table` (a changed table goes
+//!    into the other of two generations) and `add_source_ranges`;
+//! 3. `write_slot_zero`: the new count, flags and Maglev generation. From
+//!    here the change is live: new readers use the new set;
+//! 4. `remove_frontend`: slot 0 of frontends that are gone.
+//!
+//! Then `flush`, once per batch of updates, off the path that makes changes
+//! visible:
+//! 5. `barrier`: wait for an RCU grace period, so readers that read an old
+//!    count or table are done;
+//! 6. `Deferred::delete`: slots beyond the new counts, gone frontends' slots,
+//!    rev-NAT and affinity-match entries, old Maglev generations; then
+//!    `delete_orphan_backends`: backends no slot names any more.
 //!
 //! Map hash elements are allocated without preallocation, so a value that is
 //! replaced while a reader copies it is freed only after a grace period too.
+//! Source ranges are only looked up, never followed, so removed ones go
+//! right after slot 0 (`delete_source_ranges`).
 //!
-//! External frontends (XDP) also have a Maglev table over their backends and
-//! may have source ranges. Both are written before slot 0: a changed table
-//! goes into the other of two generations and slot 0 switches to it, so
-//! readers see the whole old or the whole new table; the old generation is
-//! deleted after the barrier, like stale slots. Source ranges are only
-//! looked up, never followed, so removed ones go right after slot 0.
+//! Every map key and value is encoded in `abi.rs`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use svclb_common::{
     maps, AffinityMatchKey, Backend as AbiBackend, MaglevChunk, MaglevKey, RevNat, ServiceKey,
-    ServiceValue, SourceRangeKey, BACKEND_ACTIVE, BACKEND_TERMINATING, MAGLEV_CHUNK,
-    SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP,
-    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    ServiceValue, MAGLEV_CHUNK,
 };
 
 use super::abi::{
-    addr_from_abi, addr_to_abi, frontend_key, proto_from_abi, proto_to_abi, service_key,
+    backend_state, backend_to_abi, frontend_key, maglev_chunk_to_abi, rev_nat_to_abi,
+    service_entry, service_key, slot_to_abi, BackendAddr, BackendRecord, FrontendRecord,
+    MaglevTable, ServiceEntry, Settings,
 };
 use super::{maglev, DataplaneError};
-use crate::model::{
-    Cidr, Frontend, FrontendKey, FrontendKind, Protocol, Scope, ServiceId, WhenEmpty,
-};
+use crate::model::{Backend, Cidr, Frontend, FrontendKey, Scope, ServiceId};
 
-/// The map operations the writer needs; the kernel implementation is in
-/// `kernel.rs`, tests use an in-memory one that checks reader consistency.
+/// The source-ranges key is part of the `MapOps` interface.
+pub use super::abi::SourceRange;
+
+/// The map operations the writer needs, one per map and direction; the
+/// kernel implementation is in `kernel.rs`, tests use an in-memory one that
+/// checks reader consistency.
 pub trait MapOps {
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue)
         -> Result<(), DataplaneError>;
@@ -79,82 +88,6 @@ pub struct MapContents {
     pub source_ranges: Vec<SourceRange>,
 }
 
-/// A source-ranges trie key: prefix length (of rev-NAT id + address) and data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SourceRange {
-    pub prefix_len: u32,
-    pub rev_nat_id: u32,
-    pub addr: [u32; 4],
-}
-
-impl SourceRange {
-    fn of(rev_nat_id: u32, c: &Cidr) -> Self {
-        let bits = match c.addr {
-            IpAddr::V4(_) => 96 + u32::from(c.prefix),
-            IpAddr::V6(_) => u32::from(c.prefix),
-        };
-        SourceRange {
-            prefix_len: 32 + bits,
-            rev_nat_id,
-            addr: addr_to_abi(c.addr),
-        }
-    }
-
-    fn cidr(&self) -> Cidr {
-        let addr = addr_from_abi(self.addr);
-        let bits = self.prefix_len.saturating_sub(32);
-        let prefix = match addr {
-            IpAddr::V4(_) => bits.saturating_sub(96),
-            IpAddr::V6(_) => bits,
-        };
-        Cidr {
-            addr,
-            prefix: prefix as u8,
-        }
-    }
-
-    pub fn abi(&self) -> SourceRangeKey {
-        SourceRangeKey {
-            rev_nat_id_be: self.rev_nat_id.to_be(),
-            addr: self.addr,
-        }
-    }
-
-    pub fn from_abi(prefix_len: u32, key: &SourceRangeKey) -> Self {
-        SourceRange {
-            prefix_len,
-            rev_nat_id: u32::from_be(key.rev_nat_id_be),
-            addr: key.addr,
-        }
-    }
-}
-
-/// The Maglev table an external frontend's slot 0 points at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Table {
-    generation: u16,
-    size: u32,
-}
-
-impl Table {
-    fn chunks(&self) -> u16 {
-        self.size.div_ceil(MAGLEV_CHUNK) as u16
-    }
-
-    fn keys(&self, rev_nat_id: u32) -> impl Iterator<Item = MaglevKey> + '_ {
-        (0..self.chunks()).map(move |chunk| MaglevKey {
-            rev_nat_id,
-            generation: self.generation,
-            chunk,
-        })
-    }
-}
-
-/// A backend as the maps know it: address, port, protocol and whether it
-/// is on this node. Locality is part of the identity, so services whose
-/// slices disagree about an endpoint's node can't flip each other's.
-type BackendAddr = (IpAddr, u16, Protocol, bool);
-
 #[derive(Clone, Debug)]
 struct BackendEntry {
     addr: BackendAddr,
@@ -163,63 +96,45 @@ struct BackendEntry {
     refs: u32,
 }
 
-/// Slot 0's content apart from the count.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Record {
-    flags: u16,
-    affinity_timeout: u32,
-}
-
-impl Record {
-    fn of(f: &Frontend) -> Self {
-        let kind = match f.kind {
-            FrontendKind::ClusterIp => SVC_FLAG_CLUSTER_IP,
-            FrontendKind::NodePort => SVC_FLAG_NODE_PORT,
-            FrontendKind::ExternalIp => SVC_FLAG_EXTERNAL_IP,
-            FrontendKind::LoadBalancer => SVC_FLAG_LOAD_BALANCER,
-        };
-        let drop = match f.when_empty {
-            WhenEmpty::Drop => SVC_FLAG_DROP_EMPTY,
-            WhenEmpty::Refuse => 0,
-        };
-        let affinity = if f.affinity_timeout.is_some() {
-            SVC_FLAG_AFFINITY
-        } else {
-            0
-        };
-        let ranges = if f.source_ranges.is_empty() {
-            0
-        } else {
-            SVC_FLAG_SOURCE_RANGES
-        };
-        Record {
-            flags: kind | drop | affinity | ranges,
-            affinity_timeout: f.affinity_timeout.unwrap_or(0),
-        }
-    }
-
-    fn affinity(&self) -> bool {
-        self.flags & SVC_FLAG_AFFINITY != 0
-    }
-}
-
 #[derive(Clone, Debug)]
 struct AppliedFrontend {
     /// None: found in the maps at start-up and not claimed by a service yet.
     owner: Option<ServiceId>,
     rev_nat_id: u32,
-    record: Record,
+    settings: Settings,
     /// Backend ids of slots 1..=len.
     slots: Vec<u32>,
     /// External frontends with backends.
-    table: Option<Table>,
+    table: Option<MaglevTable>,
     source_ranges: BTreeSet<Cidr>,
 }
 
 impl AppliedFrontend {
+    /// A frontend found at start-up; its slots are filled in as found.
+    fn adopted(record: &FrontendRecord) -> Self {
+        AppliedFrontend {
+            owner: None,
+            rev_nat_id: record.rev_nat_id,
+            settings: record.settings,
+            slots: vec![0; usize::from(record.count)],
+            table: record.table,
+            source_ranges: BTreeSet::new(),
+        }
+    }
+
+    /// What slot 0 holds.
+    fn record(&self) -> FrontendRecord {
+        FrontendRecord {
+            count: self.slots.len() as u16,
+            rev_nat_id: self.rev_nat_id,
+            settings: self.settings,
+            table: self.table,
+        }
+    }
+
     /// The affinity-match entries this frontend needs.
     fn members(&self) -> BTreeSet<AffinityMatchKey> {
-        if !self.record.affinity() {
+        if !self.settings.affinity() {
             return BTreeSet::new();
         }
         self.slots
@@ -277,7 +192,7 @@ impl Default for Capacity {
     }
 }
 
-/// Work collected while applying, done after the barrier.
+/// Work collected while applying, done after the barrier (step 6).
 #[derive(Default)]
 struct Deferred {
     service_keys: Vec<ServiceKey>,
@@ -288,7 +203,7 @@ struct Deferred {
     /// Backend ids whose slot references went away.
     released: Vec<u32>,
     /// Replaced or removed Maglev tables, with their frontend.
-    tables: Vec<(FrontendKey, u32, Table)>,
+    tables: Vec<(FrontendKey, u32, MaglevTable)>,
 }
 
 impl Deferred {
@@ -298,17 +213,112 @@ impl Deferred {
             && self.affinity_match.is_empty()
             && self.tables.is_empty()
     }
+
+    /// Forget entries that became live again since they were deferred (a
+    /// frontend that grew back, a table generation in use again).
+    fn retain_stale(&mut self, frontends: &BTreeMap<FrontendKey, AppliedFrontend>) {
+        self.service_keys.retain(|k| {
+            let fk = frontend_key(k).expect("the writer only defers keys it wrote");
+            frontends
+                .get(&fk)
+                .is_none_or(|f| k.slot as usize > f.slots.len())
+        });
+        self.affinity_match.retain(|(fk, k)| {
+            !frontends.get(fk).is_some_and(|f| {
+                f.rev_nat_id == k.rev_nat_id
+                    && f.settings.affinity()
+                    && f.slots.contains(&k.backend_id)
+            })
+        });
+        self.affinity_match.sort_unstable();
+        self.affinity_match.dedup();
+        // A table may flip generations several times between flushes.
+        self.tables.sort_unstable();
+        self.tables.dedup();
+        self.tables.retain(|(fk, rev_nat_id, t)| {
+            !frontends
+                .get(fk)
+                .is_some_and(|f| f.rev_nat_id == *rev_nat_id && f.table == Some(*t))
+        });
+        self.service_keys
+            .sort_unstable_by_key(|k| (k.addr, k.port, k.proto, k.scope, k.slot));
+        self.service_keys.dedup();
+    }
+
+    /// Step 6 apart from backends; returns the number of deletes.
+    fn delete(&self, maps: &mut impl MapOps) -> Result<usize, DataplaneError> {
+        for key in &self.service_keys {
+            maps.del_service(key)?;
+        }
+        for id in &self.rev_nat_ids {
+            maps.del_rev_nat(*id)?;
+        }
+        for (_, key) in &self.affinity_match {
+            maps.del_affinity_match(key)?;
+        }
+        let mut chunks = 0;
+        for (_, rev_nat_id, t) in &self.tables {
+            for key in t.keys(*rev_nat_id) {
+                maps.del_maglev(&key)?;
+                chunks += 1;
+            }
+        }
+        Ok(self.service_keys.len() + self.rev_nat_ids.len() + self.affinity_match.len() + chunks)
+    }
 }
 
+/// Entries found at start-up that no reader can reach, deleted after a
+/// barrier.
+#[derive(Default)]
+struct Unreachable {
+    service_keys: Vec<ServiceKey>,
+    rev_nat_ids: Vec<u32>,
+    maglev: Vec<MaglevKey>,
+    source_ranges: Vec<SourceRange>,
+    affinity_match: Vec<AffinityMatchKey>,
+    backends: Vec<u32>,
+}
+
+impl Unreachable {
+    fn is_empty(&self) -> bool {
+        self.service_keys.is_empty()
+            && self.rev_nat_ids.is_empty()
+            && self.maglev.is_empty()
+            && self.source_ranges.is_empty()
+            && self.affinity_match.is_empty()
+            && self.backends.is_empty()
+    }
+
+    /// Backends last: slots named them until just now.
+    fn delete(&self, maps: &mut impl MapOps) -> Result<(), DataplaneError> {
+        for key in &self.service_keys {
+            maps.del_service(key)?;
+        }
+        for id in &self.rev_nat_ids {
+            maps.del_rev_nat(*id)?;
+        }
+        for key in &self.maglev {
+            maps.del_maglev(key)?;
+        }
+        for key in &self.source_ranges {
+            maps.del_source_range(key)?;
+        }
+        for key in &self.affinity_match {
+            maps.del_affinity_match(key)?;
+        }
+        for id in &self.backends {
+            maps.del_backend(*id)?;
+        }
+        Ok(())
+    }
+}
+
+/// A backend found at start-up: what it is and its state.
+type FoundBackends = HashMap<u32, (BackendAddr, u8)>;
+
 impl<M: MapOps> Writer<M> {
-    /// Adopt whatever the maps already hold (left by an earlier agent), so a
-    /// restart rewrites nothing that is still right. Entries no reader can
-    /// reach (slots beyond a count, unreferenced backends) are removed, and
-    /// frontends the earlier agent left half-written are dropped for the
-    /// resync to write again.
-    pub fn adopt(maps: M, capacity: Capacity) -> Result<Self, DataplaneError> {
-        let contents = maps.read_all()?;
-        let mut w = Writer {
+    fn new(maps: M, capacity: Capacity) -> Self {
+        Writer {
             maps,
             frontends: BTreeMap::new(),
             by_owner: HashMap::new(),
@@ -319,84 +329,132 @@ impl<M: MapOps> Writer<M> {
             next_rev_nat_id: 1,
             capacity,
             maglev_chunks: 0,
-            maglev_size: super::maglev::DEFAULT_TABLE_SIZE,
+            maglev_size: maglev::DEFAULT_TABLE_SIZE,
             pending: Deferred::default(),
-        };
+        }
+    }
+
+    /// Adopt whatever the maps already hold (left by an earlier agent), so a
+    /// restart rewrites nothing that is still right. Entries no reader can
+    /// reach (slots beyond a count, unreferenced backends) are removed, and
+    /// frontends the earlier agent left half-written are dropped for the
+    /// resync to write again.
+    pub fn adopt(maps: M, capacity: Capacity) -> Result<Self, DataplaneError> {
+        let contents = maps.read_all()?;
+        let mut w = Writer::new(maps, capacity);
+        let mut unreachable = Unreachable::default();
+        w.adopt_frontends(&contents.services, &mut unreachable);
+        let found = w.read_backends(&contents.backends)?;
+        let chunks: BTreeSet<MaglevKey> = contents.maglev.iter().copied().collect();
+        w.drop_half_written(&found, &chunks, &mut unreachable)?;
+        w.count_backend_refs(&found);
+        unreachable.maglev = w.adopt_maglev_tables(&chunks);
+        unreachable.source_ranges = w.adopt_source_ranges(&contents.source_ranges);
+        unreachable.affinity_match = w.repair_affinity_members(&contents.affinity_match)?;
+        let live_rev_nat: BTreeSet<u32> = w.frontends.values().map(|f| f.rev_nat_id).collect();
+        unreachable.rev_nat_ids.extend(
+            contents
+                .rev_nat
+                .iter()
+                .map(|(id, _)| *id)
+                .filter(|id| !live_rev_nat.contains(id)),
+        );
+        unreachable.backends = found
+            .keys()
+            .copied()
+            .filter(|id| !w.backends.contains_key(id))
+            .collect();
+        if !unreachable.is_empty() {
+            w.maps.barrier()?;
+        }
+        unreachable.delete(&mut w.maps)?;
+        Ok(w)
+    }
+
+    /// Frontends from their slot 0 and slots; keys svclb can't have written
+    /// and slots beyond their frontend's count are unreachable.
+    fn adopt_frontends(
+        &mut self,
+        services: &[(ServiceKey, ServiceValue)],
+        unreachable: &mut Unreachable,
+    ) {
         let mut slots: HashMap<(FrontendKey, u16), u32> = HashMap::new();
-        let mut garbage = Deferred::default();
-        for (key, value) in &contents.services {
-            match frontend_key(key) {
-                Some(fk) if key.slot == 0 => {
-                    let applied = AppliedFrontend {
-                        owner: None,
-                        rev_nat_id: value.rev_nat_id,
-                        record: Record {
-                            flags: value.flags,
-                            affinity_timeout: value.affinity_timeout,
-                        },
-                        slots: vec![0; value.count as usize],
-                        table: (value.maglev_size > 0).then_some(Table {
-                            generation: value.maglev_generation,
-                            size: value.maglev_size,
-                        }),
-                        source_ranges: BTreeSet::new(),
-                    };
-                    w.frontends.insert(fk, applied);
-                    w.next_rev_nat_id = w.next_rev_nat_id.max(value.rev_nat_id + 1);
+        for (key, value) in services {
+            match service_entry(key, value) {
+                Some(ServiceEntry::Frontend(fk, record)) => {
+                    self.frontends.insert(fk, AppliedFrontend::adopted(&record));
+                    self.next_rev_nat_id = self.next_rev_nat_id.max(record.rev_nat_id + 1);
                 }
-                Some(fk) => {
-                    slots.insert((fk, key.slot), value.backend_id);
+                Some(ServiceEntry::Slot(fk, slot, backend_id)) => {
+                    slots.insert((fk, slot), backend_id);
                 }
-                None => garbage.service_keys.push(*key),
+                None => unreachable.service_keys.push(*key),
             }
         }
         for ((fk, slot), id) in slots {
-            match w.frontends.get_mut(&fk) {
+            match self.frontends.get_mut(&fk) {
                 Some(f) if (slot as usize) <= f.slots.len() => f.slots[slot as usize - 1] = id,
-                _ => garbage.service_keys.push(service_key(&fk, slot)),
+                _ => unreachable.service_keys.push(service_key(&fk, slot)),
             }
         }
-        let mut by_id: HashMap<u32, (BackendAddr, u8)> = HashMap::new();
-        for (id, b) in &contents.backends {
-            w.next_backend_id = w.next_backend_id.max(id + 1);
-            match proto_from_abi(b.proto) {
-                Some(p) => {
-                    let addr = (addr_from_abi(b.addr), b.port, p, b.local != 0);
-                    by_id.insert(*id, (addr, b.state));
+    }
+
+    /// The backends in the map; those svclb can't have written are deleted
+    /// now (no slot svclb wrote names them).
+    fn read_backends(
+        &mut self,
+        backends: &[(u32, AbiBackend)],
+    ) -> Result<FoundBackends, DataplaneError> {
+        let mut found = HashMap::new();
+        for (id, b) in backends {
+            self.next_backend_id = self.next_backend_id.max(id + 1);
+            let record = BackendRecord::from_abi(b);
+            match record.backend_addr() {
+                Some(addr) => {
+                    found.insert(*id, (addr, record.state));
                 }
-                None => w.maps.del_backend(*id)?,
+                None => self.maps.del_backend(*id)?,
             }
         }
-        let chunks: BTreeSet<MaglevKey> = contents.maglev.iter().copied().collect();
-        let broken: Vec<FrontendKey> = w
+        Ok(found)
+    }
+
+    /// Drop frontends with a slot naming a missing backend or a missing
+    /// Maglev chunk: slot 0 goes now, so no new reader follows them.
+    fn drop_half_written(
+        &mut self,
+        found: &FoundBackends,
+        chunks: &BTreeSet<MaglevKey>,
+        unreachable: &mut Unreachable,
+    ) -> Result<(), DataplaneError> {
+        let broken: Vec<FrontendKey> = self
             .frontends
             .iter()
             .filter(|(_, f)| {
-                f.slots.iter().any(|id| !by_id.contains_key(id))
+                f.slots.iter().any(|id| !found.contains_key(id))
                     || f.table
                         .is_some_and(|t| t.keys(f.rev_nat_id).any(|k| !chunks.contains(&k)))
             })
             .map(|(k, _)| *k)
             .collect();
         for fk in broken {
-            let f = w.frontends.remove(&fk).expect("listed above");
-            w.maps.del_service(&service_key(&fk, 0))?;
-            garbage
+            let f = self.frontends.remove(&fk).expect("listed above");
+            self.maps.del_service(&service_key(&fk, 0))?;
+            unreachable
                 .service_keys
                 .extend((1..=f.slots.len() as u16).map(|s| service_key(&fk, s)));
         }
-        let mut members = BTreeSet::new();
-        let mut live_chunks = BTreeSet::new();
-        for f in w.frontends.values() {
-            w.service_entries += 1 + f.slots.len();
-            members.extend(f.members());
-            if let Some(t) = f.table {
-                live_chunks.extend(t.keys(f.rev_nat_id));
-            }
+        Ok(())
+    }
+
+    /// Entries in use and the backends the adopted frontends' slots name.
+    fn count_backend_refs(&mut self, found: &FoundBackends) {
+        for f in self.frontends.values() {
+            self.service_entries += 1 + f.slots.len();
             for id in &f.slots {
-                let (addr, state) = by_id[id];
-                w.by_addr.insert(addr, *id);
-                w.backends
+                let (addr, state) = found[id];
+                self.by_addr.insert(addr, *id);
+                self.backends
                     .entry(*id)
                     .or_insert(BackendEntry {
                         addr,
@@ -406,63 +464,57 @@ impl<M: MapOps> Writer<M> {
                     .refs += 1;
             }
         }
-        w.maglev_chunks = live_chunks.len();
-        let stale_chunks: Vec<MaglevKey> = chunks.difference(&live_chunks).copied().collect();
-        let by_rev_nat: HashMap<u32, FrontendKey> = w
+    }
+
+    /// Count the chunks of the adopted frontends' tables; returns the others.
+    fn adopt_maglev_tables(&mut self, chunks: &BTreeSet<MaglevKey>) -> Vec<MaglevKey> {
+        let live: BTreeSet<MaglevKey> = self
+            .frontends
+            .values()
+            .filter_map(|f| f.table.map(|t| t.keys(f.rev_nat_id)))
+            .flatten()
+            .collect();
+        self.maglev_chunks = live.len();
+        chunks.difference(&live).copied().collect()
+    }
+
+    /// Give the adopted frontends their source ranges; returns those of no
+    /// frontend.
+    fn adopt_source_ranges(&mut self, ranges: &[SourceRange]) -> Vec<SourceRange> {
+        let by_rev_nat: HashMap<u32, FrontendKey> = self
             .frontends
             .iter()
             .map(|(k, f)| (f.rev_nat_id, *k))
             .collect();
-        let mut stale_ranges = Vec::new();
-        for r in &contents.source_ranges {
+        let mut stale = Vec::new();
+        for r in ranges {
             match by_rev_nat.get(&r.rev_nat_id) {
                 Some(fk) => {
-                    let f = w.frontends.get_mut(fk).expect("indexed above");
+                    let f = self.frontends.get_mut(fk).expect("indexed above");
                     f.source_ranges.insert(r.cidr());
                 }
-                None => stale_ranges.push(*r),
+                None => stale.push(*r),
             }
         }
-        let found: BTreeSet<AffinityMatchKey> = contents.affinity_match.iter().copied().collect();
-        for key in members.difference(&found) {
-            w.maps.put_affinity_match(key)?;
-        }
-        let stale_members: Vec<AffinityMatchKey> = found.difference(&members).copied().collect();
-        let live_rev_nat: BTreeSet<u32> = w.frontends.values().map(|f| f.rev_nat_id).collect();
-        garbage.rev_nat_ids.extend(
-            contents
-                .rev_nat
-                .iter()
-                .map(|(id, _)| *id)
-                .filter(|id| !live_rev_nat.contains(id)),
-        );
-        let orphans: Vec<u32> = by_id
-            .keys()
-            .copied()
-            .filter(|id| !w.backends.contains_key(id))
+        stale
+    }
+
+    /// Write the affinity-match entries the adopted frontends miss; returns
+    /// those no frontend needs.
+    fn repair_affinity_members(
+        &mut self,
+        found: &[AffinityMatchKey],
+    ) -> Result<Vec<AffinityMatchKey>, DataplaneError> {
+        let members: BTreeSet<AffinityMatchKey> = self
+            .frontends
+            .values()
+            .flat_map(AppliedFrontend::members)
             .collect();
-        if !garbage.is_empty()
-            || !orphans.is_empty()
-            || !stale_members.is_empty()
-            || !stale_chunks.is_empty()
-            || !stale_ranges.is_empty()
-        {
-            w.maps.barrier()?;
+        let found: BTreeSet<AffinityMatchKey> = found.iter().copied().collect();
+        for key in members.difference(&found) {
+            self.maps.put_affinity_match(key)?;
         }
-        w.delete(&garbage)?;
-        for key in &stale_chunks {
-            w.maps.del_maglev(key)?;
-        }
-        for key in &stale_ranges {
-            w.maps.del_source_range(key)?;
-        }
-        for key in &stale_members {
-            w.maps.del_affinity_match(key)?;
-        }
-        for id in orphans {
-            w.maps.del_backend(id)?;
-        }
-        Ok(w)
+        Ok(found.difference(&members).copied().collect())
     }
 
     /// Entries of the Maglev tables written from now on (a prime; see
@@ -479,167 +531,21 @@ impl<M: MapOps> Writer<M> {
         owner: &ServiceId,
         desired: &[Frontend],
     ) -> Result<ApplyStats, DataplaneError> {
-        let mut stats = ApplyStats::default();
-        let mut wanted: Vec<&Frontend> = Vec::new();
-        let mut conflicts = Vec::new();
-        for f in desired {
-            match self.frontends.get(&f.key).and_then(|a| a.owner.as_ref()) {
-                Some(other) if other != owner => conflicts.push((f.key, other.clone())),
-                _ => wanted.push(f),
-            }
-        }
-        let wanted_keys: BTreeSet<FrontendKey> = wanted.iter().map(|f| f.key).collect();
-        let gone: Vec<FrontendKey> = self
-            .by_owner
-            .get(owner)
-            .into_iter()
-            .flatten()
-            .filter(|k| !wanted_keys.contains(k))
-            .copied()
-            .collect();
+        let (wanted, conflicts) = self.claim(owner, desired);
+        let gone = self.gone_frontends(owner, &wanted);
         self.check_capacity(owner, &wanted)?;
+        let mut stats = ApplyStats::default();
 
-        // 1. Backends.
-        for f in &wanted {
-            for b in &f.backends {
-                let addr = (b.addr, b.port, f.key.protocol, b.local);
-                let state = if b.terminating {
-                    BACKEND_TERMINATING
-                } else {
-                    BACKEND_ACTIVE
-                };
-                let id = match self.by_addr.get(&addr) {
-                    Some(id) if self.backends[id].state == state => continue,
-                    Some(id) => *id,
-                    None => {
-                        let id = self.next_backend_id;
-                        self.next_backend_id += 1;
-                        id
-                    }
-                };
-                self.maps.put_backend(id, &abi_backend(&addr, state))?;
-                stats.writes += 1;
-                self.by_addr.insert(addr, id);
-                let refs = self.backends.get(&id).map_or(0, |e| e.refs);
-                self.backends.insert(id, BackendEntry { addr, state, refs });
-            }
-        }
+        // 1.
+        stats.writes += self.upsert_backends(&wanted)?;
 
-        // 2.-3. Slots and affinity members, then slot 0, per frontend.
+        // 2.-3., per frontend.
         let mut deferred = std::mem::take(&mut self.pending);
         for f in &wanted {
-            let old = self.frontends.get(&f.key).cloned();
-            let rev_nat_id = match &old {
-                Some(a) => a.rev_nat_id,
-                None => {
-                    let id = self.next_rev_nat_id;
-                    self.next_rev_nat_id += 1;
-                    let rn = RevNat {
-                        addr: addr_to_abi(f.key.addr),
-                        port: f.key.port,
-                        _pad: [0; 6],
-                    };
-                    self.maps.put_rev_nat(id, &rn)?;
-                    stats.writes += 1;
-                    id
-                }
-            };
-            let mut new = AppliedFrontend {
-                owner: Some(owner.clone()),
-                rev_nat_id,
-                record: Record::of(f),
-                slots: f
-                    .backends
-                    .iter()
-                    .map(|b| self.by_addr[&(b.addr, b.port, f.key.protocol, b.local)])
-                    .collect(),
-                table: None,
-                source_ranges: f.source_ranges.iter().copied().collect(),
-            };
-            let old_slots = old.as_ref().map_or(&[][..], |a| &a.slots[..]);
-            for (i, id) in new.slots.iter().enumerate() {
-                if old_slots.get(i) != Some(id) {
-                    let value = ServiceValue {
-                        backend_id: *id,
-                        ..ServiceValue::default()
-                    };
-                    self.maps
-                        .put_service(&service_key(&f.key, i as u16 + 1), &value)?;
-                    stats.writes += 1;
-                }
-            }
-            let old_members = old
-                .as_ref()
-                .map(AppliedFrontend::members)
-                .unwrap_or_default();
-            let new_members = new.members();
-            for key in new_members.difference(&old_members) {
-                self.maps.put_affinity_match(key)?;
-                stats.writes += 1;
-            }
-            let old_table = old.as_ref().and_then(|a| a.table);
-            new.table = self.write_table(f, &new, old_slots, old_table, &mut stats)?;
-            if let Some(t) = old_table.filter(|t| new.table != Some(*t)) {
-                deferred.tables.push((f.key, rev_nat_id, t));
-            }
-            self.maglev_chunks += new.table.map_or(0, |t| usize::from(t.chunks()));
-            self.maglev_chunks -= old_table.map_or(0, |t| usize::from(t.chunks()));
-            let old_ranges = old
-                .as_ref()
-                .map(|a| a.source_ranges.clone())
-                .unwrap_or_default();
-            for c in new.source_ranges.difference(&old_ranges) {
-                self.maps
-                    .put_source_range(&SourceRange::of(rev_nat_id, c))?;
-                stats.writes += 1;
-            }
-            let unchanged = old.as_ref().is_some_and(|a| {
-                a.slots.len() == new.slots.len() && a.record == new.record && a.table == new.table
-            });
-            if !unchanged {
-                let value = ServiceValue {
-                    count: new.slots.len() as u16,
-                    flags: new.record.flags,
-                    rev_nat_id,
-                    affinity_timeout: new.record.affinity_timeout,
-                    maglev_generation: new.table.map_or(0, |t| t.generation),
-                    maglev_size: new.table.map_or(0, |t| t.size),
-                    ..ServiceValue::default()
-                };
-                self.maps.put_service(&service_key(&f.key, 0), &value)?;
-                stats.writes += 1;
-            }
-            // Source ranges are looked up, never followed: removed ones can
-            // go at once (after slot 0, which may have dropped the flag).
-            for c in old_ranges.difference(&new.source_ranges) {
-                self.maps
-                    .del_source_range(&SourceRange::of(rev_nat_id, c))?;
-                stats.deletes += 1;
-            }
-            deferred
-                .affinity_match
-                .extend(old_members.difference(&new_members).map(|k| (f.key, *k)));
-            deferred.service_keys.extend(
-                (new.slots.len() + 1..=old_slots.len()).map(|s| service_key(&f.key, s as u16)),
-            );
-            for id in &new.slots {
-                self.backend_refs(*id, 1);
-            }
-            for id in old_slots {
-                self.backend_refs(*id, -1);
-            }
-            deferred.released.extend(old_slots.iter().copied());
-            self.service_entries =
-                self.service_entries + new.slots.len() + usize::from(old.is_none())
-                    - old_slots.len();
-            self.by_owner
-                .entry(owner.clone())
-                .or_default()
-                .insert(f.key);
-            self.frontends.insert(f.key, new);
+            self.update_frontend(owner, f, &mut deferred, &mut stats)?;
         }
 
-        // 4. Frontends that are gone stop being found.
+        // 4.
         for key in gone {
             self.remove_frontend(key, &mut deferred)?;
             stats.deletes += 1;
@@ -655,6 +561,316 @@ impl<M: MapOps> Writer<M> {
             });
         }
         Ok(stats)
+    }
+
+    /// The frontends of `desired` that `owner` may write, and the keys of
+    /// those another service owns (with that owner).
+    fn claim<'a>(
+        &self,
+        owner: &ServiceId,
+        desired: &'a [Frontend],
+    ) -> (Vec<&'a Frontend>, Vec<(FrontendKey, ServiceId)>) {
+        let mut wanted = Vec::new();
+        let mut conflicts = Vec::new();
+        for f in desired {
+            match self.frontends.get(&f.key).and_then(|a| a.owner.as_ref()) {
+                Some(other) if other != owner => conflicts.push((f.key, other.clone())),
+                _ => wanted.push(f),
+            }
+        }
+        (wanted, conflicts)
+    }
+
+    /// The frontends `owner` has that it no longer wants.
+    fn gone_frontends(&self, owner: &ServiceId, wanted: &[&Frontend]) -> Vec<FrontendKey> {
+        let wanted_keys: BTreeSet<FrontendKey> = wanted.iter().map(|f| f.key).collect();
+        self.by_owner
+            .get(owner)
+            .into_iter()
+            .flatten()
+            .filter(|k| !wanted_keys.contains(k))
+            .copied()
+            .collect()
+    }
+
+    /// Step 1: write new backends and changed backend states; returns the
+    /// number of writes.
+    fn upsert_backends(&mut self, wanted: &[&Frontend]) -> Result<usize, DataplaneError> {
+        let mut writes = 0;
+        for f in wanted {
+            for b in &f.backends {
+                let addr = backend_addr(f, b);
+                let state = backend_state(b.terminating);
+                let id = match self.by_addr.get(&addr) {
+                    Some(id) if self.backends[id].state == state => continue,
+                    Some(id) => *id,
+                    None => {
+                        let id = self.next_backend_id;
+                        self.next_backend_id += 1;
+                        id
+                    }
+                };
+                self.maps.put_backend(id, &backend_to_abi(&addr, state))?;
+                writes += 1;
+                self.by_addr.insert(addr, id);
+                let refs = self.backends.get(&id).map_or(0, |e| e.refs);
+                self.backends.insert(id, BackendEntry { addr, state, refs });
+            }
+        }
+        Ok(writes)
+    }
+
+    /// Steps 2 and 3 for one frontend: everything slot 0 will point at, then
+    /// slot 0; what the old slot 0 pointed at and the new one doesn't is
+    /// deferred to the flush.
+    fn update_frontend(
+        &mut self,
+        owner: &ServiceId,
+        f: &Frontend,
+        deferred: &mut Deferred,
+        stats: &mut ApplyStats,
+    ) -> Result<(), DataplaneError> {
+        let old = self.frontends.get(&f.key).cloned();
+        let rev_nat_id = match &old {
+            Some(a) => a.rev_nat_id,
+            None => {
+                let id = self.add_rev_nat(&f.key)?;
+                stats.writes += 1;
+                id
+            }
+        };
+        let mut new = self.desired_frontend(owner, f, rev_nat_id);
+        // What the old slot 0 points at.
+        let old_slots = old.as_ref().map_or(&[][..], |a| &a.slots[..]);
+        let old_members = old
+            .as_ref()
+            .map(AppliedFrontend::members)
+            .unwrap_or_default();
+        let old_table = old.as_ref().and_then(|a| a.table);
+        let old_ranges = old
+            .as_ref()
+            .map(|a| a.source_ranges.clone())
+            .unwrap_or_default();
+        let new_members = new.members();
+
+        // 2.
+        stats.writes += self.write_slots(&f.key, old_slots, &new.slots)?;
+        stats.writes += self.add_affinity_members(&old_members, &new_members)?;
+        new.table = self.maglev_table_for(f, old_slots, &new.slots, old_table);
+        if let Some(t) = new.table.filter(|t| old_table != Some(*t)) {
+            stats.writes += self.write_maglev_table(f, rev_nat_id, t, &new.slots)?;
+        }
+        self.retire_maglev_table(f.key, rev_nat_id, old_table, new.table, deferred);
+        stats.writes += self.add_source_ranges(rev_nat_id, &old_ranges, &new.source_ranges)?;
+
+        // 3.
+        if old.as_ref().is_none_or(|a| a.record() != new.record()) {
+            self.write_slot_zero(&f.key, &new.record())?;
+            stats.writes += 1;
+        }
+        stats.deletes += self.delete_source_ranges(rev_nat_id, &old_ranges, &new.source_ranges)?;
+
+        deferred
+            .affinity_match
+            .extend(old_members.difference(&new_members).map(|k| (f.key, *k)));
+        deferred
+            .service_keys
+            .extend((new.slots.len() + 1..=old_slots.len()).map(|s| service_key(&f.key, s as u16)));
+        self.record_applied(owner, f.key, old_slots, old.is_none(), new, deferred);
+        Ok(())
+    }
+
+    /// The frontend as `f` wants it, before its Maglev table is known; its
+    /// backends are in the maps (step 1).
+    fn desired_frontend(
+        &self,
+        owner: &ServiceId,
+        f: &Frontend,
+        rev_nat_id: u32,
+    ) -> AppliedFrontend {
+        AppliedFrontend {
+            owner: Some(owner.clone()),
+            rev_nat_id,
+            settings: Settings::of(f),
+            slots: f
+                .backends
+                .iter()
+                .map(|b| self.by_addr[&backend_addr(f, b)])
+                .collect(),
+            table: None,
+            source_ranges: f.source_ranges.iter().copied().collect(),
+        }
+    }
+
+    /// A new frontend's rev-NAT entry; returns its id.
+    fn add_rev_nat(&mut self, key: &FrontendKey) -> Result<u32, DataplaneError> {
+        let id = self.next_rev_nat_id;
+        self.next_rev_nat_id += 1;
+        self.maps.put_rev_nat(id, &rev_nat_to_abi(key))?;
+        Ok(id)
+    }
+
+    /// Step 2: the slots that changed; returns the number of writes.
+    fn write_slots(
+        &mut self,
+        key: &FrontendKey,
+        old: &[u32],
+        new: &[u32],
+    ) -> Result<usize, DataplaneError> {
+        let mut writes = 0;
+        for (i, id) in new.iter().enumerate() {
+            if old.get(i) != Some(id) {
+                self.maps
+                    .put_service(&service_key(key, i as u16 + 1), &slot_to_abi(*id))?;
+                writes += 1;
+            }
+        }
+        Ok(writes)
+    }
+
+    /// Step 2: affinity-match entries for new members; returns the number of
+    /// writes.
+    fn add_affinity_members(
+        &mut self,
+        old: &BTreeSet<AffinityMatchKey>,
+        new: &BTreeSet<AffinityMatchKey>,
+    ) -> Result<usize, DataplaneError> {
+        let mut writes = 0;
+        for key in new.difference(old) {
+            self.maps.put_affinity_match(key)?;
+            writes += 1;
+        }
+        Ok(writes)
+    }
+
+    /// The Maglev table an external frontend needs: the old one while its
+    /// backends and the table size stay the same, else a new one in the
+    /// other generation.
+    fn maglev_table_for(
+        &self,
+        f: &Frontend,
+        old_slots: &[u32],
+        new_slots: &[u32],
+        old: Option<MaglevTable>,
+    ) -> Option<MaglevTable> {
+        if f.key.scope != Scope::External || new_slots.is_empty() {
+            return None;
+        }
+        if let Some(t) = old.filter(|t| t.size == self.maglev_size && old_slots == new_slots) {
+            return Some(t);
+        }
+        Some(MaglevTable {
+            generation: old.map_or(0, |t| t.generation ^ 1),
+            size: self.maglev_size,
+        })
+    }
+
+    /// Step 2: a new Maglev table over `slots`; returns the number of writes.
+    fn write_maglev_table(
+        &mut self,
+        f: &Frontend,
+        rev_nat_id: u32,
+        table: MaglevTable,
+        slots: &[u32],
+    ) -> Result<usize, DataplaneError> {
+        // Names: address and port, so every node builds the same table.
+        let names: Vec<Vec<u8>> = f.backends.iter().map(maglev_name).collect();
+        let entries = maglev::table(&names, table.size);
+        let mut writes = 0;
+        for (key, part) in table
+            .keys(rev_nat_id)
+            .zip(entries.chunks(MAGLEV_CHUNK as usize))
+        {
+            self.maps
+                .put_maglev(&key, &maglev_chunk_to_abi(part, slots))?;
+            writes += 1;
+        }
+        Ok(writes)
+    }
+
+    /// Count the new table's chunks instead of the old one's, which is
+    /// deleted after the barrier.
+    fn retire_maglev_table(
+        &mut self,
+        key: FrontendKey,
+        rev_nat_id: u32,
+        old: Option<MaglevTable>,
+        new: Option<MaglevTable>,
+        deferred: &mut Deferred,
+    ) {
+        if let Some(t) = old.filter(|t| new != Some(*t)) {
+            deferred.tables.push((key, rev_nat_id, t));
+        }
+        self.maglev_chunks += new.map_or(0, |t| usize::from(t.chunks()));
+        self.maglev_chunks -= old.map_or(0, |t| usize::from(t.chunks()));
+    }
+
+    /// Step 2: new source ranges; returns the number of writes.
+    fn add_source_ranges(
+        &mut self,
+        rev_nat_id: u32,
+        old: &BTreeSet<Cidr>,
+        new: &BTreeSet<Cidr>,
+    ) -> Result<usize, DataplaneError> {
+        let mut writes = 0;
+        for c in new.difference(old) {
+            self.maps
+                .put_source_range(&SourceRange::of(rev_nat_id, c))?;
+            writes += 1;
+        }
+        Ok(writes)
+    }
+
+    /// Step 3: from here new readers use the new slots and table.
+    fn write_slot_zero(
+        &mut self,
+        key: &FrontendKey,
+        record: &FrontendRecord,
+    ) -> Result<(), DataplaneError> {
+        self.maps
+            .put_service(&service_key(key, 0), &record.to_abi())
+    }
+
+    /// After step 3: source ranges are looked up, never followed, so removed
+    /// ones can go at once (after slot 0, which may have dropped the flag).
+    /// Returns the number of deletes.
+    fn delete_source_ranges(
+        &mut self,
+        rev_nat_id: u32,
+        old: &BTreeSet<Cidr>,
+        new: &BTreeSet<Cidr>,
+    ) -> Result<usize, DataplaneError> {
+        let mut deletes = 0;
+        for c in old.difference(new) {
+            self.maps
+                .del_source_range(&SourceRange::of(rev_nat_id, c))?;
+            deletes += 1;
+        }
+        Ok(deletes)
+    }
+
+    /// Bookkeeping once a frontend's update is written: backend references,
+    /// entries in use, ownership.
+    fn record_applied(
+        &mut self,
+        owner: &ServiceId,
+        key: FrontendKey,
+        old_slots: &[u32],
+        is_new: bool,
+        new: AppliedFrontend,
+        deferred: &mut Deferred,
+    ) {
+        for id in &new.slots {
+            self.backend_refs(*id, 1);
+        }
+        for id in old_slots {
+            self.backend_refs(*id, -1);
+        }
+        deferred.released.extend(old_slots.iter().copied());
+        self.service_entries =
+            self.service_entries + new.slots.len() + usize::from(is_new) - old_slots.len();
+        self.by_owner.entry(owner.clone()).or_default().insert(key);
+        self.frontends.insert(key, new);
     }
 
     /// Remove every frontend nobody claimed since start-up (services deleted
@@ -686,8 +902,8 @@ impl<M: MapOps> Writer<M> {
         &self.maps
     }
 
-    /// Delete slot 0 now (new readers stop finding the frontend); the rest
-    /// goes after the barrier.
+    /// Step 4: delete slot 0 now (new readers stop finding the frontend) and
+    /// its source ranges; the rest goes after the barrier.
     fn remove_frontend(
         &mut self,
         key: FrontendKey,
@@ -713,12 +929,8 @@ impl<M: MapOps> Writer<M> {
             self.maps
                 .del_source_range(&SourceRange::of(a.rev_nat_id, c))?;
         }
-        if let Some(owned) = a.owner.as_ref().and_then(|o| self.by_owner.get_mut(o)) {
-            owned.remove(&key);
-            if owned.is_empty() {
-                self.by_owner
-                    .remove(a.owner.as_ref().expect("just matched"));
-            }
+        if let Some(owner) = &a.owner {
+            self.disown(owner, &key);
         }
         for id in &a.slots {
             self.backend_refs(*id, -1);
@@ -726,6 +938,15 @@ impl<M: MapOps> Writer<M> {
         deferred.released.extend(a.slots.iter().copied());
         self.service_entries -= 1 + a.slots.len();
         Ok(())
+    }
+
+    fn disown(&mut self, owner: &ServiceId, key: &FrontendKey) {
+        if let Some(owned) = self.by_owner.get_mut(owner) {
+            owned.remove(key);
+            if owned.is_empty() {
+                self.by_owner.remove(owner);
+            }
+        }
     }
 
     fn backend_refs(&mut self, id: u32, delta: i32) {
@@ -740,125 +961,40 @@ impl<M: MapOps> Writer<M> {
     /// live again since (a frontend that grew back, a backend re-added) stay.
     pub fn flush(&mut self) -> Result<usize, DataplaneError> {
         let mut d = std::mem::take(&mut self.pending);
-        d.service_keys.retain(|k| {
-            let fk = frontend_key(k).expect("the writer only defers keys it wrote");
-            self.frontends
-                .get(&fk)
-                .is_none_or(|f| k.slot as usize > f.slots.len())
-        });
-        d.affinity_match.retain(|(fk, k)| {
-            !self.frontends.get(fk).is_some_and(|f| {
-                f.rev_nat_id == k.rev_nat_id
-                    && f.record.affinity()
-                    && f.slots.contains(&k.backend_id)
-            })
-        });
-        d.affinity_match.sort_unstable();
-        d.affinity_match.dedup();
-        // A table may flip generations several times between flushes.
-        d.tables.sort_unstable();
-        d.tables.dedup();
-        d.tables.retain(|(fk, rev_nat_id, t)| {
-            !self
-                .frontends
-                .get(fk)
-                .is_some_and(|f| f.rev_nat_id == *rev_nat_id && f.table == Some(*t))
-        });
+        d.retain_stale(&self.frontends);
+        let orphans = self.orphan_backends(&d.released);
+        if d.is_empty() && orphans.is_empty() {
+            return Ok(0);
+        }
+        // 5.
+        self.maps.barrier()?;
+        // 6.
+        let deletes = d.delete(&mut self.maps)?;
+        Ok(deletes + self.delete_orphan_backends(orphans)?)
+    }
 
-        d.service_keys
-            .sort_unstable_by_key(|k| (k.addr, k.port, k.proto, k.scope, k.slot));
-        d.service_keys.dedup();
-        let mut orphans: Vec<u32> = d
-            .released
+    /// Released backends no slot names any more, sorted.
+    fn orphan_backends(&self, released: &[u32]) -> Vec<u32> {
+        let mut orphans: Vec<u32> = released
             .iter()
             .copied()
             .filter(|id| self.backends.get(id).is_some_and(|e| e.refs == 0))
             .collect();
         orphans.sort_unstable();
         orphans.dedup();
-        if d.is_empty() && orphans.is_empty() {
-            return Ok(0);
-        }
-        self.maps.barrier()?;
-        let mut deletes = self.delete(&d)?;
+        orphans
+    }
+
+    /// Step 6, last: backends; returns the number of deletes.
+    fn delete_orphan_backends(&mut self, orphans: Vec<u32>) -> Result<usize, DataplaneError> {
+        let mut deletes = 0;
         for id in orphans {
-            let e = self.backends.remove(&id).expect("listed above");
+            let e = self.backends.remove(&id).expect("listed as orphans");
             self.by_addr.remove(&e.addr);
             self.maps.del_backend(id)?;
             deletes += 1;
         }
         Ok(deletes)
-    }
-
-    fn delete(&mut self, d: &Deferred) -> Result<usize, DataplaneError> {
-        for key in &d.service_keys {
-            self.maps.del_service(key)?;
-        }
-        for id in &d.rev_nat_ids {
-            self.maps.del_rev_nat(*id)?;
-        }
-        for (_, key) in &d.affinity_match {
-            self.maps.del_affinity_match(key)?;
-        }
-        let mut chunks = 0;
-        for (_, rev_nat_id, t) in &d.tables {
-            for key in t.keys(*rev_nat_id) {
-                self.maps.del_maglev(&key)?;
-                chunks += 1;
-            }
-        }
-        Ok(d.service_keys.len() + d.rev_nat_ids.len() + d.affinity_match.len() + chunks)
-    }
-
-    /// The Maglev table an external frontend needs: the old one while its
-    /// backends and the table size stay the same, else a new one written
-    /// into the other generation.
-    fn write_table(
-        &mut self,
-        f: &Frontend,
-        new: &AppliedFrontend,
-        old_slots: &[u32],
-        old: Option<Table>,
-        stats: &mut ApplyStats,
-    ) -> Result<Option<Table>, DataplaneError> {
-        if f.key.scope != Scope::External || new.slots.is_empty() {
-            return Ok(None);
-        }
-        if let Some(t) = old.filter(|t| t.size == self.maglev_size && old_slots == new.slots) {
-            return Ok(Some(t));
-        }
-        let table = Table {
-            generation: old.map_or(0, |t| t.generation ^ 1),
-            size: self.maglev_size,
-        };
-        // Names: address and port, so every node builds the same table.
-        let names: Vec<Vec<u8>> = f
-            .backends
-            .iter()
-            .map(|b| {
-                let mut name = match b.addr {
-                    IpAddr::V4(a) => a.to_ipv6_mapped().octets().to_vec(),
-                    IpAddr::V6(a) => a.octets().to_vec(),
-                };
-                name.extend_from_slice(&b.port.to_be_bytes());
-                name
-            })
-            .collect();
-        let entries = maglev::table(&names, table.size);
-        for (key, part) in table
-            .keys(new.rev_nat_id)
-            .zip(entries.chunks(MAGLEV_CHUNK as usize))
-        {
-            let mut chunk = MaglevChunk {
-                backend_ids: [0; MAGLEV_CHUNK as usize],
-            };
-            for (slot, &index) in chunk.backend_ids.iter_mut().zip(part) {
-                *slot = new.slots[usize::from(index)];
-            }
-            self.maps.put_maglev(&key, &chunk)?;
-            stats.writes += 1;
-        }
-        Ok(Some(table))
     }
 
     /// Refuse, before writing anything, an update the maps can't hold, so a
@@ -881,28 +1017,11 @@ impl<M: MapOps> Writer<M> {
         let services = self.service_entries + self.pending.service_keys.len() + added;
         let new_backends: BTreeSet<BackendAddr> = wanted
             .iter()
-            .flat_map(|f| {
-                f.backends
-                    .iter()
-                    .map(|b| (b.addr, b.port, f.key.protocol, b.local))
-            })
+            .flat_map(|f| f.backends.iter().map(|b| backend_addr(f, b)))
             .filter(|a| !self.by_addr.contains_key(a))
             .collect();
         let backends = self.backends.len() + new_backends.len();
-        // Every external frontend may get a new table while the old one waits.
-        let per_table = self.maglev_size.div_ceil(MAGLEV_CHUNK) as usize;
-        let tables = wanted
-            .iter()
-            .filter(|f| f.key.scope == Scope::External && !f.backends.is_empty())
-            .count();
-        let chunks = self.maglev_chunks
-            + self
-                .pending
-                .tables
-                .iter()
-                .map(|(_, _, t)| usize::from(t.chunks()))
-                .sum::<usize>()
-            + tables * per_table;
+        let chunks = self.maglev_chunks_needed(wanted);
         if services > self.capacity.services
             || backends > self.capacity.backends
             || chunks > self.capacity.maglev_chunks
@@ -919,18 +1038,38 @@ impl<M: MapOps> Writer<M> {
         }
         Ok(())
     }
+
+    /// Maglev chunks in use at the peak of an update of `wanted`.
+    fn maglev_chunks_needed(&self, wanted: &[&Frontend]) -> usize {
+        // Every external frontend may get a new table while the old one waits.
+        let per_table = self.maglev_size.div_ceil(MAGLEV_CHUNK) as usize;
+        let tables = wanted
+            .iter()
+            .filter(|f| f.key.scope == Scope::External && !f.backends.is_empty())
+            .count();
+        let waiting: usize = self
+            .pending
+            .tables
+            .iter()
+            .map(|(_, _, t)| usize::from(t.chunks()))
+            .sum();
+        self.maglev_chunks + waiting + tables * per_table
+    }
 }
 
-fn abi_backend(addr: &BackendAddr, state: u8) -> AbiBackend {
-    AbiBackend {
-        addr: addr_to_abi(addr.0),
-        port: addr.1,
-        proto: proto_to_abi(addr.2),
-        state,
-        local: u8::from(addr.3),
-        _pad: 0,
-        _pad2: 0,
-    }
+/// Backends are shared by address, port, protocol and locality.
+fn backend_addr(f: &Frontend, b: &Backend) -> BackendAddr {
+    (b.addr, b.port, f.key.protocol, b.local)
+}
+
+/// A backend's name in the Maglev hash: its address (IPv4 mapped) and port.
+fn maglev_name(b: &Backend) -> Vec<u8> {
+    let mut name = match b.addr {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    name.extend_from_slice(&b.port.to_be_bytes());
+    name
 }
 
 #[cfg(test)]

@@ -5,8 +5,13 @@ use std::net::IpAddr;
 
 use proptest::prelude::*;
 
+use svclb_common::{BACKEND_TERMINATING, SVC_FLAG_AFFINITY};
+
 use super::*;
-use crate::model::{Backend, Cidr, Frontend, FrontendKey, Protocol, Scope, ServiceId};
+use crate::dataplane::abi::addr_from_abi;
+use crate::model::{
+    Backend, Cidr, Frontend, FrontendKey, FrontendKind, Protocol, Scope, ServiceId, WhenEmpty,
+};
 
 /// Small tables keep the property test fast; 1009 entries span two chunks.
 const TABLE_SIZE: u32 = 1009;
@@ -215,13 +220,13 @@ impl MapOps for FakeMaps {
     }
 }
 
-type Observed = BTreeMap<FrontendKey, (Vec<(IpAddr, u16, bool, bool)>, Record, Vec<Cidr>)>;
+type Observed = BTreeMap<FrontendKey, (Vec<(IpAddr, u16, bool, bool)>, Settings, Vec<Cidr>)>;
 
 /// The maps' content as the model would describe it.
 fn observed(m: &FakeMaps) -> Observed {
     let mut out = BTreeMap::new();
     for (k, v) in m.services.iter().filter(|(k, _)| k.slot == 0) {
-        let record = Record {
+        let record = Settings {
             flags: v.flags,
             affinity_timeout: v.affinity_timeout,
         };
@@ -340,7 +345,7 @@ fn expected(desired: &BTreeMap<ServiceId, Vec<Frontend>>) -> Observed {
                 .iter()
                 .map(|b| (b.addr, b.port, b.terminating, b.local))
                 .collect();
-            (f.key, (backends, Record::of(f), f.source_ranges.clone()))
+            (f.key, (backends, Settings::of(f), f.source_ranges.clone()))
         })
         .collect()
 }
@@ -580,7 +585,7 @@ fn adopt_drops_half_written_frontends_and_garbage() {
     );
     m.backends.insert(
         7,
-        abi_backend(
+        backend_to_abi(
             &("198.18.1.2".parse().unwrap(), 8080, Protocol::Tcp, false),
             0,
         ),
