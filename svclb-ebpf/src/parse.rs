@@ -34,12 +34,12 @@ pub fn ip6_valid<P: Packet>(p: &P) -> Option<bool> {
     Some(p.read::<u8>(IP6_VERSION)? >> 4 == 6)
 }
 
-/// Offset of the checksum of a TCP or UDP header at `l4`.
+/// Offset of the checksum of a TCP or UDP header at `l4_at`.
 #[inline(always)]
-pub fn l4_csum(at: usize, proto: u8) -> usize {
+pub fn l4_csum(l4_at: usize, proto: u8) -> usize {
     if proto == PROTO_TCP {
-        at + l4::TCP_CSUM
+        l4_at + l4::TCP_CSUM
     } else {
-        at + l4::UDP_CSUM
+        l4_at + l4::UDP_CSUM
     }
 }
