@@ -1,6 +1,7 @@
 //! The external path's decisions, shared by the XDP program: connection
 //! tracking, the frontend lookup, Maglev backend choice and SNAT port
-//! allocation. Packet parsing and rewriting live in `xdp.rs` and `tc.rs`.
+//! allocation. Packet parsing and rewriting live in `xdp.rs` and `tc.rs`
+//! (with the header checks they share in `parse.rs`).
 //!
 //! A new flow creates two conntrack entries:
 //! - client -> frontend (applied by XDP): rewrite to client -> backend for a
@@ -16,39 +17,17 @@ use svclb_common::{
 };
 
 use crate::{
+    conntrack::{self, CtEntry},
+    consts::BPF_NOEXIST,
     csum::Delta,
-    ctx,
-    maps::{BACKENDS, SERVICES, SOURCE_RANGES},
+    helpers, lb,
+    maps::{BACKENDS, BACKENDS_EPOCH, SERVICES, SOURCE_RANGES, XDP_CONFIG},
+    scratch::{Scratch, Tuple},
+    stats::count,
 };
 
-/// BPF_NOEXIST: the SNAT port allocation must not take over a port in use.
-const NOEXIST: u64 = 1;
 /// SNAT ports tried for a new flow before giving up.
 const SNAT_TRIES: u32 = 8;
-
-/// A packet's addresses (IPv4-mapped for IPv4), ports (host order) and
-/// protocol: its conntrack key as it is.
-pub type Tuple = FlowKey;
-
-/// Per-packet working memory, in a per-CPU map rather than on the 512-byte
-/// stack (XDP runs to completion on one CPU, so nothing else uses it meanwhile).
-pub struct Scratch {
-    pub t: Tuple,
-    /// A TCP SYN without ACK: a new connection.
-    pub syn: bool,
-    /// A flow being set up or looked at (an established flow's entry is
-    /// used in place; see `Decision::Translate`).
-    pub flow: Flow,
-    pub key: FlowKey,
-    /// A route looked up for this packet.
-    pub route: Route,
-    /// When the packet arrived (jiffies, low bits) and the backends epoch
-    /// then: what a route cached for this packet's flow is stamped with.
-    pub now: u32,
-    pub epoch: u32,
-    /// With `Decision::Translate`: the flow's cached route may be used.
-    pub fresh: bool,
-}
 
 pub enum Decision {
     /// Not ours: leave the packet to the stack untouched.
@@ -57,16 +36,16 @@ pub enum Decision {
     /// Rewrite the packet's addresses and ports to the flow's: this
     /// conntrack entry's, or `s.flow` if the new entry is gone already.
     /// See `s.fresh`.
-    Translate(Option<ctx::CtEntry>),
+    Translate(Option<CtEntry>),
 }
 
 /// What to do with a packet arriving at the node from outside. (Flows are
 /// passed by reference throughout: the stack holds 512 bytes in all.)
 #[inline(always)]
 pub fn ingress(s: &mut Scratch, v6: bool) -> Decision {
-    s.now = ctx::jiffies();
-    s.epoch = ctx::backends_epoch();
-    if let Some(entry) = ctx::conntrack_entry(&s.t, v6) {
+    s.now = helpers::jiffies();
+    s.epoch = backends_epoch();
+    if let Some(entry) = conntrack::entry(&s.t, v6) {
         let f = entry.flow();
         if f.direction == FLOW_INGRESS {
             let r = &f.route;
@@ -74,7 +53,7 @@ pub fn ingress(s: &mut Scratch, v6: bool) -> Decision {
             // backend has been deleted since: skip the check.
             let fresh = r.epoch == s.epoch && s.now.wrapping_sub(r.checked_at) < ROUTE_TTL_JIFFIES;
             // A flow whose backend left the service picks a new one.
-            if fresh || f.backend_id == 0 || ctx::lookup(&BACKENDS, &f.backend_id).is_some() {
+            if fresh || f.backend_id == 0 || helpers::lookup(&BACKENDS, &f.backend_id).is_some() {
                 if s.syn && f.backend_id != 0 {
                     entry.copy_to(&mut s.flow);
                     refresh_reply(s, v6);
@@ -120,14 +99,14 @@ fn refresh_reply(s: &mut Scratch, v6: bool) {
         route: Route::default(),
     };
     set_checksum_deltas(&mut reply, &s.key, v6);
-    ctx::conntrack_insert(&s.key, &reply, 0, v6);
+    conntrack::insert(&s.key, &reply, 0, v6);
 }
 
 /// The conntrack entry of `s.t` into `s.flow`, if it is for `direction`
 /// (ICMP errors: related to a flow, never creating one).
 #[inline(always)]
 pub fn related(s: &mut Scratch, direction: u8, v6: bool) -> bool {
-    match ctx::conntrack_entry(&s.t, v6) {
+    match conntrack::entry(&s.t, v6) {
         Some(entry) => {
             entry.copy_to(&mut s.flow);
             s.flow.direction == direction
@@ -139,7 +118,7 @@ pub fn related(s: &mut Scratch, direction: u8, v6: bool) -> bool {
 /// The translation a tc egress packet (a local backend's reply) needs.
 #[inline(always)]
 pub fn egress(t: &Tuple, v6: bool) -> Option<Flow> {
-    let flow = ctx::conntrack_copy(t, v6)?;
+    let flow = conntrack::copy(t, v6)?;
     (flow.direction == FLOW_EGRESS).then_some(flow)
 }
 
@@ -162,18 +141,18 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
         slot: 0,
         _pad: 0,
     };
-    let Some(fe) = ctx::lookup(&SERVICES, &skey) else {
+    let Some(fe) = helpers::lookup(&SERVICES, &skey) else {
         if *syn {
             forget_reply(t, reply_key, v6);
         }
         return Decision::Pass;
     };
     if fe.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(fe.rev_nat_id, &t.src) {
-        ctx::count(stats::SOURCE_RANGE_DENIED);
+        count(stats::SOURCE_RANGE_DENIED);
         return Decision::Drop;
     }
     if fe.count == 0 || fe.maglev_size == 0 {
-        ctx::count(stats::NO_BACKEND);
+        count(stats::NO_BACKEND);
         // A service without endpoints is refused, as kube-proxy does: on a
         // node address nothing listens at the node port, so the stack
         // answers with a reset or port unreachable. Other addresses are not
@@ -197,10 +176,10 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
         generation: fe.maglev_generation,
         chunk: (index / MAGLEV_CHUNK) as u16,
     };
-    let Some(backend_id) = ctx::maglev_entry(&mkey, index % MAGLEV_CHUNK) else {
+    let Some(backend_id) = lb::maglev_entry(&mkey, index % MAGLEV_CHUNK) else {
         return Decision::Drop;
     };
-    let Some(backend) = ctx::lookup(&BACKENDS, &backend_id) else {
+    let Some(backend) = helpers::lookup(&BACKENDS, &backend_id) else {
         return Decision::Drop;
     };
     // `flow` serves as the reply entry first, then as the forward one.
@@ -232,13 +211,13 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
         // replies on their way out.
         flow.direction = FLOW_EGRESS;
         set_checksum_deltas(flow, reply_key, v6);
-        ctx::conntrack_insert(reply_key, flow, 0, v6);
+        conntrack::insert(reply_key, flow, 0, v6);
         flow.src = t.src;
         flow.sport = t.sport;
     } else {
         // Elsewhere: the backend's node must send replies back here.
-        let Some((snat, min, max)) = ctx::snat_config(v6) else {
-            ctx::count(stats::SNAT_EXHAUSTED);
+        let Some((snat, min, max)) = snat_config(v6) else {
+            count(stats::SNAT_EXHAUSTED);
             return Decision::Drop;
         };
         reply_key.dst = snat;
@@ -250,14 +229,14 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
             let candidate = min + ((start.wrapping_add(i * 7919)) % range) as u16;
             reply_key.dport = candidate;
             set_checksum_deltas(flow, reply_key, v6);
-            if ctx::conntrack_insert(reply_key, flow, NOEXIST, v6) {
+            if conntrack::insert(reply_key, flow, BPF_NOEXIST, v6) {
                 port = candidate;
                 break;
             }
             i += 1;
         }
         if port == 0 {
-            ctx::count(stats::SNAT_EXHAUSTED);
+            count(stats::SNAT_EXHAUSTED);
             return Decision::Drop;
         }
         flow.src = snat;
@@ -268,12 +247,12 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
     flow.backend_id = backend_id;
     flow.direction = FLOW_INGRESS;
     set_checksum_deltas(flow, t, v6);
-    ctx::conntrack_insert(t, flow, 0, v6);
-    ctx::count(stats::CT_CREATED);
+    conntrack::insert(t, flow, 0, v6);
+    count(stats::CT_CREATED);
     // The entry as inserted, so that the route looked up for this first
     // packet is cached in it.
     *fresh = false;
-    Decision::Translate(ctx::conntrack_entry(t, v6))
+    Decision::Translate(conntrack::entry(t, v6))
 }
 
 /// Store in `f` what translating a packet of `key` to it does to the
@@ -305,7 +284,7 @@ fn forget_reply(t: &Tuple, key: &mut FlowKey, v6: bool) {
         _pad: 0,
         _pad2: 0,
     };
-    ctx::conntrack_remove(key, v6);
+    conntrack::remove(key, v6);
 }
 
 #[inline(always)]
@@ -318,4 +297,22 @@ fn source_allowed(rev_nat_id: u32, src: &[u32; 4]) -> bool {
         },
     );
     SOURCE_RANGES.get(&key).is_some()
+}
+
+/// The agent's backends epoch (see `svclb_common::maps::BACKENDS_EPOCH`).
+#[inline(always)]
+fn backends_epoch() -> u32 {
+    BACKENDS_EPOCH.get(0).copied().unwrap_or(0)
+}
+
+/// The SNAT address of the family and the port range; None when the agent
+/// has set no address for the family (or no valid range).
+#[inline(always)]
+fn snat_config(v6: bool) -> Option<([u32; 4], u16, u16)> {
+    let cfg = XDP_CONFIG.get(0)?;
+    let addr = if v6 { cfg.snat_addr6 } else { cfg.snat_addr4 };
+    if addr == [0; 4] || cfg.snat_port_min == 0 || cfg.snat_port_max < cfg.snat_port_min {
+        return None;
+    }
+    Some((addr, cfg.snat_port_min, cfg.snat_port_max))
 }

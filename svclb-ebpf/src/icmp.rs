@@ -8,19 +8,25 @@
 //!
 //! Only the quoted addresses, ports, IPv4 header checksum and UDP checksum
 //! are rewritten (the TCP checksum is not within the 8 quoted bytes).
-use svclb_common::{v4_mapped, Flow, PROTO_TCP, PROTO_UDP};
+use svclb_common::{v4_mapped, Flow};
 
-use crate::{csum::Delta, external::Tuple, pkt::Packet};
+use crate::{
+    consts::{
+        icmp, ip4, ip6, l4, IP4_CSUM, IP4_DST, IP4_L4, IP4_SRC, IP6_DST, IP6_L4, IP6_SRC,
+        PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    },
+    csum::Delta,
+    pkt::Packet,
+    scratch::Tuple,
+};
 
-const PROTO_ICMP: u8 = 1;
-const PROTO_ICMPV6: u8 = 58;
-
-/// Offsets (untagged Ethernet, IPv4 without options / IPv6 without
+/// Frame offsets (untagged Ethernet, IPv4 without options / IPv6 without
 /// extension headers, outside and inside).
 struct Layout {
     outer_src: usize,
     outer_dst: usize,
     icmp: usize,
+    /// The quoted IP header.
     inner: usize,
     inner_src: usize,
     inner_dst: usize,
@@ -28,23 +34,23 @@ struct Layout {
 }
 
 const V4: Layout = Layout {
-    outer_src: 26,
-    outer_dst: 30,
-    icmp: 34,
-    inner: 42,
-    inner_src: 54,
-    inner_dst: 58,
-    inner_l4: 62,
+    outer_src: IP4_SRC,
+    outer_dst: IP4_DST,
+    icmp: IP4_L4,
+    inner: IP4_L4 + icmp::HLEN,
+    inner_src: IP4_L4 + icmp::HLEN + ip4::SRC,
+    inner_dst: IP4_L4 + icmp::HLEN + ip4::DST,
+    inner_l4: IP4_L4 + icmp::HLEN + ip4::HLEN,
 };
 
 const V6: Layout = Layout {
-    outer_src: 22,
-    outer_dst: 38,
-    icmp: 54,
-    inner: 62,
-    inner_src: 70,
-    inner_dst: 86,
-    inner_l4: 102,
+    outer_src: IP6_SRC,
+    outer_dst: IP6_DST,
+    icmp: IP6_L4,
+    inner: IP6_L4 + icmp::HLEN,
+    inner_src: IP6_L4 + icmp::HLEN + ip6::SRC,
+    inner_dst: IP6_L4 + icmp::HLEN + ip6::DST,
+    inner_l4: IP6_L4 + icmp::HLEN + ip6::HLEN,
 };
 
 /// For an ICMP error (IPv4 proto 1 / IPv6 next header 58) quoting a TCP or
@@ -53,31 +59,35 @@ const V6: Layout = Layout {
 #[inline(always)]
 pub fn parse<P: Packet>(p: &P, v6: bool, proto: u8, t: &mut Tuple) -> Option<()> {
     let l = if v6 { &V6 } else { &V4 };
-    let icmp_type = p.read::<u8>(l.icmp)?;
+    let icmp_type = p.read::<u8>(l.icmp + icmp::TYPE)?;
     let error = if v6 {
-        proto == PROTO_ICMPV6 && (1..=4).contains(&icmp_type)
+        proto == PROTO_ICMPV6 && icmp::V6_ERRORS.contains(&icmp_type)
     } else {
-        proto == PROTO_ICMP && matches!(icmp_type, 3 | 11 | 12)
+        proto == PROTO_ICMP
+            && matches!(
+                icmp_type,
+                icmp::DEST_UNREACH | icmp::TIME_EXCEEDED | icmp::PARAMETER_PROBLEM
+            )
     };
     if !error {
         return None;
     }
     let inner_proto = if v6 {
-        if p.read::<u8>(l.inner)? >> 4 != 6 {
+        if p.read::<u8>(l.inner + ip6::VERSION)? >> 4 != 6 {
             return None;
         }
-        p.read::<u8>(l.inner + 6)?
+        p.read::<u8>(l.inner + ip6::NEXT_HEADER)?
     } else {
-        if p.read::<u8>(l.inner)? != 0x45 {
+        if p.read::<u8>(l.inner + ip4::VERSION_IHL)? != ip4::VERSION_IHL_PLAIN {
             return None;
         }
-        p.read::<u8>(l.inner + 9)?
+        p.read::<u8>(l.inner + ip4::PROTO)?
     };
     if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
         return None;
     }
     // The 8 quoted L4 bytes must be there.
-    p.read::<u8>(l.inner_l4 + 7)?;
+    p.read::<u8>(l.inner_l4 + icmp::QUOTED_L4 - 1)?;
     // The quoted packet went the other way: its source is the flow's
     // destination.
     if v6 {
@@ -87,8 +97,8 @@ pub fn parse<P: Packet>(p: &P, v6: bool, proto: u8, t: &mut Tuple) -> Option<()>
         t.dst = v4_mapped(p.read::<u32>(l.inner_src)?);
         t.src = v4_mapped(p.read::<u32>(l.inner_dst)?);
     }
-    t.dport = u16::from_be(p.read::<u16>(l.inner_l4)?);
-    t.sport = u16::from_be(p.read::<u16>(l.inner_l4 + 2)?);
+    t.dport = u16::from_be(p.read::<u16>(l.inner_l4 + l4::SPORT)?);
+    t.sport = u16::from_be(p.read::<u16>(l.inner_l4 + l4::DPORT)?);
     t.proto = inner_proto;
     Some(())
 }
@@ -122,29 +132,29 @@ pub fn rewrite<P: Packet>(p: &P, v6: bool, t: &Tuple, f: &Flow) -> Option<()> {
     ports.word16(t.dport.to_be(), f.dport.to_be());
     ports.word16(t.sport.to_be(), f.sport.to_be());
     // Everything changed inside the ICMP message, for its checksum.
-    let mut icmp = inner;
-    icmp.add(ports);
+    let mut message = inner;
+    message.add(ports);
     if v6 {
         // ICMPv6 covers a pseudo-header with the outer addresses.
-        icmp.add(outer);
+        message.add(outer);
         p.write(l.outer_src, f.src)?;
         p.write(l.outer_dst, f.dst)?;
         p.write(l.inner_src, f.dst)?;
         p.write(l.inner_dst, f.src)?;
     } else {
-        let c = p.read::<u16>(24)?;
-        p.write(24, outer.apply(c))?;
+        let c = p.read::<u16>(IP4_CSUM)?;
+        p.write(IP4_CSUM, outer.apply(c))?;
         p.write(l.outer_src, f.src[3])?;
         p.write(l.outer_dst, f.dst[3])?;
-        let ic = p.read::<u16>(l.inner + 10)?;
+        let ic = p.read::<u16>(l.inner + ip4::CSUM)?;
         let new_ic = inner.apply(ic);
-        icmp.word16(ic, new_ic);
-        p.write(l.inner + 10, new_ic)?;
+        message.word16(ic, new_ic);
+        p.write(l.inner + ip4::CSUM, new_ic)?;
         p.write(l.inner_src, f.dst[3])?;
         p.write(l.inner_dst, f.src[3])?;
     }
     if t.proto == PROTO_UDP {
-        let uc = p.read::<u16>(l.inner_l4 + 6)?;
+        let uc = p.read::<u16>(l.inner_l4 + l4::UDP_CSUM)?;
         if uc != 0 || v6 {
             let mut d = inner;
             d.add(ports);
@@ -152,12 +162,12 @@ pub fn rewrite<P: Packet>(p: &P, v6: bool, t: &Tuple, f: &Flow) -> Option<()> {
             if new_uc == 0 {
                 new_uc = 0xffff;
             }
-            icmp.word16(uc, new_uc);
-            p.write(l.inner_l4 + 6, new_uc)?;
+            message.word16(uc, new_uc);
+            p.write(l.inner_l4 + l4::UDP_CSUM, new_uc)?;
         }
     }
-    p.write(l.inner_l4, f.dport.to_be())?;
-    p.write(l.inner_l4 + 2, f.sport.to_be())?;
-    let cc = p.read::<u16>(l.icmp + 2)?;
-    p.write(l.icmp + 2, icmp.apply(cc))
+    p.write(l.inner_l4 + l4::SPORT, f.dport.to_be())?;
+    p.write(l.inner_l4 + l4::DPORT, f.sport.to_be())?;
+    let cc = p.read::<u16>(l.icmp + icmp::CSUM)?;
+    p.write(l.icmp + icmp::CSUM, message.apply(cc))
 }

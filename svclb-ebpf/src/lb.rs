@@ -1,12 +1,15 @@
-//! Service lookup and backend selection, shared by the socket hooks.
+//! Service lookup and backend selection: the socket hooks' (random choice,
+//! session affinity, the socket's reverse translation) and the Maglev table
+//! reads of the external path.
 use svclb_common::{
-    Affinity, AffinityKey, AffinityMatchKey, Backend, ServiceKey, ServiceValue, SockRevNat,
-    SockRevNatKey, BACKEND_ID_NONE, SCOPE_SOCKET, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
+    Affinity, AffinityKey, AffinityMatchKey, Backend, MaglevKey, ServiceKey, ServiceValue,
+    SockRevNat, SockRevNatKey, BACKEND_ID_NONE, SCOPE_SOCKET, SVC_FLAG_AFFINITY,
+    SVC_FLAG_DROP_EMPTY,
 };
 
 use crate::{
-    ctx::{self, SockAddr},
-    maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, SERVICES, SOCK_REV_NAT},
+    helpers::{self, SockAddr},
+    maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, MAGLEV, SERVICES, SOCK_REV_NAT},
 };
 
 /// The outcome of looking a destination up.
@@ -39,7 +42,7 @@ pub fn select_backend(dst: &SockAddr, proto: u8, client: impl Fn() -> u64) -> Ve
         slot: 0,
         _pad: 0,
     };
-    let Some(frontend) = ctx::lookup(&SERVICES, &key) else {
+    let Some(frontend) = helpers::lookup(&SERVICES, &key) else {
         return Verdict::Pass;
     };
     if frontend.count == 0 {
@@ -57,7 +60,7 @@ pub fn select_backend(dst: &SockAddr, proto: u8, client: impl Fn() -> u64) -> Ve
     } else {
         None
     };
-    let now = ctx::now_ns();
+    let now = helpers::now_ns();
     let remembered = match &affinity {
         Some(akey) => affine_backend(akey, &frontend, now),
         None => None,
@@ -65,15 +68,15 @@ pub fn select_backend(dst: &SockAddr, proto: u8, client: impl Fn() -> u64) -> Ve
     let (backend_id, backend) = match remembered {
         Some(found) => found,
         None => {
-            key.slot = (ctx::random() % frontend.count as u32) as u16 + 1;
-            let backend_id = match ctx::lookup(&SERVICES, &key) {
+            key.slot = (helpers::random() % frontend.count as u32) as u16 + 1;
+            let backend_id = match helpers::lookup(&SERVICES, &key) {
                 Some(slot) => slot.backend_id,
                 None => BACKEND_ID_NONE,
             };
             // A miss here would be a writer bug; refusing is safer than
             // letting the connect go to the service address, which nothing
             // answers.
-            let Some(backend) = ctx::lookup(&BACKENDS, &backend_id) else {
+            let Some(backend) = helpers::lookup(&BACKENDS, &backend_id) else {
                 return Verdict::Refuse;
             };
             (backend_id, backend)
@@ -100,7 +103,7 @@ pub fn select_backend(dst: &SockAddr, proto: u8, client: impl Fn() -> u64) -> Ve
 /// still belongs to the frontend.
 #[inline(always)]
 fn affine_backend(akey: &AffinityKey, frontend: &ServiceValue, now: u64) -> Option<(u32, Backend)> {
-    let last = ctx::lookup_lru(&AFFINITY, akey)?;
+    let last = helpers::lookup_lru(&AFFINITY, akey)?;
     if now.wrapping_sub(last.last_used_ns) > frontend.affinity_timeout as u64 * 1_000_000_000 {
         return None;
     }
@@ -108,8 +111,8 @@ fn affine_backend(akey: &AffinityKey, frontend: &ServiceValue, now: u64) -> Opti
         rev_nat_id: frontend.rev_nat_id,
         backend_id: last.backend_id,
     };
-    ctx::lookup(&AFFINITY_MATCH, &member)?;
-    let backend = ctx::lookup(&BACKENDS, &last.backend_id)?;
+    helpers::lookup(&AFFINITY_MATCH, &member)?;
+    let backend = helpers::lookup(&BACKENDS, &last.backend_id)?;
     Some((last.backend_id, backend))
 }
 
@@ -143,8 +146,19 @@ pub fn recall(cookie: u64, backend: &SockAddr) -> Option<SockAddr> {
         port: backend.port,
         _pad: [0; 6],
     };
-    ctx::lookup_lru(&SOCK_REV_NAT, &key).map(|v| SockAddr {
+    helpers::lookup_lru(&SOCK_REV_NAT, &key).map(|v| SockAddr {
         addr: v.addr,
         port: v.port,
     })
+}
+
+/// One entry of a Maglev table chunk, without copying the 4 KB chunk onto
+/// the 512-byte stack.
+#[inline(always)]
+pub fn maglev_entry(key: &MaglevKey, index: u32) -> Option<u32> {
+    let chunk = helpers::lookup_in_place(&MAGLEV, key)?;
+    // Callers pass `x % MAGLEV_CHUNK`; `get` must still check the index,
+    // for the verifier.
+    let index = helpers::opaque(index) as usize;
+    chunk.backend_ids.get(index).copied()
 }

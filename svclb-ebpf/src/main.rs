@@ -1,22 +1,35 @@
-//! svclb's eBPF programs. One module per attach point (`sock`: cgroup socket
-//! hooks, `xdp`: external traffic, `tc`: replies of local backends); `lb`
-//! and `external` hold the lookups and backend choice they use; `csum` is
-//! checksum arithmetic; `maps` declares the maps. `ctx` and `pkt` are the
-//! only modules with `unsafe` (kernel context, packet memory, helpers).
+//! svclb's eBPF programs. Modules, each using only those below it:
+//!
+//! - attach points: `sock` (cgroup socket hooks), `xdp` (external traffic),
+//!   `tc` (replies of local backends);
+//! - logic: `external` (the external path's flows and SNAT), `icmp` (ICMP
+//!   errors about flows), `lb` (service lookup, backend choice, Maglev),
+//!   `conntrack` (entries, per-family maps), `stats` (counters), `parse`
+//!   (header checks shared by XDP and tc), `csum` (checksum arithmetic);
+//! - below: `maps` (declarations), `scratch` (XDP working memory), `pkt`
+//!   (bounds-checked packet access), `helpers` (context and helper
+//!   wrappers), `consts` (wire and kernel constants).
+//!
+//! `unsafe` lives in `helpers`, `pkt` and `conntrack::CtEntry` only.
 #![no_std]
 #![no_main]
 // Map keys and values go to helpers by reference: passing them by value
 // would copy them onto the 512-byte stack first.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod conntrack;
+mod consts;
 mod csum;
-mod ctx;
 mod external;
+mod helpers;
 mod icmp;
 mod lb;
 mod maps;
+mod parse;
 mod pkt;
+mod scratch;
 mod sock;
+mod stats;
 mod tc;
 mod xdp;
 

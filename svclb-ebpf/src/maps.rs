@@ -1,5 +1,6 @@
-//! The maps, pinned by name under the agent's bpffs directory so that they
-//! outlive the agent process. Names and layouts come from svclb-common.
+//! The map declarations, and nothing else. The maps are pinned by name under
+//! the agent's bpffs directory so that they outlive the agent process;
+//! names and layouts come from svclb-common.
 use aya_ebpf::{
     macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
@@ -10,6 +11,8 @@ use svclb_common::{
     MaglevChunk, MaglevKey, RevNat, ServiceKey, ServiceValue, SockRevNat, SockRevNatKey,
     SourceRangeKey, XdpConfig,
 };
+
+use crate::scratch::Scratch;
 
 #[map(name = "SVCLB_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
@@ -61,7 +64,7 @@ pub static BACKENDS_EPOCH: Array<u32> = Array::pinned(1, 0);
 
 /// Not pinned: per-packet working memory of the XDP program.
 #[map(name = "SVCLB_SCRATCH")]
-pub static SCRATCH: PerCpuArray<crate::external::Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Set by the loader (svclb_common::globals::HAS_SET_RETVAL).
 #[unsafe(no_mangle)]

@@ -5,26 +5,20 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use svclb_common::{is_v4_mapped, PROTO_TCP, PROTO_UDP};
 
 use crate::{
-    ctx::{self, SockAddr},
+    consts::{ECONNREFUSED, ETIMEDOUT, SOCK_ALLOW, SOCK_REJECT},
+    helpers::{self, SockAddr},
     lb::{self, Verdict},
     maps::SVCLB_HAS_SET_RETVAL,
 };
-
-/// Return values of sock_addr programs.
-const ALLOW: i32 = 1;
-const REJECT: i32 = 0;
-
-const ECONNREFUSED: i32 = 111;
-const ETIMEDOUT: i32 = 110;
 
 /// Fail the connect/sendmsg with `errno`; without bpf_set_retval (kernel
 /// < 5.18) the caller sees EPERM instead.
 #[inline(always)]
 fn fail(errno: i32) -> i32 {
     if SVCLB_HAS_SET_RETVAL.load() != 0 {
-        ctx::set_retval(errno);
+        helpers::set_retval(errno);
     }
-    REJECT
+    SOCK_REJECT
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -35,28 +29,28 @@ enum Family {
 
 fn user_addr(ctx: &SockAddrContext, family: Family) -> SockAddr {
     match family {
-        Family::V4 => ctx::user_addr4(ctx),
-        Family::V6 => ctx::user_addr6(ctx),
+        Family::V4 => helpers::user_addr4(ctx),
+        Family::V6 => helpers::user_addr6(ctx),
     }
 }
 
 fn set_user_addr(ctx: &SockAddrContext, family: Family, to: &SockAddr) {
     match family {
-        Family::V4 => ctx::set_user_addr4(ctx, to),
-        Family::V6 => ctx::set_user_addr6(ctx, to),
+        Family::V4 => helpers::set_user_addr4(ctx, to),
+        Family::V6 => helpers::set_user_addr6(ctx, to),
     }
 }
 
 /// connect and sendmsg: frontend -> backend.
 #[inline(always)]
 fn translate_destination(ctx: &SockAddrContext, family: Family) -> i32 {
-    let proto = ctx::protocol(ctx);
+    let proto = helpers::protocol(ctx);
     if proto != PROTO_TCP && proto != PROTO_UDP {
-        return ALLOW;
+        return SOCK_ALLOW;
     }
     let dst = user_addr(ctx, family);
-    match lb::select_backend(&dst, proto, || ctx::netns_cookie(ctx)) {
-        Verdict::Pass => ALLOW,
+    match lb::select_backend(&dst, proto, || helpers::netns_cookie(ctx)) {
+        Verdict::Pass => SOCK_ALLOW,
         Verdict::Refuse => fail(ECONNREFUSED),
         // kube-proxy drops the packets and the client eventually times out;
         // a socket hook can't swallow a connect, so it fails at once with
@@ -69,11 +63,11 @@ fn translate_destination(ctx: &SockAddrContext, family: Family) -> i32 {
             // An AF_INET socket can only reach an IPv4 backend; the model
             // never mixes families, so this guards against bad map content.
             if family == Family::V4 && !is_v4_mapped(&backend.addr) {
-                return REJECT;
+                return SOCK_REJECT;
             }
             set_user_addr(ctx, family, &backend);
-            lb::remember(ctx::socket_cookie(ctx), &backend, &dst, rev_nat_id);
-            ALLOW
+            lb::remember(helpers::socket_cookie(ctx), &backend, &dst, rev_nat_id);
+            SOCK_ALLOW
         }
     }
 }
@@ -82,10 +76,10 @@ fn translate_destination(ctx: &SockAddrContext, family: Family) -> i32 {
 #[inline(always)]
 fn translate_peer(ctx: &SockAddrContext, family: Family) -> i32 {
     let peer = user_addr(ctx, family);
-    if let Some(frontend) = lb::recall(ctx::socket_cookie(ctx), &peer) {
+    if let Some(frontend) = lb::recall(helpers::socket_cookie(ctx), &peer) {
         set_user_addr(ctx, family, &frontend);
     }
-    ALLOW
+    SOCK_ALLOW
 }
 
 #[cgroup_sock_addr(connect4)]

@@ -4,22 +4,17 @@
 //! kernel's checksum helpers are used (not XDP's arithmetic) because
 //! locally forwarded packets may carry partial (offloaded) checksums.
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use svclb_common::{v4_mapped, Flow, PROTO_TCP, PROTO_UDP};
+use svclb_common::{v4_mapped, Flow};
 
 use crate::{
-    external::{self, Tuple},
-    icmp,
+    consts::{
+        l4, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, IP4_CSUM, IP4_DST, IP4_L4, IP4_PROTO, IP4_SRC,
+        IP6_DST, IP6_L4, IP6_NEXT_HEADER, IP6_SRC, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+        TC_ACT_OK,
+    },
+    external, icmp, parse,
+    scratch::Tuple,
 };
-
-const TC_ACT_OK: i32 = 0;
-const PROTO_ICMP: u8 = 1;
-const PROTO_ICMPV6: u8 = 58;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-/// bpf_l4_csum_replace flags: the field is in the pseudo-header; keep a
-/// zero UDP checksum zero.
-const F_PSEUDO_HDR: u64 = 1 << 4;
-const F_MARK_MANGLED_0: u64 = 1 << 5;
 
 #[classifier]
 pub fn svclb_tc_egress(ctx: TcContext) -> i32 {
@@ -29,29 +24,23 @@ pub fn svclb_tc_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn egress(ctx: &TcContext) -> Option<()> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
-    let v6 = match ethertype {
-        ETH_P_IP => false,
-        ETH_P_IPV6 => true,
-        _ => return None,
-    };
-    let (proto, src, dst, l4) = if v6 {
-        if ctx.load::<u8>(14).ok()? >> 4 != 6 {
+    let v6 = parse::is_ipv6(ctx)?;
+    let (proto, src, dst, l4_at) = if v6 {
+        if !parse::ip6_valid(ctx)? {
             return None;
         }
-        let proto = ctx.load::<u8>(20).ok()?;
-        let src = ctx.load::<[u32; 4]>(22).ok()?;
-        let dst = ctx.load::<[u32; 4]>(38).ok()?;
-        (proto, src, dst, 54)
+        let proto = ctx.load::<u8>(IP6_NEXT_HEADER).ok()?;
+        let src = ctx.load::<[u32; 4]>(IP6_SRC).ok()?;
+        let dst = ctx.load::<[u32; 4]>(IP6_DST).ok()?;
+        (proto, src, dst, IP6_L4)
     } else {
-        let frag = u16::from_be(ctx.load::<u16>(20).ok()?);
-        if ctx.load::<u8>(14).ok()? != 0x45 || frag & 0x3fff != 0 {
+        if !parse::ip4_plain(ctx)? {
             return None;
         }
-        let proto = ctx.load::<u8>(23).ok()?;
-        let src = v4_mapped(ctx.load::<u32>(26).ok()?);
-        let dst = v4_mapped(ctx.load::<u32>(30).ok()?);
-        (proto, src, dst, 34)
+        let proto = ctx.load::<u8>(IP4_PROTO).ok()?;
+        let src = v4_mapped(ctx.load::<u32>(IP4_SRC).ok()?);
+        let dst = v4_mapped(ctx.load::<u32>(IP4_DST).ok()?);
+        (proto, src, dst, IP4_L4)
     };
     if proto == PROTO_ICMP || proto == PROTO_ICMPV6 {
         // A local backend's error about a client's packet (say, port
@@ -61,13 +50,12 @@ fn egress(ctx: &TcContext) -> Option<()> {
         let f = external::egress(&t, v6)?;
         return icmp::rewrite(ctx, v6, &t, &f);
     }
-    let csum_at = match proto {
-        PROTO_TCP => l4 + 16,
-        PROTO_UDP => l4 + 6,
-        _ => return None,
-    };
-    let sport = ctx.load::<u16>(l4).ok()?;
-    let dport = ctx.load::<u16>(l4 + 2).ok()?;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    let csum_at = parse::l4_csum(l4_at, proto);
+    let sport = ctx.load::<u16>(l4_at + l4::SPORT).ok()?;
+    let dport = ctx.load::<u16>(l4_at + l4::DPORT).ok()?;
     let t = Tuple {
         src,
         dst,
@@ -78,7 +66,7 @@ fn egress(ctx: &TcContext) -> Option<()> {
         _pad2: 0,
     };
     let f = external::egress(&t, v6)?;
-    rewrite_source(ctx, v6, proto, csum_at, l4, &t, &f)
+    rewrite_source(ctx, v6, proto, csum_at, l4_at, &t, &f)
 }
 
 /// Replace the source address and port (the destination is the client
@@ -89,12 +77,12 @@ fn rewrite_source(
     v6: bool,
     proto: u8,
     csum_at: usize,
-    l4: usize,
+    l4_at: usize,
     t: &Tuple,
     f: &Flow,
 ) -> Option<()> {
     let mangled0 = if proto == PROTO_UDP {
-        F_MARK_MANGLED_0
+        BPF_F_MARK_MANGLED_0
     } else {
         0
     };
@@ -104,20 +92,20 @@ fn rewrite_source(
                 csum_at,
                 t.src[i] as u64,
                 f.src[i] as u64,
-                F_PSEUDO_HDR | mangled0 | 4,
+                BPF_F_PSEUDO_HDR | mangled0 | 4,
             )
             .ok()?;
         }
-        ctx.store(22, &f.src, 0).ok()?;
+        ctx.store(IP6_SRC, &f.src, 0).ok()?;
     } else {
         let (from, to) = (t.src[3] as u64, f.src[3] as u64);
-        ctx.l4_csum_replace(csum_at, from, to, F_PSEUDO_HDR | mangled0 | 4)
+        ctx.l4_csum_replace(csum_at, from, to, BPF_F_PSEUDO_HDR | mangled0 | 4)
             .ok()?;
-        ctx.l3_csum_replace(24, from, to, 4).ok()?;
-        ctx.store(26, &f.src[3], 0).ok()?;
+        ctx.l3_csum_replace(IP4_CSUM, from, to, 4).ok()?;
+        ctx.store(IP4_SRC, &f.src[3], 0).ok()?;
     }
     let (from, to) = (t.sport.to_be() as u64, f.sport.to_be() as u64);
     ctx.l4_csum_replace(csum_at, from, to, mangled0 | 2).ok()?;
-    ctx.store(l4, &f.sport.to_be(), 0).ok()?;
+    ctx.store(l4_at + l4::SPORT, &f.sport.to_be(), 0).ok()?;
     Some(())
 }

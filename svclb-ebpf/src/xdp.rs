@@ -8,52 +8,37 @@
 //! `icmp.rs`). Anything else (VLAN tags, IPv4 options,
 //! fragments, IPv6 extension headers) goes to the stack untranslated;
 //! such packets are counted (`stats::UNSUPPORTED`) and never rewritten.
-use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    macros::xdp,
-    programs::XdpContext,
-};
-use svclb_common::{stats, v4_mapped, Flow, Route, FLOW_INGRESS, PROTO_TCP, PROTO_UDP};
+use aya_ebpf::{macros::xdp, programs::XdpContext};
+use svclb_common::{stats, v4_mapped, Flow, Route, FLOW_INGRESS};
 
 use crate::{
+    conntrack::CtEntry,
+    consts::{
+        ip6, l4, AF_INET, AF_INET6, ETH_HLEN, FIB_BLACKHOLE, FIB_PROHIBIT, FIB_SUCCESS, IP4_CSUM,
+        IP4_DST, IP4_L4, IP4_PROTO, IP4_SRC, IP4_TOT_LEN, IP4_TTL, IP6_DST, IP6_HOP_LIMIT, IP6_L4,
+        IP6_NEXT_HEADER, IP6_PAYLOAD_LEN, IP6_SRC, NEXTHDR_AUTH, NEXTHDR_DEST, NEXTHDR_FRAGMENT,
+        NEXTHDR_HOP, NEXTHDR_ROUTING, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, XDP_DROP,
+        XDP_PASS, XDP_TX,
+    },
     csum::Delta,
-    ctx::{self, CtEntry},
-    external::{self, Decision, Scratch, Tuple},
-    icmp,
-    maps::TX_DEVICES,
-    pkt::{self, load, Frame},
+    external::{self, Decision},
+    helpers, icmp,
+    maps::{SCRATCH, TX_DEVICES},
+    parse,
+    pkt::{Frame, Packet},
+    scratch::{Scratch, Tuple},
+    stats::count,
 };
-
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const PROTO_ICMP: u8 = 1;
-const PROTO_ICMPV6: u8 = 58;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
-/// bpf_fib_lookup results that mean "no route": drop, as the stack would.
-const FIB_BLACKHOLE: i64 = 1;
-const FIB_PROHIBIT: i64 = 3;
-
-/// Offsets in an untagged Ethernet frame.
-const IP4_TTL: usize = 22;
-const IP4_CSUM: usize = 24;
-const IP4_SRC: usize = 26;
-const IP4_DST: usize = 30;
-const IP4_L4: usize = 34;
-const IP6_HOP_LIMIT: usize = 21;
-const IP6_SRC: usize = 22;
-const IP6_DST: usize = 38;
-const IP6_L4: usize = 54;
 
 #[xdp]
 pub fn svclb_xdp(ctx: XdpContext) -> u32 {
     // The 512-byte stack is shared along the call chain (and kernels
     // before 6.x count every frame as at least 32 bytes): this frame only
     // parses and dispatches; the work happens in callees on separate paths.
-    let Some(s) = ctx::scratch() else {
+    let Some(s) = helpers::this_cpu(&SCRATCH, 0) else {
         return XDP_PASS;
     };
-    let Some((v6, icmp_error)) = parse(&ctx, s) else {
+    let Some((v6, icmp_error)) = parse_packet(&ctx, s) else {
         return XDP_PASS;
     };
     if icmp_error {
@@ -106,7 +91,7 @@ fn icmp_error_path(ctx: &XdpContext, s: &mut Scratch, v6: bool) -> u32 {
     if icmp::rewrite(ctx, v6, &s.t, &s.flow).is_none() {
         return XDP_DROP;
     }
-    ctx::count(stats::ICMP_TRANSLATED);
+    count(stats::ICMP_TRANSLATED);
     let Some(p) = Frame::new(ctx, if v6 { IP6_L4 } else { IP4_L4 }) else {
         return XDP_DROP;
     };
@@ -121,15 +106,15 @@ fn icmp_error_path(ctx: &XdpContext, s: &mut Scratch, v6: bool) -> u32 {
 /// as conntrack knows it. (Fields are written in place: no tuple copies on
 /// the stack.)
 #[inline(always)]
-fn parse(ctx: &XdpContext, s: &mut Scratch) -> Option<(bool, bool)> {
-    let ethertype = Frame::new(ctx, 14)?.read::<u16>(12)?;
+fn parse_packet(ctx: &XdpContext, s: &mut Scratch) -> Option<(bool, bool)> {
+    let v6 = parse::is_ipv6(&Frame::new(ctx, ETH_HLEN)?);
     s.syn = false;
     s.t._pad = 0;
     s.t._pad2 = 0;
-    match u16::from_be(ethertype) {
-        ETH_P_IP => parse4(ctx, s).map(|icmp| (false, icmp)),
-        ETH_P_IPV6 => parse6(ctx, s).map(|icmp| (true, icmp)),
-        _ => None,
+    if v6? {
+        parse6(ctx, s).map(|icmp| (true, icmp))
+    } else {
+        parse4(ctx, s).map(|icmp| (false, icmp))
     }
 }
 
@@ -138,13 +123,11 @@ fn parse(ctx: &XdpContext, s: &mut Scratch) -> Option<(bool, bool)> {
 #[inline(always)]
 fn parse4(ctx: &XdpContext, s: &mut Scratch) -> Option<bool> {
     let ip = Frame::new(ctx, IP4_L4)?;
-    let version_ihl = ip.read::<u8>(14)?;
-    let frag = u16::from_be(ip.read::<u16>(20)?);
-    if version_ihl != 0x45 || frag & 0x3fff != 0 {
-        ctx::count(stats::UNSUPPORTED);
+    if !parse::ip4_plain(&ip)? {
+        count(stats::UNSUPPORTED);
         return None;
     }
-    let proto = ip.read::<u8>(23)?;
+    let proto = ip.read::<u8>(IP4_PROTO)?;
     if proto == PROTO_ICMP {
         return icmp::parse(ctx, false, proto, &mut s.t).map(|()| true);
     }
@@ -158,19 +141,21 @@ fn parse4(ctx: &XdpContext, s: &mut Scratch) -> Option<bool> {
 #[inline(always)]
 fn parse6(ctx: &XdpContext, s: &mut Scratch) -> Option<bool> {
     let ip = Frame::new(ctx, IP6_L4)?;
-    let proto = ip.read::<u8>(20)?;
-    if ip.read::<u8>(14)? >> 4 != 6 {
+    let proto = ip.read::<u8>(IP6_NEXT_HEADER)?;
+    if !parse::ip6_valid(&ip)? {
         return None;
     }
     if proto == PROTO_ICMPV6 {
         return icmp::parse(ctx, true, proto, &mut s.t).map(|()| true);
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
-        // Extension headers (hop-by-hop, routing, fragment, AH, destination
-        // options) may hide TCP/UDP for a frontend: count them like IPv4
-        // options and fragments. Other protocols are simply not ours.
-        if matches!(proto, 0 | 43 | 44 | 51 | 60) {
-            ctx::count(stats::UNSUPPORTED);
+        // Extension headers may hide TCP/UDP for a frontend: count them like
+        // IPv4 options and fragments. Other protocols are simply not ours.
+        if matches!(
+            proto,
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_AUTH | NEXTHDR_DEST
+        ) {
+            count(stats::UNSUPPORTED);
         }
         return None;
     }
@@ -181,36 +166,29 @@ fn parse6(ctx: &XdpContext, s: &mut Scratch) -> Option<bool> {
     Some(false)
 }
 
-/// The frame up to the end of the TCP or UDP header at `l4`, if it is all
-/// there (the checksum sits at its end).
+/// The frame up to the end of the TCP or UDP header at `l4_at`, if it is
+/// all there (the checksum sits at its end).
 #[inline(always)]
-fn l4_frame(ctx: &XdpContext, l4: usize, proto: u8) -> Option<Frame> {
+fn l4_frame(ctx: &XdpContext, l4_at: usize, proto: u8) -> Option<Frame> {
+    // A check per protocol, not one on a selected length: the established
+    // path was measured with this shape of code.
     match proto {
-        PROTO_TCP => Frame::new(ctx, l4 + 20),
-        PROTO_UDP => Frame::new(ctx, l4 + 8),
+        PROTO_TCP => Frame::new(ctx, l4_at + l4::TCP_HLEN),
+        PROTO_UDP => Frame::new(ctx, l4_at + l4::UDP_HLEN),
         _ => None,
     }
 }
 
 /// Protocol, ports and SYN flag into `s`.
 #[inline(always)]
-fn ports(p: &Frame, l4: usize, proto: u8, s: &mut Scratch) -> Option<()> {
+fn ports(p: &Frame, l4_at: usize, proto: u8, s: &mut Scratch) -> Option<()> {
     s.t.proto = proto;
-    s.t.sport = u16::from_be(p.read::<u16>(l4)?);
-    s.t.dport = u16::from_be(p.read::<u16>(l4 + 2)?);
-    // TCP flags: SYN (0x02) without ACK (0x10).
-    s.syn = proto == PROTO_TCP && p.read::<u8>(l4 + 13).is_some_and(|f| f & 0x12 == 0x02);
+    s.t.sport = u16::from_be(p.read::<u16>(l4_at + l4::SPORT)?);
+    s.t.dport = u16::from_be(p.read::<u16>(l4_at + l4::DPORT)?);
+    s.syn = proto == PROTO_TCP
+        && p.read::<u8>(l4_at + l4::TCP_FLAGS)
+            .is_some_and(|f| f & (l4::TCP_SYN | l4::TCP_ACK) == l4::TCP_SYN);
     Some(())
-}
-
-/// Offset of the TCP or UDP checksum.
-#[inline(always)]
-fn l4_csum(l4: usize, proto: u8) -> usize {
-    if proto == PROTO_TCP {
-        l4 + 16
-    } else {
-        l4 + 6
-    }
 }
 
 /// Rewrite addresses and ports from `t` to `f`, updating the TCP/UDP
@@ -219,8 +197,8 @@ fn l4_csum(l4: usize, proto: u8) -> usize {
 /// frame up to the end of the L4 header.
 #[inline(always)]
 fn rewrite(ctx: &XdpContext, v6: bool, t: &Tuple, f: &Flow) -> Option<Frame> {
-    let l4 = if v6 { IP6_L4 } else { IP4_L4 };
-    let p = l4_frame(ctx, l4, t.proto)?;
+    let l4_at = if v6 { IP6_L4 } else { IP4_L4 };
+    let p = l4_frame(ctx, l4_at, t.proto)?;
     if v6 {
         p.write_each(IP6_SRC, &f.src)?;
         p.write_each(IP6_DST, &f.dst)?;
@@ -228,7 +206,7 @@ fn rewrite(ctx: &XdpContext, v6: bool, t: &Tuple, f: &Flow) -> Option<Frame> {
         p.write(IP4_SRC, f.src[3])?;
         p.write(IP4_DST, f.dst[3])?;
     }
-    let csum_at = l4_csum(l4, t.proto);
+    let csum_at = parse::l4_csum(l4_at, t.proto);
     let c = p.read::<u16>(csum_at)?;
     // An IPv4 UDP datagram without checksum (0) stays without one.
     if !(c == 0 && t.proto == PROTO_UDP && !v6) {
@@ -238,8 +216,8 @@ fn rewrite(ctx: &XdpContext, v6: bool, t: &Tuple, f: &Flow) -> Option<Frame> {
         }
         p.write(csum_at, c)?;
     }
-    p.write(l4, f.sport.to_be())?;
-    p.write(l4 + 2, f.dport.to_be())?;
+    p.write(l4_at + l4::SPORT, f.sport.to_be())?;
+    p.write(l4_at + l4::DPORT, f.dport.to_be())?;
     Some(p)
 }
 
@@ -248,47 +226,48 @@ fn rewrite(ctx: &XdpContext, v6: bool, t: &Tuple, f: &Flow) -> Option<Frame> {
 #[inline(always)]
 fn ip_len(p: &Frame, v6: bool) -> u16 {
     if v6 {
-        p.read::<u16>(18)
-            .map_or(0, |l| u16::from_be(l).saturating_add(40))
+        p.read::<u16>(IP6_PAYLOAD_LEN)
+            .map_or(0, |l| u16::from_be(l).saturating_add(ip6::HLEN as u16))
     } else {
-        p.read::<u16>(16).map_or(0, u16::from_be)
+        p.read::<u16>(IP4_TOT_LEN).map_or(0, u16::from_be)
     }
 }
 
-/// Where a translated packet of `f` (of IP length `len`) goes, into `r`: straight back out (XDP_TX) or to another of the agent's
-/// devices when the route and neighbour are known, else to the stack
+/// Where a translated packet of `f` (of IP length `len`) goes, into `r`:
+/// straight back out (XDP_TX) or to another of the agent's devices when the route and neighbour are known, else to the stack
 /// (which also resolves neighbours and serves pod veths). Err: no route
 /// (drop, as the stack would); Ok(true): a result worth caching.
 #[inline(never)]
 fn route(ctx: &XdpContext, v6: bool, f: &Flow, len: u16, r: &mut Route) -> Result<bool, ()> {
     let ingress = ctx.ingress_ifindex() as u32;
-    let mut p = pkt::fib_params();
+    let mut p = helpers::fib_params();
     p.ifindex = ingress;
     p.sport = f.sport.to_be();
     p.dport = f.dport.to_be();
     if v6 {
         p.family = AF_INET6;
-        pkt::fib_set_v6(&mut p, &f.src, &f.dst);
+        helpers::fib_set_v6(&mut p, &f.src, &f.dst);
     } else {
         p.family = AF_INET;
-        pkt::fib_set_v4(&mut p, f.src[3], f.dst[3]);
+        helpers::fib_set_v4(&mut p, f.src[3], f.dst[3]);
     }
-    // Protocol: the byte after the TTL in IPv4, the next header in IPv6.
-    p.l4_protocol = load::<u8>(ctx, if v6 { 20 } else { 23 }).unwrap_or(0);
-    pkt::fib_set_tot_len(&mut p, len);
-    let rc = pkt::fib_lookup(ctx, &mut p);
+    p.l4_protocol = ctx
+        .read::<u8>(if v6 { IP6_NEXT_HEADER } else { IP4_PROTO })
+        .unwrap_or(0);
+    helpers::fib_set_tot_len(&mut p, len);
+    let rc = helpers::fib_lookup(ctx, &mut p);
     if (FIB_BLACKHOLE..=FIB_PROHIBIT).contains(&rc) {
         return Err(());
     }
     let out = p.ifindex;
-    if rc != 0 || (out != ingress && TX_DEVICES.get_ifindex(out).is_none()) {
+    if rc != FIB_SUCCESS || (out != ingress && TX_DEVICES.get_ifindex(out).is_none()) {
         r.ifindex = 0;
         return Ok(false);
     }
     r.ifindex = out;
     // 5.12+ return the route's MTU in place of the length; older kernels
     // leave the length, so longer packets look up again.
-    r.max_len = pkt::fib_mtu(&p).max(len);
+    r.max_len = helpers::fib_mtu(&p).max(len);
     let (d, s) = (p.dmac, p.smac);
     r.macs = [
         u16::from_ne_bytes([d[0], d[1]]),
@@ -302,22 +281,20 @@ fn route(ctx: &XdpContext, v6: bool, f: &Flow, len: u16, r: &mut Route) -> Resul
 }
 
 /// Send a translated packet (`p`: at least its Ethernet and IP headers)
-/// by `r` (see `route`), applying `ip` (the address change) to the IPv4
-/// header checksum together with the TTL's; a packet whose TTL runs out
-/// goes to the stack, which answers it.
+/// by `r` (see `route`), or to the stack (see `finish_ip_header`).
 #[inline(always)]
 fn forward(ctx: &XdpContext, p: &Frame, v6: bool, r: &Route, ip: Delta) -> u32 {
-    let Some(ttl) = decrement_ttl(p, v6, r.ifindex != 0, ip) else {
+    let Some(ttl) = finish_ip_header(p, v6, r.ifindex != 0, ip) else {
         return XDP_DROP;
     };
     if ttl == 0 {
-        ctx::count(stats::XDP_PASSED);
+        count(stats::XDP_PASSED);
         return XDP_PASS;
     }
     if p.write_each(0, &r.macs).is_none() {
         return XDP_DROP;
     }
-    ctx::count(stats::XDP_FORWARDED);
+    count(stats::XDP_FORWARDED);
     if r.ifindex == ctx.ingress_ifindex() as u32 {
         XDP_TX
     } else {
@@ -327,14 +304,16 @@ fn forward(ctx: &XdpContext, p: &Frame, v6: bool, r: &Route, ip: Delta) -> u32 {
     }
 }
 
-/// When `forwarding` and the TTL (hop limit) allows, decrement it and
+/// Complete the IP header of a translated packet and decide where it goes:
+/// when `forwarding` and the TTL (hop limit) allows, decrement it and
 /// return the new value; else leave it and return 0 (the stack takes the
-/// packet). The IPv4 checksum gets `ip` and the TTL change in one update.
+/// packet, and answers one whose TTL ran out). The IPv4 header checksum
+/// gets `ip` (the address change) and the TTL change in one update.
 /// (The TTL and protocol form one checksummed word, read and written as
 /// such: a byte store followed by a word load of the same bytes stalls the
 /// CPU's store forwarding, which cost ~10% of the established path.)
 #[inline(always)]
-fn decrement_ttl(p: &Frame, v6: bool, forwarding: bool, mut ip: Delta) -> Option<u8> {
+fn finish_ip_header(p: &Frame, v6: bool, forwarding: bool, mut ip: Delta) -> Option<u8> {
     if v6 {
         let hops = p.read::<u8>(IP6_HOP_LIMIT)?;
         if !forwarding || hops <= 1 {
