@@ -11,6 +11,7 @@ mod barrier;
 mod kernel;
 pub mod loader;
 pub mod maglev;
+pub mod mounts;
 pub mod prog_test;
 mod writer;
 
