@@ -298,12 +298,12 @@ fn ensure_bpffs() -> PathBuf {
 
 /// Mount points of whole file systems (root "/") of this type.
 fn mounts(fstype: &str) -> Vec<PathBuf> {
-    (svclb_userspace::dataplane::mounts::read()
-        .unwrap()
-        .into_iter())
-    .filter(|m| m.is_whole() && m.fstype == fstype)
-    .map(|m| m.point)
-    .collect()
+    let mounts = svclb_userspace::dataplane::mounts::read().expect("reading mountinfo");
+    mounts
+        .into_iter()
+        .filter(|m| m.is_whole() && m.fstype == fstype)
+        .map(|m| m.point)
+        .collect()
 }
 
 // ---- tests ----
