@@ -137,14 +137,10 @@ fn raise_memlock_rlimit() {
 /// The cgroup2 mount point, from /proc/self/mountinfo (it is /sys/fs/cgroup
 /// on a normal node, elsewhere on hybrid layouts).
 pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    mountinfo
-        .lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mount_point = left.split_whitespace().nth(4)?;
-            (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
-        })
+    crate::dataplane::mounts::read()?
+        .into_iter()
+        .find(|m| m.fstype == "cgroup2")
+        .map(|m| m.point)
         .filter(|p: &PathBuf| Path::new(p).is_dir())
         .context("no cgroup2 mount in /proc/self/mountinfo")
 }

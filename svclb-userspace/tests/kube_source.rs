@@ -298,17 +298,11 @@ fn ensure_bpffs() -> PathBuf {
 
 /// Mount points of whole file systems (root "/") of this type.
 fn mounts(fstype: &str) -> Vec<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    (mountinfo.lines())
-        .filter_map(|line| {
-            // id parent major:minor root mountpoint opts ... - fstype source opts
-            let (left, right) = line.split_once(" - ")?;
-            let fields: Vec<&str> = left.split_whitespace().collect();
-            let whole = fields.get(3) == Some(&"/");
-            let matches = right.split_whitespace().next() == Some(fstype);
-            (whole && matches).then_some(())?;
-            Some(PathBuf::from(fields.get(4)?))
-        })
+    let mounts = svclb_userspace::dataplane::mounts::read().expect("reading mountinfo");
+    mounts
+        .into_iter()
+        .filter(|m| m.is_whole() && m.fstype == fstype)
+        .map(|m| m.point)
         .collect()
 }
 

@@ -40,6 +40,7 @@ pub mod manifests;
 pub mod mounts;
 pub mod netns;
 pub mod probe;
+pub mod prog_test;
 
 pub use agent::Agent;
 pub use cluster::{

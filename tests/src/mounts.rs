@@ -9,55 +9,13 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
+use svclb_userspace::dataplane::mounts::{self, Mount};
 
 /// Where svclb agents pin their maps and links: one subdirectory per node.
 pub const BPFFS: &str = "/sys/fs/bpf";
 
-struct Mount {
-    root: String,
-    point: PathBuf,
-    fstype: String,
-}
-
-fn mounts() -> Result<Vec<Mount>> {
-    let text = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
-    let mut out = Vec::new();
-    for line in text.lines() {
-        // id parent major:minor root mountpoint opts [optional...] - fstype source superopts
-        let (left, right) = line.split_once(" - ").unwrap_or((line, ""));
-        let f: Vec<&str> = left.split(' ').collect();
-        let Some(fstype) = right.split(' ').next() else {
-            continue;
-        };
-        if f.len() < 5 {
-            continue;
-        }
-        out.push(Mount {
-            root: unescape(f[3]),
-            point: PathBuf::from(unescape(f[4])),
-            fstype: fstype.to_string(),
-        });
-    }
-    Ok(out)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as \ooo.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = |j: usize| b.get(j).is_some_and(|c| (b'0'..=b'7').contains(c));
-        if b[i] == b'\\' && octal(i + 1) && octal(i + 2) && octal(i + 3) {
-            let d = |j: usize| u32::from(b[j] - b'0');
-            out.push((d(i + 1) * 64 + d(i + 2) * 8 + d(i + 3)) as u8);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+fn read_mounts() -> Result<Vec<Mount>> {
+    mounts::read().context("reading /proc/self/mountinfo")
 }
 
 /// The cgroup v2 mount point (the whole hierarchy, root "/").
@@ -66,16 +24,16 @@ pub fn cgroup2_root() -> Result<PathBuf> {
     if let Some(p) = ROOT.get() {
         return Ok(p.clone());
     }
-    let found = mounts()?
+    let found = read_mounts()?
         .into_iter()
-        .find(|m| m.fstype == "cgroup2" && m.root == "/")
+        .find(|m| m.fstype == "cgroup2" && m.is_whole())
         .map(|m| m.point)
         .ok_or_else(|| anyhow!("no cgroup2 mount in /proc/self/mountinfo"))?;
     Ok(ROOT.get_or_init(|| found).clone())
 }
 
 fn is_bpffs(path: &Path) -> Result<bool> {
-    Ok(mounts()?
+    Ok(read_mounts()?
         .iter()
         .any(|m| m.point == path && m.fstype == "bpf"))
 }
@@ -116,16 +74,4 @@ pub fn ensure_bpffs() -> Result<PathBuf> {
         );
     }
     Ok(path)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unescapes_octal() {
-        assert_eq!(unescape(r"/a\040b"), "/a b");
-        assert_eq!(unescape("/sys/fs/cgroup"), "/sys/fs/cgroup");
-        assert_eq!(unescape(r"\"), r"\");
-    }
 }

@@ -9,6 +9,7 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
+use aya::maps::{Array, DevMapHash, MapData};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::xdp::XdpLink;
 use aya::programs::{
@@ -16,9 +17,9 @@ use aya::programs::{
     TcAttachType, Xdp, XdpMode,
 };
 use aya::{Ebpf, EbpfLoader};
-use svclb_common::globals;
+use svclb_common::{globals, XdpConfig};
 
-use super::DataplaneError;
+use super::{Capacity, DataplaneError, KernelMaps, Writer, WriterMaps};
 
 /// The object svclb-userspace/build.rs built from svclb-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svclb"));
@@ -126,6 +127,68 @@ pub fn load(bpffs: &Path, conntrack_size: u32) -> Result<Ebpf, DataplaneError> {
         .override_global(globals::HAS_SET_RETVAL, &has_set_retval, true)
         .load(OBJECT)
         .map_err(|e| DataplaneError::Load(chain(&e)))
+}
+
+/// The eBPF object loaded, with its maps pinned in (or reused from) the
+/// pin directory, and the maps userspace writes taken from it; no program
+/// is loaded into the kernel or attached yet. [`super::Dataplane::start`]
+/// attaches the programs; the BPF_PROG_RUN harness of svclb-tests runs them
+/// unattached, over the same maps.
+pub struct Unattached {
+    pub ebpf: Ebpf,
+    /// Adopted what the maps held.
+    pub writer: Writer<KernelMaps>,
+    pub xdp_config: Array<MapData, XdpConfig>,
+    /// The devices XDP may redirect to.
+    pub tx_devices: DevMapHash<MapData>,
+}
+
+/// [`load`], then take the maps userspace writes.
+pub fn load_unattached(bpffs: &Path, conntrack_size: u32) -> Result<Unattached, DataplaneError> {
+    use svclb_common::maps::*;
+    let mut ebpf = load(bpffs, conntrack_size)?;
+    let mut take = |name: &'static str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| DataplaneError::Load(format!("map {name} missing from the object")))
+    };
+    let open = |map: &'static str| {
+        move |source| DataplaneError::Map {
+            map,
+            op: "open",
+            source,
+        }
+    };
+    let maps = KernelMaps::new(WriterMaps {
+        services: take(SERVICES)?,
+        backends: take(BACKENDS)?,
+        rev_nat: take(REV_NAT)?,
+        affinity_match: take(AFFINITY_MATCH)?,
+        maglev: take(MAGLEV)?,
+        source_ranges: take(SOURCE_RANGES)?,
+        backends_epoch: take(BACKENDS_EPOCH)?,
+    })?;
+    let xdp_config = Array::try_from(take(XDP_CONFIG)?).map_err(open(XDP_CONFIG))?;
+    let tx_devices = DevMapHash::try_from(take(TX_DEVICES)?).map_err(open(TX_DEVICES))?;
+    let writer = Writer::adopt(maps, Capacity::default())?;
+    Ok(Unattached {
+        ebpf,
+        writer,
+        xdp_config,
+        tx_devices,
+    })
+}
+
+/// Let XDP redirect to the device `ifindex`.
+pub fn add_tx_device(
+    tx_devices: &mut DevMapHash<MapData>,
+    ifindex: u32,
+) -> Result<(), DataplaneError> {
+    tx_devices
+        .insert(ifindex, ifindex, None, 0)
+        .map_err(|e| DataplaneError::Attach {
+            program: XDP_PROGRAM,
+            reason: format!("{} update: {e}", svclb_common::maps::TX_DEVICES),
+        })
 }
 
 /// A pinned conntrack map of another size or layout (an older svclb's)

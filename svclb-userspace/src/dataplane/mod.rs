@@ -11,7 +11,7 @@ mod barrier;
 mod kernel;
 pub mod loader;
 pub mod maglev;
-pub mod prog_test;
+pub mod mounts;
 mod writer;
 
 pub use kernel::{entries, KernelMaps, WriterMaps};
@@ -105,30 +105,13 @@ impl DataplaneConfig {
 impl Dataplane {
     /// Load (reusing pinned maps), adopt what the maps hold, and attach.
     pub fn start(config: &DataplaneConfig) -> Result<Self, DataplaneError> {
-        let mut ebpf = loader::load(&config.bpffs, config.conntrack_size)?;
-        let take = |ebpf: &mut Ebpf, name: &'static str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| DataplaneError::Load(format!("map {name} missing from the object")))
-        };
-        use svclb_common::maps::*;
-        let maps = KernelMaps::new(WriterMaps {
-            services: take(&mut ebpf, SERVICES)?,
-            backends: take(&mut ebpf, BACKENDS)?,
-            rev_nat: take(&mut ebpf, REV_NAT)?,
-            affinity_match: take(&mut ebpf, AFFINITY_MATCH)?,
-            maglev: take(&mut ebpf, MAGLEV)?,
-            source_ranges: take(&mut ebpf, SOURCE_RANGES)?,
-            backends_epoch: take(&mut ebpf, BACKENDS_EPOCH)?,
-        })?;
-        let mut writer = Writer::adopt(maps, Capacity::default())?;
+        let loader::Unattached {
+            mut ebpf,
+            mut writer,
+            xdp_config,
+            mut tx_devices,
+        } = loader::load_unattached(&config.bpffs, config.conntrack_size)?;
         writer.set_maglev_size(config.maglev_table_size);
-        let map_err = |map: &'static str, op: &'static str| {
-            move |source| DataplaneError::Map { map, op, source }
-        };
-        let xdp_config = aya::maps::Array::try_from(take(&mut ebpf, XDP_CONFIG)?)
-            .map_err(map_err(XDP_CONFIG, "open"))?;
-        let mut tx_devices = aya::maps::DevMapHash::try_from(take(&mut ebpf, TX_DEVICES)?)
-            .map_err(map_err(TX_DEVICES, "open"))?;
         loader::attach(&mut ebpf, &config.cgroup, &config.bpffs)?;
         let modes =
             loader::attach_external(&mut ebpf, &config.devices, config.xdp_mode, &config.bpffs)?;
@@ -151,12 +134,7 @@ impl Dataplane {
                 program: loader::XDP_PROGRAM,
                 reason: format!("device {dev} not found"),
             })?;
-            tx_devices
-                .insert(index, index, None, 0)
-                .map_err(|e| DataplaneError::Attach {
-                    program: loader::XDP_PROGRAM,
-                    reason: format!("{TX_DEVICES} update: {e}"),
-                })?;
+            loader::add_tx_device(&mut tx_devices, index)?;
             current.push(index);
         }
         for index in old.into_iter().filter(|i| !current.contains(i)) {
@@ -223,7 +201,7 @@ impl Dataplane {
 
 /// The external path's settings: the first IPv4 and IPv6 of `addresses`
 /// as SNAT sources, and the SNAT port range.
-pub(crate) fn write_xdp_config(
+pub fn write_xdp_config(
     map: &mut aya::maps::Array<aya::maps::MapData, svclb_common::XdpConfig>,
     addresses: &[std::net::IpAddr],
     ports: (u16, u16),

@@ -12,13 +12,13 @@
 use std::net::{IpAddr, SocketAddr};
 
 use svclb_common::{flow_hash, stats, FLOW_EGRESS, PROTO_TCP, PROTO_UDP};
-use svclb_userspace::dataplane::abi::addr_to_abi;
-use svclb_userspace::dataplane::maglev;
-use svclb_userspace::dataplane::prog_test::packet::{self, Packet, IP4_MF, TCP_ACK};
-use svclb_userspace::dataplane::prog_test::{
+use svclb_tests::prog_test::packet::{self, Packet, IP4_MF, TCP_ACK};
+use svclb_tests::prog_test::{
     ProgTest, Run, TestNode, EXT_MAC, NODE2_V4, NODE_V4, NODE_V6, PEER_MAC, ROUTER_MAC, TC_ACT_OK,
     XDP_DROP, XDP_PASS, XDP_TX,
 };
+use svclb_userspace::dataplane::abi::addr_to_abi;
+use svclb_userspace::dataplane::maglev;
 use svclb_userspace::model::{
     Backend, Cidr, Frontend, FrontendKey, FrontendKind, Protocol, Scope, WhenEmpty,
 };

@@ -17,11 +17,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use svclb_userspace::dataplane::maglev::DEFAULT_TABLE_SIZE;
-use svclb_userspace::dataplane::prog_test::packet::{Packet, TCP_ACK, TCP_SYN};
-use svclb_userspace::dataplane::prog_test::{
+use svclb_tests::prog_test::packet::{Packet, TCP_ACK, TCP_SYN};
+use svclb_tests::prog_test::{
     ProgTest, TestNode, EXT_MAC, NODE_V4, ROUTER_MAC, XDP_DROP, XDP_PASS, XDP_TX,
 };
+use svclb_userspace::dataplane::maglev::DEFAULT_TABLE_SIZE;
 use svclb_userspace::model::{Backend, Frontend, FrontendKey, FrontendKind, Protocol, Scope};
 
 #[derive(Parser)]
@@ -232,8 +232,7 @@ fn expect(verdict: u32, want: u32, what: &str) -> Result<()> {
 /// drops, so at most 250 repetitions per call, from TTL 255.
 fn steady_state(t: &mut ProgTest, flow: &[u8], ifindex: u32, batches: usize) -> Result<Stat> {
     const REPEAT: u32 = 250;
-    let first =
-        svclb_userspace::dataplane::prog_test::packet::summary(flow).context("flow packet")?;
+    let first = svclb_tests::prog_test::packet::summary(flow).context("flow packet")?;
     let (_, real) = t
         .conntrack()
         .into_iter()

@@ -11,19 +11,19 @@ use std::fs::{self, File};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
+use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray};
 use aya::programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp};
 use aya::Ebpf;
 use svclb_common::{Flow, FlowKey, FlowKey4, XdpConfig};
+use svclb_userspace::dataplane::loader::{self, TC_PROGRAM, XDP_PROGRAM};
+use svclb_userspace::dataplane::{self, ApplyStats, DataplaneError, KernelMaps, Writer};
+use svclb_userspace::model::{Frontend, ServiceId};
 
-use super::loader::{self, TC_PROGRAM, XDP_PROGRAM};
-use super::{ApplyStats, Capacity, DataplaneError, KernelMaps, WriterMaps};
-use crate::model::{Frontend, ServiceId};
+use crate::{cmd, netns};
 
 pub mod packet;
 
@@ -57,7 +57,7 @@ pub struct Run {
 /// The loaded programs and their maps, pinned in a scratch bpffs directory
 /// that is removed on drop.
 pub struct ProgTest {
-    pub writer: super::Writer<KernelMaps>,
+    pub writer: Writer<KernelMaps>,
     xdp_config: Array<MapData, XdpConfig>,
     tx_devices: DevMapHash<MapData>,
     conntrack4: HashMap<MapData, FlowKey4, Flow>,
@@ -73,21 +73,16 @@ impl ProgTest {
     pub fn load(conntrack_size: u32) -> Result<Self, DataplaneError> {
         let bpffs = Path::new("/sys/fs/bpf").join(unique("svclb-test"));
         let mut scratch = Scratch(Some(bpffs.clone()));
-        let mut ebpf = loader::load(&bpffs, conntrack_size)?;
+        let loader::Unattached {
+            mut ebpf,
+            writer,
+            xdp_config,
+            tx_devices,
+        } = loader::load_unattached(&bpffs, conntrack_size)?;
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
                 .ok_or_else(|| DataplaneError::Load(format!("map {name} missing from the object")))
         };
-        use svclb_common::maps::*;
-        let maps = KernelMaps::new(WriterMaps {
-            services: take(SERVICES)?,
-            backends: take(BACKENDS)?,
-            rev_nat: take(REV_NAT)?,
-            affinity_match: take(AFFINITY_MATCH)?,
-            maglev: take(MAGLEV)?,
-            source_ranges: take(SOURCE_RANGES)?,
-            backends_epoch: take(BACKENDS_EPOCH)?,
-        })?;
         let open = |map: &'static str| {
             move |source| DataplaneError::Map {
                 map,
@@ -95,8 +90,7 @@ impl ProgTest {
                 source,
             }
         };
-        let xdp_config = Array::try_from(take(XDP_CONFIG)?).map_err(open(XDP_CONFIG))?;
-        let tx_devices = DevMapHash::try_from(take(TX_DEVICES)?).map_err(open(TX_DEVICES))?;
+        use svclb_common::maps::{CONNTRACK4, CONNTRACK6, STATS};
         let conntrack4 = HashMap::try_from(take(CONNTRACK4)?).map_err(open(CONNTRACK4))?;
         let conntrack6 = HashMap::try_from(take(CONNTRACK6)?).map_err(open(CONNTRACK6))?;
         let stats = PerCpuArray::try_from(take(STATS)?).map_err(open(STATS))?;
@@ -110,7 +104,6 @@ impl ProgTest {
         xdp.load().map_err(load_err(XDP_PROGRAM))?;
         let tc: &mut SchedClassifier = program_mut(&mut ebpf, TC_PROGRAM)?;
         tc.load().map_err(load_err(TC_PROGRAM))?;
-        let writer = super::Writer::adopt(maps, Capacity::default())?;
         scratch.0 = None; // from here on, Drop of ProgTest removes it
         Ok(ProgTest {
             writer,
@@ -152,17 +145,12 @@ impl ProgTest {
             .into_iter()
             .chain(v6.map(IpAddr::V6))
             .collect();
-        super::write_xdp_config(&mut self.xdp_config, &addresses, ports)
+        dataplane::write_xdp_config(&mut self.xdp_config, &addresses, ports)
     }
 
     /// Let XDP redirect to the device `ifindex` (the agent's --devices).
     pub fn add_tx_device(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
-        self.tx_devices
-            .insert(ifindex, ifindex, None, 0)
-            .map_err(|e| DataplaneError::Attach {
-                program: XDP_PROGRAM,
-                reason: format!("{} update: {e}", svclb_common::maps::TX_DEVICES),
-            })
+        loader::add_tx_device(&mut self.tx_devices, ifindex)
     }
 
     /// Add a conntrack entry, as if the programs had made it (to the IPv4
@@ -335,18 +323,10 @@ pub const NODE2_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 201, 1);
 pub const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x20, 0, 0, 0, 0, 0, 1);
 pub const NODE2_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x21, 0, 0, 0, 0, 0, 1);
 
-/// `ip netns add` makes /run/netns a shared mount the first time; two
-/// concurrent first calls can stack two mounts and hide each other's
-/// namespaces. Serialise adds and deletes within this process.
-static NETNS_LOCK: Mutex<()> = Mutex::new(());
-
 impl TestNode {
-    pub fn create() -> std::io::Result<TestNode> {
+    pub fn create() -> Result<TestNode> {
         let name = unique("svlbfx");
-        {
-            let _g = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-            ip(&["netns", "add", &name])?;
-        }
+        netns::create(&name)?;
         // From here on, Drop deletes the namespace.
         let mut node = TestNode {
             name,
@@ -456,9 +436,7 @@ impl TestNode {
             vec!["route", "add", "fd00:1::/64", "dev", "pod0"],
         ];
         for step in steps {
-            let mut args = vec!["-n", n.as_str()];
-            args.extend(step);
-            ip(&args)?;
+            cmd::ip(Some(&n), &step)?;
         }
         node.ext_ifindex = ifindex(&n, "ext0")?;
         node.pod_ifindex = ifindex(&n, "pod0")?;
@@ -472,11 +450,9 @@ impl TestNode {
 
     /// Give the neighbour at `addr` (on ext0) a new MAC address, as when
     /// a next hop is replaced.
-    pub fn set_neighbour(&self, addr: IpAddr, mac: [u8; 6]) -> std::io::Result<()> {
+    pub fn set_neighbour(&self, addr: IpAddr, mac: [u8; 6]) -> Result<()> {
         let (addr, mac) = (addr.to_string(), mac_string(mac));
-        ip(&[
-            "-n",
-            &self.name,
+        let args = [
             "neigh",
             "replace",
             &addr,
@@ -486,22 +462,28 @@ impl TestNode {
             "ext0",
             "nud",
             "permanent",
-        ])
+        ];
+        cmd::ip(Some(&self.name), &args).map(drop)
     }
 
     /// Move the calling thread into the namespace (for good: call it on a
     /// thread of its own, see [`TestNode::in_netns`]).
-    pub fn enter(&self) -> std::io::Result<()> {
-        let ns = File::open(Path::new("/run/netns").join(&self.name))?;
+    pub fn enter(&self) -> Result<()> {
+        let path = netns::path(&self.name);
+        let ns = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: setns(2) on a namespace fd we own; affects this thread only.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error());
+            bail!(
+                "setns into {}: {}",
+                self.name,
+                std::io::Error::last_os_error()
+            );
         }
         Ok(())
     }
 
     /// Run `f` on a new thread inside the namespace; panics propagate.
-    pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+    pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
         std::thread::scope(|s| {
             s.spawn(|| {
                 self.enter()?;
@@ -515,8 +497,7 @@ impl TestNode {
 
 impl Drop for TestNode {
     fn drop(&mut self) {
-        let _g = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = ip(&["netns", "del", &self.name]);
+        let _ = netns::delete(&self.name);
     }
 }
 
@@ -527,26 +508,11 @@ fn mac_string(m: [u8; 6]) -> String {
         .join(":")
 }
 
-fn ip(args: &[&str]) -> std::io::Result<()> {
-    let out = Command::new("ip").args(args).output()?;
-    if !out.status.success() {
-        return Err(std::io::Error::other(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
-}
-
-fn ifindex(netns: &str, dev: &str) -> std::io::Result<u32> {
-    let out = Command::new("ip")
-        .args(["-n", netns, "-o", "link", "show", dev])
-        .output()?;
+fn ifindex(netns: &str, dev: &str) -> Result<u32> {
+    let out = cmd::ip(Some(netns), &["-o", "link", "show", dev])?;
     // "4: ext0@ext0p: <...> ..."
-    String::from_utf8_lossy(&out.stdout)
-        .split(':')
+    out.split(':')
         .next()
         .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no ifindex for {dev} in {netns}")))
+        .ok_or_else(|| anyhow!("no ifindex for {dev} in {netns}"))
 }

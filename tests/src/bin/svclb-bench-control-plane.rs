@@ -14,7 +14,7 @@ use clap::Parser;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
-use svclb_userspace::agent::cgroup2_root;
+use svclb_tests::mounts::cgroup2_root;
 use svclb_userspace::dataplane::{Dataplane, DataplaneConfig};
 use svclb_userspace::model::{NodeContext, Object, ObjectStore, ServiceId};
 
