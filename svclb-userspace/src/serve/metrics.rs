@@ -173,62 +173,7 @@ impl Metrics {
     fn render_with(&self, process: Option<&process::ProcessStats>) -> String {
         let m = self.inner();
         let mut out = String::new();
-        let alpha = |help: &str| format!("[ALPHA] {help}");
-
-        m.network_programming.render(
-            &mut out,
-            "kubeproxy_network_programming_duration_seconds",
-            &alpha("In Cluster Network Programming Latency in seconds"),
-        );
-        labelled(
-            &mut out,
-            "kubeproxy_proxy_healthz_total",
-            &alpha("Cumulative proxy healthz HTTP status"),
-            "counter",
-            "code",
-            m.healthz.iter().map(|(c, n)| (c.to_string(), *n as f64)),
-        );
-        labelled(
-            &mut out,
-            "kubeproxy_proxy_livez_total",
-            &alpha("Cumulative proxy livez HTTP status"),
-            "counter",
-            "code",
-            m.livez.iter().map(|(c, n)| (c.to_string(), *n as f64)),
-        );
-        m.sync_duration.render(
-            &mut out,
-            "kubeproxy_sync_proxy_rules_duration_seconds",
-            &alpha("SyncProxyRules latency in seconds"),
-        );
-        single(
-            &mut out,
-            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
-            &alpha("Cumulative proxy rules Endpoint changes"),
-            "counter",
-            m.endpoint_changes as f64,
-        );
-        single(
-            &mut out,
-            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-            &alpha("The last time a sync of proxy rules was queued"),
-            "gauge",
-            m.last_queued,
-        );
-        single(
-            &mut out,
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-            &alpha("The last time proxy rules were successfully synced"),
-            "gauge",
-            m.last_sync,
-        );
-        single(
-            &mut out,
-            "kubeproxy_sync_proxy_rules_service_changes_total",
-            &alpha("Cumulative proxy rules Service changes"),
-            "counter",
-            m.service_changes as f64,
-        );
+        kube_proxy_series(&mut out, &m);
         if let Some(p) = process {
             p.render(&mut out);
         }
@@ -249,64 +194,7 @@ impl Metrics {
             m.maps.iter().map(|(k, (n, _))| (k.clone(), *n as f64)),
         );
         if let Some(x) = &m.external {
-            use svclb_common::stats::*;
-            single(
-                &mut out,
-                "svclb_conntrack_entries",
-                "Entries in the external path's conntrack maps, IPv4 and IPv6 (sampled)",
-                "gauge",
-                x.conntrack_entries as f64,
-            );
-            single(
-                &mut out,
-                "svclb_conntrack_capacity",
-                "Size of the external path's conntrack maps together (--conntrack-size each)",
-                "gauge",
-                x.conntrack_capacity as f64,
-            );
-            single(
-                &mut out,
-                "svclb_conntrack_flows_created_total",
-                "New external flows (each adds two conntrack entries)",
-                "counter",
-                x.counter(CT_CREATED) as f64,
-            );
-            single(
-                &mut out,
-                "svclb_conntrack_evictions_total",
-                "Conntrack entries evicted because the map was full (estimate: created minus present)",
-                "counter",
-                x.conntrack_evictions() as f64,
-            );
-            labelled(
-                &mut out,
-                "svclb_xdp_packets_total",
-                "Packets the external path translated, by where they went",
-                "counter",
-                "result",
-                [
-                    ("forwarded", XDP_FORWARDED),
-                    ("passed", XDP_PASSED),
-                    ("icmp_translated", ICMP_TRANSLATED),
-                    ("unsupported", UNSUPPORTED),
-                ]
-                .into_iter()
-                .map(|(k, i)| (k.to_string(), x.counter(i) as f64)),
-            );
-            labelled(
-                &mut out,
-                "svclb_xdp_drops_total",
-                "New external flows not served (dropped, or refused by the stack for a node port without endpoints), by reason",
-                "counter",
-                "reason",
-                [
-                    ("no_backend", NO_BACKEND),
-                    ("source_range", SOURCE_RANGE_DENIED),
-                    ("snat_exhausted", SNAT_EXHAUSTED),
-                ]
-                .into_iter()
-                .map(|(k, i)| (k.to_string(), x.counter(i) as f64)),
-            );
+            external_series(&mut out, x);
         }
         labelled(
             &mut out,
@@ -325,6 +213,128 @@ impl Metrics {
         // Plain counters: still meaningful after a panicking holder.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The series kube-proxy exposes, with its names, help texts and buckets.
+fn kube_proxy_series(out: &mut String, m: &Inner) {
+    let alpha = |help: &str| format!("[ALPHA] {help}");
+
+    m.network_programming.render(
+        out,
+        "kubeproxy_network_programming_duration_seconds",
+        &alpha("In Cluster Network Programming Latency in seconds"),
+    );
+    labelled(
+        out,
+        "kubeproxy_proxy_healthz_total",
+        &alpha("Cumulative proxy healthz HTTP status"),
+        "counter",
+        "code",
+        m.healthz.iter().map(|(c, n)| (c.to_string(), *n as f64)),
+    );
+    labelled(
+        out,
+        "kubeproxy_proxy_livez_total",
+        &alpha("Cumulative proxy livez HTTP status"),
+        "counter",
+        "code",
+        m.livez.iter().map(|(c, n)| (c.to_string(), *n as f64)),
+    );
+    m.sync_duration.render(
+        out,
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        &alpha("SyncProxyRules latency in seconds"),
+    );
+    single(
+        out,
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        &alpha("Cumulative proxy rules Endpoint changes"),
+        "counter",
+        m.endpoint_changes as f64,
+    );
+    single(
+        out,
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        &alpha("The last time a sync of proxy rules was queued"),
+        "gauge",
+        m.last_queued,
+    );
+    single(
+        out,
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        &alpha("The last time proxy rules were successfully synced"),
+        "gauge",
+        m.last_sync,
+    );
+    single(
+        out,
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        &alpha("Cumulative proxy rules Service changes"),
+        "counter",
+        m.service_changes as f64,
+    );
+}
+
+/// The external path's conntrack and XDP counters.
+fn external_series(out: &mut String, x: &crate::dataplane::ExternalStats) {
+    use svclb_common::stats::*;
+    single(
+        out,
+        "svclb_conntrack_entries",
+        "Entries in the external path's conntrack maps, IPv4 and IPv6 (sampled)",
+        "gauge",
+        x.conntrack_entries as f64,
+    );
+    single(
+        out,
+        "svclb_conntrack_capacity",
+        "Size of the external path's conntrack maps together (--conntrack-size each)",
+        "gauge",
+        x.conntrack_capacity as f64,
+    );
+    single(
+        out,
+        "svclb_conntrack_flows_created_total",
+        "New external flows (each adds two conntrack entries)",
+        "counter",
+        x.counter(CT_CREATED) as f64,
+    );
+    single(
+        out,
+        "svclb_conntrack_evictions_total",
+        "Conntrack entries evicted because the map was full (estimate: created minus present)",
+        "counter",
+        x.conntrack_evictions() as f64,
+    );
+    labelled(
+        out,
+        "svclb_xdp_packets_total",
+        "Packets the external path translated, by where they went",
+        "counter",
+        "result",
+        [
+            ("forwarded", XDP_FORWARDED),
+            ("passed", XDP_PASSED),
+            ("icmp_translated", ICMP_TRANSLATED),
+            ("unsupported", UNSUPPORTED),
+        ]
+        .into_iter()
+        .map(|(k, i)| (k.to_string(), x.counter(i) as f64)),
+    );
+    labelled(
+        out,
+        "svclb_xdp_drops_total",
+        "New external flows not served (dropped, or refused by the stack for a node port without endpoints), by reason",
+        "counter",
+        "reason",
+        [
+            ("no_backend", NO_BACKEND),
+            ("source_range", SOURCE_RANGE_DENIED),
+            ("snat_exhausted", SNAT_EXHAUSTED),
+        ]
+        .into_iter()
+        .map(|(k, i)| (k.to_string(), x.counter(i) as f64)),
+    );
 }
 
 /// Serve /metrics, /proxyMode and /healthz on `addr` until the task is dropped.
