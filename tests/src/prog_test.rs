@@ -79,21 +79,10 @@ impl ProgTest {
             xdp_config,
             tx_devices,
         } = loader::load_unattached(&bpffs, conntrack_size)?;
-        let mut take = |name: &'static str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| DataplaneError::Load(format!("map {name} missing from the object")))
-        };
-        let open = |map: &'static str| {
-            move |source| DataplaneError::Map {
-                map,
-                op: "open",
-                source,
-            }
-        };
         use svclb_common::maps::{CONNTRACK4, CONNTRACK6, STATS};
-        let conntrack4 = HashMap::try_from(take(CONNTRACK4)?).map_err(open(CONNTRACK4))?;
-        let conntrack6 = HashMap::try_from(take(CONNTRACK6)?).map_err(open(CONNTRACK6))?;
-        let stats = PerCpuArray::try_from(take(STATS)?).map_err(open(STATS))?;
+        let conntrack4 = loader::take_typed(&mut ebpf, CONNTRACK4)?;
+        let conntrack6 = loader::take_typed(&mut ebpf, CONNTRACK6)?;
+        let stats = loader::take_typed(&mut ebpf, STATS)?;
         let load_err = |program: &'static str| {
             move |e: ProgramError| DataplaneError::Attach {
                 program,

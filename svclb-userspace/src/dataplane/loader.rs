@@ -9,7 +9,7 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, DevMapHash, MapData};
+use aya::maps::{Array, DevMapHash, Map, MapData, MapError};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::xdp::XdpLink;
 use aya::programs::{
@@ -147,17 +147,7 @@ pub struct Unattached {
 pub fn load_unattached(bpffs: &Path, conntrack_size: u32) -> Result<Unattached, DataplaneError> {
     use svclb_common::maps::*;
     let mut ebpf = load(bpffs, conntrack_size)?;
-    let mut take = |name: &'static str| {
-        ebpf.take_map(name)
-            .ok_or_else(|| DataplaneError::Load(format!("map {name} missing from the object")))
-    };
-    let open = |map: &'static str| {
-        move |source| DataplaneError::Map {
-            map,
-            op: "open",
-            source,
-        }
-    };
+    let mut take = |name| take_map(&mut ebpf, name);
     let maps = KernelMaps::new(WriterMaps {
         services: take(SERVICES)?,
         backends: take(BACKENDS)?,
@@ -167,14 +157,32 @@ pub fn load_unattached(bpffs: &Path, conntrack_size: u32) -> Result<Unattached, 
         source_ranges: take(SOURCE_RANGES)?,
         backends_epoch: take(BACKENDS_EPOCH)?,
     })?;
-    let xdp_config = Array::try_from(take(XDP_CONFIG)?).map_err(open(XDP_CONFIG))?;
-    let tx_devices = DevMapHash::try_from(take(TX_DEVICES)?).map_err(open(TX_DEVICES))?;
+    let xdp_config = take_typed(&mut ebpf, XDP_CONFIG)?;
+    let tx_devices = take_typed(&mut ebpf, TX_DEVICES)?;
     let writer = Writer::adopt(maps, Capacity::default())?;
     Ok(Unattached {
         ebpf,
         writer,
         xdp_config,
         tx_devices,
+    })
+}
+
+/// Take map `name` out of the loaded object.
+pub fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DataplaneError> {
+    ebpf.take_map(name)
+        .ok_or_else(|| DataplaneError::Load(format!("map {name} missing from the object")))
+}
+
+/// [`take_map`] as its typed view (`HashMap`, `Array`, ...).
+pub fn take_typed<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    T::try_from(take_map(ebpf, name)?).map_err(|source| DataplaneError::Map {
+        map: name,
+        op: "open",
+        source,
     })
 }
 
