@@ -5,9 +5,10 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use svclb_common::{
     Backend as AbiBackend, MaglevChunk, MaglevKey, RevNat, ServiceKey, ServiceValue,
-    SourceRangeKey, BACKEND_ACTIVE, BACKEND_TERMINATING, MAGLEV_CHUNK, PROTO_TCP, PROTO_UDP,
-    SCOPE_EXTERNAL, SCOPE_SOCKET, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_EMPTY,
-    SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    SourceRangeKey, XdpConfig, BACKEND_ACTIVE, BACKEND_TERMINATING, MAGLEV_CHUNK, PROTO_TCP,
+    PROTO_UDP, SCOPE_EXTERNAL, SCOPE_SOCKET, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
+    SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::model::{Cidr, Frontend, FrontendKey, FrontendKind, Protocol, Scope, WhenEmpty};
@@ -350,6 +351,24 @@ impl SourceRange {
             rev_nat_id: u32::from_be(key.rev_nat_id_be),
             addr: key.addr,
         }
+    }
+}
+
+/// The external path's settings: the first IPv4 and IPv6 of `addresses` as
+/// SNAT sources, and the SNAT port range.
+pub fn xdp_config_to_abi(addresses: &[IpAddr], ports: (u16, u16)) -> XdpConfig {
+    let first = |v4: bool| {
+        addresses
+            .iter()
+            .find(|a| a.is_ipv4() == v4)
+            .map_or([0; 4], |a| addr_to_abi(*a))
+    };
+    XdpConfig {
+        snat_addr4: first(true),
+        snat_addr6: first(false),
+        snat_port_min: ports.0,
+        snat_port_max: ports.1,
+        _pad: 0,
     }
 }
 

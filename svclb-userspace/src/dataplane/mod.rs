@@ -206,19 +206,7 @@ pub fn write_xdp_config(
     addresses: &[std::net::IpAddr],
     ports: (u16, u16),
 ) -> Result<(), DataplaneError> {
-    let first = |v4: bool| {
-        addresses
-            .iter()
-            .find(|a| a.is_ipv4() == v4)
-            .map_or([0; 4], |a| abi::addr_to_abi(*a))
-    };
-    let config = svclb_common::XdpConfig {
-        snat_addr4: first(true),
-        snat_addr6: first(false),
-        snat_port_min: ports.0,
-        snat_port_max: ports.1,
-        _pad: 0,
-    };
+    let config = abi::xdp_config_to_abi(addresses, ports);
     map.set(0, config, 0).map_err(|source| DataplaneError::Map {
         map: svclb_common::maps::XDP_CONFIG,
         op: "update",
