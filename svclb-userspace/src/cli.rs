@@ -17,7 +17,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: keep this node's BPF maps in sync with the cluster's Services.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Inspect the pinned BPF maps.
     Maps {
         #[command(subcommand)]

@@ -258,7 +258,9 @@ impl Env {
         self.wait_for_log(&needle, DEADLINE);
         let log = self.log_text();
         let line = log.lines().find(|l| l.contains(&needle)).unwrap();
-        let addr = line.split_whitespace().find_map(|w| w.strip_prefix("addr="));
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="));
         addr.unwrap_or_else(|| panic!("no addr= in {line:?}"))
             .to_string()
     }
@@ -301,7 +303,10 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
     .unwrap();
     let mut response = String::new();
     conn.read_to_string(&mut response).unwrap();
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok());
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
     (status.expect(&response), body.unwrap_or_default())
 }
@@ -697,7 +702,11 @@ fn failed_service_is_retried_without_events() {
     env.wait_for_log(SYNC_MARKER, EVENT_DEADLINE);
     env.wait_for_log("already belongs to service demo/first", EVENT_DEADLINE);
     let text = http_get(&metrics, "/metrics").1;
-    assert_eq!(metric(&text, "svclb_sync_retries_pending"), Some(1.0), "{text}");
+    assert_eq!(
+        metric(&text, "svclb_sync_retries_pending"),
+        Some(1.0),
+        "{text}"
+    );
     let conflicts = r#"svclb_sync_errors_total{reason="conflict"}"#;
     assert!(metric(&text, conflicts) >= Some(1.0), "{text}");
     assert_eq!(http_get(&health, "/healthz").0, 200);

@@ -243,7 +243,7 @@ impl Metrics {
         labelled(
             &mut out,
             "svclb_translation_errors_total",
-            "Objects or services svclb could not translate or apply, by reason",
+            "Objects or parts of objects svclb could not translate (left out), by reason",
             "counter",
             "reason",
             m.translation_errors
