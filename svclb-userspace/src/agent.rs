@@ -15,6 +15,7 @@ use crate::serve::metrics::{self, Metrics};
 use crate::serve::Server;
 use crate::source::{kube, Source, SourceEvent};
 
+mod retry;
 mod sync_loop;
 
 pub use sync_loop::SyncLoop;
@@ -35,8 +36,8 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         None => cgroup2_root().context("finding the cgroup2 mount (pass --cgroup)")?,
     };
     let metrics = Arc::new(Metrics::new());
-    let health =
-        Arc::new(ProxyHealth::new(healthz::DEFAULT_HEALTH_TIMEOUT).with_metrics(metrics.clone()));
+    // kube-proxy's health timeout: two sync periods.
+    let health = Arc::new(ProxyHealth::new(2 * args.sync_period).with_metrics(metrics.clone()));
     // Before the programs load, so a taken port fails the start-up.
     serve_endpoints(&args, &health, &metrics).await?;
     raise_memlock_rlimit();
@@ -58,7 +59,14 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(source.run(args.node_name.clone(), tx));
     let health_checks = HealthCheckServers::new(health.clone());
-    let sync = SyncLoop::new(&args.node_name, dataplane, health, metrics, health_checks);
+    let sync = SyncLoop::new(
+        &args.node_name,
+        dataplane,
+        health,
+        metrics,
+        health_checks,
+        args.sync_period,
+    );
     sync_until_signal(sync, rx).await?;
     // The links and maps stay pinned: traffic keeps flowing until the next agent.
     tracing::info!("exiting; programs stay attached");
@@ -82,8 +90,9 @@ async fn serve_endpoints(
     Ok(())
 }
 
-/// Feed the source's events to `sync` until SIGTERM or SIGINT; an error if
-/// the source stops.
+/// Feed the source's events to `sync`, and flush it after each burst and
+/// whenever a retry or the periodic resync is due, until SIGTERM or
+/// SIGINT; an error if the source stops.
 async fn sync_until_signal(
     mut sync: SyncLoop,
     mut events: mpsc::Receiver<SourceEvent>,
@@ -91,18 +100,21 @@ async fn sync_until_signal(
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
-        let event = tokio::select! {
-            event = events.recv() => event,
+        let wakeup = tokio::time::Instant::from_std(sync.next_wakeup());
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else {
+                    bail!("the object source stopped");
+                };
+                sync.handle(event);
+                // Take whatever else is queued so a burst becomes one update per service.
+                while let Ok(event) = events.try_recv() {
+                    sync.handle(event);
+                }
+            }
+            _ = tokio::time::sleep_until(wakeup) => {}
             _ = sigterm.recv() => return Ok(()),
             _ = sigint.recv() => return Ok(()),
-        };
-        let Some(event) = event else {
-            bail!("the object source stopped");
-        };
-        sync.handle(event);
-        // Take whatever else is queued so a burst becomes one update per service.
-        while let Ok(event) = events.try_recv() {
-            sync.handle(event);
         }
         sync.flush();
     }

@@ -17,7 +17,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: keep this node's BPF maps in sync with the cluster's Services.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Inspect the pinned BPF maps.
     Maps {
         #[command(subcommand)]
@@ -71,6 +71,21 @@ pub struct RunArgs {
     /// net.ipv4.ip_local_port_range (32768-60999 by default).
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
     pub snat_ports: (u16, u16),
+    /// How often every service is applied again even without changes (the
+    /// maps are rewritten only where they differ), e.g. 30s, 1m. /healthz
+    /// turns unhealthy when changes wait longer than twice this.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub sync_period: std::time::Duration,
+}
+
+/// A positive duration such as 30s, 1m or 1h30m (Go's spelling, as
+/// kube-proxy's flags take it).
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d: k8s_openapi::jiff::SignedDuration = s.parse().map_err(|e| format!("{e}"))?;
+    match std::time::Duration::try_from(d) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err("must be positive".into()),
+    }
 }
 
 fn parse_maglev_size(s: &str) -> Result<u32, String> {
@@ -104,4 +119,35 @@ pub enum MapsCommand {
 pub enum Output {
     Table,
     Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn sync_period_takes_go_durations() {
+        let parse = |args: &[&str]| {
+            let argv = ["svclb", "run", "--node-name", "n1"].iter().chain(args);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Run(a)) => Ok(a.sync_period),
+                Ok(_) => unreachable!(),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(parse(&[]), Ok(Duration::from_secs(30)));
+        assert_eq!(parse(&["--sync-period", "1m"]), Ok(Duration::from_secs(60)));
+        assert_eq!(
+            parse(&["--sync-period=1h30m"]),
+            Ok(Duration::from_secs(5400))
+        );
+        assert_eq!(
+            parse(&["--sync-period", "250ms"]),
+            Ok(Duration::from_millis(250))
+        );
+        for bad in ["0s", "-5s", "soon", "30"] {
+            assert!(parse(&["--sync-period", bad]).is_err(), "{bad}");
+        }
+    }
 }

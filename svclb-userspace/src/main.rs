@@ -16,7 +16,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(svclb_userspace::agent::run(args)),
+            .block_on(svclb_userspace::agent::run(*args)),
         Command::Maps {
             command: MapsCommand::Dump { bpffs, output },
         } => svclb_userspace::dump::run(&bpffs, output),

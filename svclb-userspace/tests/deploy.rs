@@ -239,7 +239,8 @@ fn daemonset_runs_unprivileged_with_what_svclb_needs() {
     };
     assert_eq!(run.cgroup.as_deref(), Some(Path::new(&cgroup.mount_path)));
 
-    // Probes on the health port: /livez restarts, /healthz gates readiness.
+    // Probes on the health port: /livez restarts, /healthz gates start-up
+    // and readiness.
     let healthz: std::net::SocketAddr = flag(&args, "healthz-bind-address").parse().unwrap();
     assert!(
         healthz.ip().is_unspecified(),
@@ -254,6 +255,10 @@ fn daemonset_runs_unprivileged_with_what_svclb_needs() {
     assert_eq!(
         probe(c.liveness_probe.as_ref()),
         ("/livez".into(), port.clone())
+    );
+    assert_eq!(
+        probe(c.startup_probe.as_ref()),
+        ("/healthz".into(), port.clone())
     );
     assert_eq!(probe(c.readiness_probe.as_ref()), ("/healthz".into(), port));
 

@@ -123,6 +123,11 @@ impl Env {
 
     /// Starts `svclb run` against the mock; its log goes to a new file.
     fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    /// [`Self::start_agent`] with more `svclb run` arguments.
+    fn start_agent_with(&mut self, args: &[&str]) {
         assert!(self.agent.is_none(), "an agent is running");
         self.starts += 1;
         self.log = self.scratch.join(format!("agent-{}.log", self.starts));
@@ -140,6 +145,7 @@ impl Env {
             .arg(&self.cgroup)
             .arg("--bpffs")
             .arg(&self.bpffs)
+            .args(args)
             .env("RUST_LOG", "info")
             .env_remove("KUBECONFIG")
             .stdin(Stdio::null())
@@ -245,6 +251,20 @@ impl Env {
         }
     }
 
+    /// The address the agent serves `what` on ("/healthz" or "/metrics"),
+    /// from its "serving ... addr=..." log line.
+    fn served_addr(&mut self, what: &str) -> String {
+        let needle = format!("serving {what} ");
+        self.wait_for_log(&needle, DEADLINE);
+        let log = self.log_text();
+        let line = log.lines().find(|l| l.contains(&needle)).unwrap();
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="));
+        addr.unwrap_or_else(|| panic!("no addr= in {line:?}"))
+            .to_string()
+    }
+
     /// How many times the agent changed the maps for demo/NAME, from its
     /// "applied service=..." log lines (written after the maps).
     fn applied(&self, name: &str) -> usize {
@@ -269,6 +289,34 @@ impl Drop for Env {
         let _ = fs::remove_dir(&self.cgroup);
         let _ = fs::remove_dir_all(&self.scratch);
     }
+}
+
+/// GET http://ADDR/PATH: (status, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: svclb\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok());
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    (status.expect(&response), body.unwrap_or_default())
+}
+
+/// The value of the sample `series` (name with labels, as printed) in a
+/// /metrics text; None when absent.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
 }
 
 /// The cgroup2 mount point (the whole hierarchy), from mountinfo.
@@ -591,4 +639,89 @@ fn restart_does_not_prune_before_sync() {
     mock.set_fault(Resource::Nodes, Fault::None);
     env.wait_for_maps(&["198.18.0.10:80/TCP -> 198.19.0.3:8080"], DEADLINE);
     env.wait_for_log(SYNC_MARKER, EVENT_DEADLINE);
+}
+
+/// Issue 13: an agent that cannot sync (here the API server answers 403 as
+/// when RBAC denies the lists) is not ready, so a rolling update stops on
+/// it; alive all the same (a restart would not help). Once the lists work,
+/// it syncs and turns ready.
+#[test]
+fn unready_until_the_first_sync() {
+    let mock = mock_with(vec![
+        service("web", "198.18.0.10", 80),
+        slice("web-a", "web", &["198.19.0.1"]),
+    ]);
+    for r in ALL {
+        mock.set_fault(r, Fault::Status(403));
+    }
+    let mut env = Env::new("unready", &mock);
+    env.start_agent();
+    let health = env.served_addr("/healthz");
+    let failed: Vec<usize> = ALL.iter().map(|r| mock.counts(*r).failed).collect();
+    env.wait_until("denied lists", DEADLINE, |_| {
+        ALL.iter()
+            .zip(&failed)
+            .all(|(r, n)| mock.counts(*r).failed >= n + 2)
+    });
+    let (status, body) = http_get(&health, "/healthz");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with(r#"{"lastUpdated": "0001-01-01 00:00:00 +0000 UTC","#),
+        "{body}"
+    );
+    assert_eq!(http_get(&health, "/livez").0, 200);
+    assert!(!env.log_text().contains(SYNC_MARKER));
+
+    for r in ALL {
+        mock.set_fault(r, Fault::None);
+    }
+    env.wait_for_maps(&["198.18.0.10:80/TCP -> 198.19.0.1:8080"], DEADLINE);
+    env.wait_until("/healthz 200", EVENT_DEADLINE, |_| {
+        http_get(&health, "/healthz").0 == 200
+    });
+}
+
+/// Issue 13: a service that failed to reach the maps is retried without
+/// any event for it. Here it wants a frontend another service holds; when
+/// that one goes, the retry (not the periodic resync, an hour away) writes
+/// it. Such a conflict is the input's fault: /healthz stays 200.
+#[test]
+fn failed_service_is_retried_without_events() {
+    let mock = mock_with(vec![
+        service("first", "198.18.0.30", 80),
+        slice("first-a", "first", &["198.19.0.1"]),
+        // Same address and port: the frontend stays with demo/first.
+        service("second", "198.18.0.30", 80),
+        slice("second-a", "second", &["198.19.0.2"]),
+    ]);
+    let mut env = Env::new("retry", &mock);
+    env.start_agent_with(&["--sync-period", "1h"]);
+    let health = env.served_addr("/healthz");
+    let metrics = env.served_addr("/metrics");
+    env.wait_for_maps(&["198.18.0.30:80/TCP -> 198.19.0.1:8080"], DEADLINE);
+    env.wait_for_log(SYNC_MARKER, EVENT_DEADLINE);
+    env.wait_for_log("already belongs to service demo/first", EVENT_DEADLINE);
+    let text = http_get(&metrics, "/metrics").1;
+    assert_eq!(
+        metric(&text, "svclb_sync_retries_pending"),
+        Some(1.0),
+        "{text}"
+    );
+    let conflicts = r#"svclb_sync_errors_total{reason="conflict"}"#;
+    assert!(metric(&text, conflicts) >= Some(1.0), "{text}");
+    assert_eq!(http_get(&health, "/healthz").0, 200);
+
+    // Retried with backoff meanwhile: more conflicts, each logged.
+    env.wait_until("a few retries", DEADLINE, |env| {
+        let text = http_get(&metrics, "/metrics").1;
+        metric(&text, conflicts) >= Some(3.0) && env.log_text().contains("retry_in=")
+    });
+
+    mock.delete("Service", "demo", "first");
+    env.wait_for_maps(&["198.18.0.30:80/TCP -> 198.19.0.2:8080"], DEADLINE);
+    env.wait_until("no retries pending", EVENT_DEADLINE, |_| {
+        let text = http_get(&metrics, "/metrics").1;
+        metric(&text, "svclb_sync_retries_pending") == Some(0.0)
+    });
+    assert_eq!(http_get(&health, "/healthz").0, 200);
 }

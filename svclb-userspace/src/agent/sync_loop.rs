@@ -1,6 +1,11 @@
 //! The sync loop: source events go into the object store, and each
 //! [`SyncLoop::flush`] makes the dataplane, the health check servers,
 //! /healthz and the metrics follow the store.
+//!
+//! What fails to reach the maps is retried with backoff until it does
+//! ([`RetrySet`]), and every `--sync-period` all services are applied again
+//! (the writer rewrites only what differs). /healthz turns healthy only
+//! after a pass in which everything reached the maps.
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -13,6 +18,17 @@ use crate::serve::health_check_ports::HealthCheckServers;
 use crate::serve::healthz::ProxyHealth;
 use crate::serve::metrics::Metrics;
 use crate::source::SourceEvent;
+
+use super::retry::RetrySet;
+
+/// Work that failed and is retried.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Work {
+    /// Applying one service.
+    Service(ServiceId),
+    /// Deleting stale entries after a batch ([`Dataplane::flush`]).
+    StaleEntries,
+}
 
 pub struct SyncLoop {
     node_name: String,
@@ -31,6 +47,15 @@ pub struct SyncLoop {
     started: SystemTime,
     /// When the EndpointSlice changes waiting for the next flush began.
     triggers: Vec<SystemTime>,
+    /// Failed work: the dataplane lags the store until it succeeds.
+    retries: RetrySet<Work>,
+    /// Services that want a frontend another service holds. Retried too
+    /// (the owner may let go), but they leave /healthz alone: the input is
+    /// wrong, not the agent, and a Service anyone can create must not turn
+    /// every node unhealthy for the load balancers.
+    conflicts: RetrySet<ServiceId>,
+    sync_period: Duration,
+    next_resync: Instant,
 }
 
 impl SyncLoop {
@@ -40,6 +65,7 @@ impl SyncLoop {
         health: Arc<ProxyHealth>,
         metrics: Arc<Metrics>,
         health_checks: HealthCheckServers,
+        sync_period: Duration,
     ) -> Self {
         SyncLoop {
             node_name: node_name.to_string(),
@@ -53,7 +79,20 @@ impl SyncLoop {
             pending: BTreeSet::new(),
             started: SystemTime::now(),
             triggers: Vec::new(),
+            retries: RetrySet::new(),
+            conflicts: RetrySet::new(),
+            sync_period,
+            next_resync: Instant::now() + sync_period,
         }
+    }
+
+    /// When [`Self::flush`] must run even without events: the next retry
+    /// or the next periodic resync.
+    pub fn next_wakeup(&self) -> Instant {
+        [self.retries.next_deadline(), self.conflicts.next_deadline()]
+            .into_iter()
+            .flatten()
+            .fold(self.next_resync, Instant::min)
     }
 
     /// Fold one source event into the store; the services it affects are
@@ -81,26 +120,46 @@ impl SyncLoop {
     }
 
     /// Apply the pending services (all of them when this node's zone or
-    /// addresses changed), then the health check servers, /healthz and the
-    /// metrics. Until the source has sent everything, only the node's
-    /// eligibility is updated: a service may lack slices that exist, and
-    /// writing it would refuse connections that work now.
+    /// addresses changed or the sync period is over), the retries that are
+    /// due, then the health check servers, /healthz and the metrics. Until
+    /// the source has sent everything, only the node's eligibility is
+    /// updated: a service may lack slices that exist, and writing it would
+    /// refuse connections that work now.
     pub fn flush(&mut self) {
         // No Node object (manifests without one): eligible, as kube-proxy.
         let node = self.store.node(&self.node_name);
         self.health
             .set_node_eligible(node.is_none_or(model::node_eligible));
+        let pass = Instant::now();
+        let resync = pass >= self.next_resync;
+        if resync {
+            self.next_resync = pass + self.sync_period;
+        }
         if !self.synced {
             return;
         }
         self.follow_node();
-        let pass = Instant::now();
+        if resync {
+            self.pending.extend(self.store.service_ids().cloned());
+        }
+        for work in self.retries.due(pass) {
+            // StaleEntries: the dataplane flush below runs every pass.
+            if let Work::Service(id) = work {
+                self.pending.insert(id);
+            }
+        }
+        self.pending.extend(self.conflicts.due(pass));
         for id in std::mem::take(&mut self.pending) {
-            self.sync_service(&id);
+            self.sync_service(&id, pass);
         }
         // One RCU grace period per batch, after the changes are visible.
-        if let Err(e) = self.dataplane.flush() {
-            tracing::error!(error = %e, "removing stale map entries");
+        match self.dataplane.flush() {
+            Ok(_) => self.retries.succeed(&Work::StaleEntries),
+            Err(e) => {
+                self.retries.fail(&Work::StaleEntries, pass);
+                self.metrics.sync_error("flush");
+                tracing::error!(error = %e, "removing stale map entries; will retry");
+            }
         }
         let (checks, warnings) = self.store.health_checks(&self.node);
         self.health_checks.sync(checks, warnings);
@@ -126,8 +185,9 @@ impl SyncLoop {
     }
 
     /// Translate one service and make the maps match. Problems are logged
-    /// with the service's name; other services are unaffected.
-    fn sync_service(&mut self, id: &ServiceId) {
+    /// with the service's name and the service is retried; other services
+    /// are unaffected.
+    fn sync_service(&mut self, id: &ServiceId, now: Instant) {
         let frontends = match self.store.translate(id, &self.node) {
             None => Vec::new(),
             Some(t) => {
@@ -138,17 +198,29 @@ impl SyncLoop {
                 t.frontends
             }
         };
+        let work = Work::Service(id.clone());
         match self.dataplane.apply(id, &frontends) {
-            Ok(stats) if stats.writes + stats.deletes > 0 => {
-                tracing::info!(service = %id, frontends = frontends.len(), writes = stats.writes, deletes = stats.deletes, "applied");
+            Ok(stats) => {
+                self.retries.succeed(&work);
+                self.conflicts.succeed(id);
+                if stats.writes + stats.deletes > 0 {
+                    tracing::info!(service = %id, frontends = frontends.len(), writes = stats.writes, deletes = stats.deletes, "applied");
+                }
             }
-            Ok(_) => {}
+            Err(e @ DataplaneError::Conflict { .. }) => {
+                self.retries.succeed(&work);
+                let delay = self.conflicts.fail(id, now);
+                self.metrics.sync_error("conflict");
+                tracing::warn!(service = %id, retry_in = ?delay, "{e}");
+            }
             Err(e) => {
-                self.metrics.translation_error(match e {
+                self.conflicts.succeed(id);
+                let delay = self.retries.fail(&work, now);
+                self.metrics.sync_error(match e {
                     DataplaneError::Full { .. } => "maps_full",
                     _ => "map_update",
                 });
-                tracing::warn!(service = %id, "{e}");
+                tracing::warn!(service = %id, retry_in = ?delay, "{e}");
             }
         }
     }
@@ -169,15 +241,26 @@ impl SyncLoop {
         );
     }
 
-    /// A pass completed: per-service failures are logged and counted in
-    /// svclb_translation_errors_total, the pass itself counts as a sync.
+    /// A pass completed. Like kube-proxy's, it is a successful sync (the
+    /// health's and kubeproxy_sync_proxy_rules_last_timestamp_seconds'
+    /// "updated") only when the maps hold everything the store asks for:
+    /// nothing waits for a retry (conflicts aside).
     fn record_sync(&mut self, duration: Duration) {
-        self.metrics.observe_sync(duration);
-        self.health.updated();
-        let now = SystemTime::now();
-        for t in self.triggers.drain(..) {
-            self.metrics
-                .observe_network_programming(now.duration_since(t).unwrap_or_default());
+        let retries = self.retries.len() + self.conflicts.len();
+        self.metrics.set_sync_retries_pending(retries);
+        if self.retries.is_empty() {
+            self.metrics.observe_sync(duration);
+            self.health.updated();
+            let now = SystemTime::now();
+            for t in self.triggers.drain(..) {
+                self.metrics
+                    .observe_network_programming(now.duration_since(t).unwrap_or_default());
+            }
+        } else {
+            self.metrics.observe_failed_sync(duration);
+            // The maps lag the store from now on (if not since an earlier
+            // change): failing longer than the health timeout is unhealthy.
+            self.health.queued_update();
         }
         let (entries, backends) = self.dataplane.usage();
         let metrics = &self.metrics;

@@ -6,7 +6,8 @@
 //! kube-proxy's pkg/proxy/healthcheck exactly:
 //!
 //! - healthy unless an update was queued more than the health timeout ago
-//!   and no sync finished since (before the first update: healthy);
+//!   and no sync succeeded since (a failed sync counts as an update still
+//!   queued);
 //! - /healthz is also 503 while the Node is not eligible (being deleted, or
 //!   tainted ToBeDeletedByClusterAutoscaler); /livez ignores the Node;
 //! - bodies: `{"lastUpdated": "..","currentTime": "..", "nodeEligible": true}`
@@ -14,8 +15,16 @@
 //!   formatting; when healthy, lastUpdated is the current time (kube-proxy
 //!   keeps that for compatibility with releases that synced periodically).
 //!
-//! One difference: Go appends the monotonic clock reading (` m=+12.345`) to
-//! times it prints; that is an artefact of Go's runtime, so we leave it out.
+//! Differences:
+//! - /healthz is 503 until the first successful sync. kube-proxy marks
+//!   itself updated when its loop starts (pkg/proxy/runner.go, Run), so it
+//!   answers 200 before it has programmed anything; svclb's readiness and
+//!   startup probes use /healthz, and an agent that cannot sync (RBAC
+//!   denied, API unreachable) must stop a rolling update rather than roll
+//!   through every node. /livez keeps kube-proxy's rule: a slow start is no
+//!   reason to restart.
+//! - Go appends the monotonic clock reading (` m=+12.345`) to times it
+//!   prints; that is an artefact of Go's runtime, so we leave it out.
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,9 +36,8 @@ use super::{Response, ServeError, Server};
 
 pub const DEFAULT_HEALTHZ_BIND_ADDRESS: &str = "0.0.0.0:10256";
 
-/// kube-proxy uses 2 × its sync period (30 s by default). svclb has no
-/// periodic sync, but load balancers and alerts are tuned to kube-proxy's
-/// value, and a sync that takes a minute is broken either way.
+/// kube-proxy's: 2 × its default sync period (30 s); the agent uses
+/// 2 × --sync-period.
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
 const JSON: &str = "application/json";
@@ -45,6 +53,7 @@ pub struct ProxyHealth {
 }
 
 struct State {
+    /// The last successful sync; None before the first.
     last_updated: Option<SystemTime>,
     /// The first update queued since the last sync finished.
     oldest_queued: Option<SystemTime>,
@@ -86,7 +95,7 @@ impl ProxyHealth {
         self.state().oldest_queued.get_or_insert(now);
     }
 
-    /// A sync finished: the dataplane reflects every queued change.
+    /// A sync succeeded: the dataplane reflects every queued change.
     pub fn updated(&self) {
         let now = (self.clock)();
         let mut state = self.state();
@@ -109,7 +118,8 @@ impl ProxyHealth {
     pub fn healthz(&self) -> Response {
         let now = (self.clock)();
         let (healthy, last_updated, eligible) = self.check(now);
-        let (status, last_updated) = status(healthy && eligible, last_updated, now);
+        let synced_once = last_updated.is_some();
+        let (status, last_updated) = status(healthy && synced_once && eligible, last_updated, now);
         if let Some(m) = &self.metrics {
             m.healthz_response(status);
         }
@@ -223,9 +233,27 @@ mod tests {
 
     const NOW: &str = "2024-02-29 12:34:56.5 +0000 UTC";
 
+    /// svclb's rule (kube-proxy answers 200 here): not ready before the
+    /// first successful sync, however long it takes; alive meanwhile.
     #[test]
-    fn fresh_start_is_healthy() {
-        let (h, _) = fixture();
+    fn unready_until_the_first_sync() {
+        let (h, clock) = fixture();
+        assert!(h.is_healthy());
+        let r = h.healthz();
+        assert_eq!(r.status, 503);
+        assert_eq!(
+            r.body,
+            format!(
+                r#"{{"lastUpdated": "0001-01-01 00:00:00 +0000 UTC","currentTime": "{NOW}", "nodeEligible": true}}"#
+            )
+        );
+        assert_eq!(h.livez().status, 200);
+        set(&clock, at(3600));
+        assert_eq!(h.healthz().status, 503);
+        assert_eq!(h.livez().status, 200);
+
+        set(&clock, at(0));
+        h.updated();
         assert!(h.is_healthy());
         let r = h.healthz();
         assert_eq!(r.status, 200);
@@ -245,6 +273,7 @@ mod tests {
     #[test]
     fn queued_update_within_timeout_is_healthy() {
         let (h, clock) = fixture();
+        h.updated();
         h.queued_update();
         set(&clock, at(59));
         assert_eq!(h.healthz().status, 200);
@@ -317,6 +346,7 @@ mod tests {
     fn responses_are_counted() {
         let metrics = Arc::new(Metrics::new());
         let h = ProxyHealth::new(DEFAULT_HEALTH_TIMEOUT).with_metrics(metrics.clone());
+        h.updated();
         h.healthz();
         h.set_node_eligible(false);
         h.healthz();
@@ -360,6 +390,7 @@ mod tests {
     #[tokio::test]
     async fn serves_over_tcp() {
         let (h, clock) = fixture();
+        h.updated();
         let server = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = server.local_addr();
         tokio::spawn(serve_on(server, h.clone()));

@@ -10,7 +10,8 @@
 //! families in one pass, so it reports them unlabelled (sums are equal).
 //!
 //! svclb's own: `svclb_bpf_map_entries` / `svclb_bpf_map_capacity`
-//! {map} and `svclb_translation_errors_total` {reason}.
+//! {map}, `svclb_translation_errors_total` {reason},
+//! `svclb_sync_errors_total` {reason} and `svclb_sync_retries_pending`.
 //!
 //! Plus the `process_*` series Go's process collector adds to every
 //! kube-proxy ([`process`]).
@@ -71,6 +72,9 @@ struct Inner {
     /// map name -> (entries, capacity)
     maps: BTreeMap<String, (usize, usize)>,
     translation_errors: BTreeMap<String, u64>,
+    sync_errors: BTreeMap<String, u64>,
+    /// None until the first sync.
+    retries_pending: Option<usize>,
     external: Option<crate::dataplane::ExternalStats>,
 }
 
@@ -94,6 +98,8 @@ impl Metrics {
                 livez: BTreeMap::new(),
                 maps: BTreeMap::new(),
                 translation_errors: BTreeMap::new(),
+                sync_errors: BTreeMap::new(),
+                retries_pending: None,
                 external: None,
             }),
         }
@@ -104,6 +110,27 @@ impl Metrics {
         let mut m = self.inner();
         m.sync_duration.observe(duration.as_secs_f64());
         m.last_sync = unix_now();
+    }
+
+    /// A sync finished with failures: its duration counts, but as in
+    /// kube-proxy the last sync timestamp stays at the last success.
+    pub fn observe_failed_sync(&self, duration: Duration) {
+        self.inner().sync_duration.observe(duration.as_secs_f64());
+    }
+
+    /// Something failed to reach the maps and will be retried. `reason`
+    /// must be a short fixed word (it becomes a label value).
+    pub fn sync_error(&self, reason: &str) {
+        *self
+            .inner()
+            .sync_errors
+            .entry(reason.to_owned())
+            .or_default() += 1;
+    }
+
+    /// Services (and other work) waiting to be retried.
+    pub fn set_sync_retries_pending(&self, n: usize) {
+        self.inner().retries_pending = Some(n);
     }
 
     /// A sync was requested: changes arrived that are not applied yet.
@@ -198,8 +225,25 @@ impl Metrics {
         }
         labelled(
             &mut out,
+            "svclb_sync_errors_total",
+            "Failures to write a service (or delete stale entries) into the maps, by reason; each is retried",
+            "counter",
+            "reason",
+            m.sync_errors.iter().map(|(k, n)| (k.clone(), *n as f64)),
+        );
+        if let Some(n) = m.retries_pending {
+            single(
+                &mut out,
+                "svclb_sync_retries_pending",
+                "Services (or stale entry deletions) that failed and wait for a retry",
+                "gauge",
+                n as f64,
+            );
+        }
+        labelled(
+            &mut out,
             "svclb_translation_errors_total",
-            "Objects or services svclb could not translate or apply, by reason",
+            "Objects or parts of objects svclb could not translate (left out), by reason",
             "counter",
             "reason",
             m.translation_errors
@@ -771,6 +815,45 @@ mod tests {
         let mut sorted = order.clone();
         sorted.sort();
         assert_eq!(order, sorted);
+    }
+
+    /// Like kube-proxy: a failed sync counts in the duration histogram
+    /// but leaves the last sync timestamp at the last success; errors by
+    /// reason and the retries waiting show up.
+    #[test]
+    fn failed_syncs_and_retries() {
+        let m = Metrics::new();
+        m.observe_failed_sync(Duration::from_millis(3));
+        m.sync_error("maps_full");
+        m.sync_error("maps_full");
+        m.sync_error("flush");
+        m.set_sync_retries_pending(2);
+        let (types, samples) = parse(&m.render());
+        let last = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
+        assert_eq!(value(&samples, last, &[]), 0.0, "no success yet");
+        let sync = check_histogram(&samples, "kubeproxy_sync_proxy_rules_duration_seconds");
+        assert_eq!(sync.last().unwrap().1, 1.0);
+        assert_eq!(types["svclb_sync_errors_total"], "counter");
+        assert_eq!(types["svclb_sync_retries_pending"], "gauge");
+        let errors = |reason| value(&samples, "svclb_sync_errors_total", &[("reason", reason)]);
+        assert_eq!((errors("maps_full"), errors("flush")), (2.0, 1.0));
+        assert_eq!(value(&samples, "svclb_sync_retries_pending", &[]), 2.0);
+
+        m.observe_sync(Duration::from_millis(3));
+        m.set_sync_retries_pending(0);
+        let (_, samples) = parse(&m.render());
+        let t = value(&samples, last, &[]);
+        assert!(t > unix_now() - 60.0, "{t}");
+        assert_eq!(value(&samples, "svclb_sync_retries_pending", &[]), 0.0);
+        assert_eq!(
+            value(
+                &samples,
+                "svclb_sync_errors_total",
+                &[("reason", "maps_full")]
+            ),
+            2.0,
+            "a counter"
+        );
     }
 
     #[test]
