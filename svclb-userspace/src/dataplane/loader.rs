@@ -111,13 +111,12 @@ pub fn load(bpffs: &Path, conntrack_size: u32) -> Result<Ebpf, DataplaneError> {
              instead of ETIMEDOUT"
         );
     }
-    unpin_incompatible_conntrack(bpffs, conntrack_size);
-    // The single conntrack map of earlier versions: the running programs
-    // hold it until they are replaced; nothing reads it after that.
-    let _ = fs::remove_file(super::map_path(bpffs, svclb_common::maps::CONNTRACK_LEGACY));
-    if aya::util::KernelVersion::current()
-        .is_ok_and(|v| v < aya::util::KernelVersion::new(5, 15, 0))
-    {
+    let ifindex_only_tx_devices = aya::util::KernelVersion::current()
+        .is_ok_and(|v| v < aya::util::KernelVersion::new(5, 15, 0));
+    let needed = pinned_layouts(conntrack_size, ifindex_only_tx_devices)?;
+    unpin_incompatible(bpffs, &needed);
+    unpin_unknown(bpffs, &needed);
+    if ifindex_only_tx_devices {
         pin_ifindex_only_tx_devices(bpffs)?;
     }
     EbpfLoader::new()
@@ -199,39 +198,186 @@ pub fn add_tx_device(
         })
 }
 
-/// A pinned conntrack map of another size or layout (an older svclb's)
-/// can't be reused: unpin it (the programs holding it keep it until they
-/// are replaced), losing its entries.
-fn unpin_incompatible_conntrack(bpffs: &Path, size: u32) {
-    use std::mem::size_of;
-    use svclb_common::{maps, Flow, FlowKey, FlowKey4};
-    for (name, key_size) in [
-        (maps::CONNTRACK4, size_of::<FlowKey4>()),
-        (maps::CONNTRACK6, size_of::<FlowKey>()),
+/// What this version creates for one map it pins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: String,
+    /// `bpf_map_type`
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+/// The layout of every map the object pins by name, as the loader creates
+/// it: conntrack maps sized `conntrack_size`, and devmap values the ifindex
+/// alone when `ifindex_only_tx_devices` (else aya's 8-byte values).
+pub fn pinned_layouts(
+    conntrack_size: u32,
+    ifindex_only_tx_devices: bool,
+) -> Result<Vec<MapLayout>, DataplaneError> {
+    use aya_obj::generated::bpf_map_type::{BPF_MAP_TYPE_DEVMAP, BPF_MAP_TYPE_DEVMAP_HASH};
+    use svclb_common::maps::{CONNTRACK4, CONNTRACK6};
+    let object = aya_obj::Object::parse(OBJECT).map_err(|e| DataplaneError::Load(chain(&e)))?;
+    let mut layouts: Vec<MapLayout> = (object.maps.iter())
+        .filter(|(_, m)| m.pinning() == aya_obj::maps::PinningType::ByName)
+        .map(|(name, m)| {
+            let mut layout = MapLayout {
+                name: name.clone(),
+                map_type: m.map_type(),
+                key_size: m.key_size(),
+                value_size: m.value_size(),
+                max_entries: m.max_entries(),
+                flags: m.map_flags(),
+            };
+            if [CONNTRACK4, CONNTRACK6].contains(&name.as_str()) {
+                layout.max_entries = conntrack_size;
+            }
+            let devmap = [BPF_MAP_TYPE_DEVMAP as u32, BPF_MAP_TYPE_DEVMAP_HASH as u32];
+            if devmap.contains(&layout.map_type) {
+                layout.value_size = if ifindex_only_tx_devices { 4 } else { 8 };
+            }
+            layout
+        })
+        .collect();
+    layouts.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(layouts)
+}
+
+/// Flags the kernel adds itself (BPF_F_RDONLY_PROG on devmaps, whose
+/// lookups return the device's ifindex in place).
+const KERNEL_SET_FLAGS: u32 = 1 << 7;
+
+/// How `pinned` differs from `needed`, e.g. "value size 24, this version
+/// needs 28"; empty when it fits.
+fn differences(pinned: &aya::maps::MapInfo, needed: &MapLayout) -> Vec<String> {
+    let map_type = |t: u32| {
+        aya_obj::generated::bpf_map_type::try_from(t)
+            .ok()
+            .and_then(|t| aya::maps::MapType::try_from(t).ok())
+    };
+    let mut out = Vec::new();
+    let (have, want) = (pinned.map_type().ok(), map_type(needed.map_type));
+    if have.is_none() || have != want {
+        out.push(format!(
+            "type {have:?}, this version needs {want:?}",
+            have = have.map_or("unknown".into(), |t| format!("{t:?}")),
+            want = want.map_or("unknown".into(), |t| format!("{t:?}")),
+        ));
+    }
+    for (what, have, want) in [
+        ("key size", pinned.key_size(), needed.key_size),
+        ("value size", pinned.value_size(), needed.value_size),
+        ("max entries", pinned.max_entries(), needed.max_entries),
+        (
+            "flags",
+            pinned.map_flags() & !KERNEL_SET_FLAGS,
+            needed.flags,
+        ),
     ] {
-        unpin_if_changed(
-            bpffs,
-            name,
-            size,
-            (key_size as u32, size_of::<Flow>() as u32),
-        );
+        if have != want {
+            out.push(format!("{what} {have}, this version needs {want}"));
+        }
+    }
+    out
+}
+
+/// Maps whose entries name backends or rev-NAT ids by number, and the
+/// maps those ids are defined in: when one of the latter is recreated the
+/// ids start over, so every map holding ids goes with it.
+const ID_HOLDERS: [&str; 9] = {
+    use svclb_common::maps::*;
+    [
+        SERVICES,
+        BACKENDS,
+        REV_NAT,
+        AFFINITY_MATCH,
+        MAGLEV,
+        AFFINITY,
+        SOCK_REV_NAT,
+        CONNTRACK4,
+        CONNTRACK6,
+    ]
+};
+const ID_DEFINERS: [&str; 2] = [svclb_common::maps::BACKENDS, svclb_common::maps::REV_NAT];
+
+/// What recreating a map costs while the agent starts.
+fn what_is_lost(name: &str) -> &'static str {
+    use svclb_common::maps::*;
+    match name {
+        CONNTRACK4 | CONNTRACK6 => {
+            "established external (XDP) connections through this node are picked anew or reset"
+        }
+        SOCK_REV_NAT => "replies to UDP sockets opened before show the backend's address",
+        AFFINITY => "session affinity starts over",
+        STATS => "the external path's counters start from zero",
+        _ => "the agent refills it on its first sync; until then new connections to the services it held are not translated",
     }
 }
 
-fn unpin_if_changed(bpffs: &Path, name: &str, size: u32, layout: (u32, u32)) {
-    let path = super::map_path(bpffs, name);
-    let Ok(map) = aya::maps::MapData::from_pin(&path) else {
-        return;
-    };
-    let Ok(info) = map.info() else { return };
-    if info.max_entries() != size || (info.key_size(), info.value_size()) != layout {
+/// Unpin every map pinned in `bpffs` that this version would not create as
+/// it is (another svclb version's, another --conntrack-size): aya would
+/// reuse it silently and the programs would misread it. The running
+/// programs keep the old map until they are replaced; the loader then
+/// creates and pins a new, empty one.
+fn unpin_incompatible(bpffs: &Path, needed: &[MapLayout]) {
+    let mut unpinned = Vec::new();
+    for layout in needed {
+        let path = super::map_path(bpffs, &layout.name);
+        if !path.exists() {
+            continue;
+        }
+        let diff = match aya::maps::MapData::from_pin(&path).and_then(|m| m.info()) {
+            Ok(info) => differences(&info, layout),
+            Err(e) => vec![format!("unreadable: {}", chain(&e))],
+        };
+        if diff.is_empty() {
+            continue;
+        }
         tracing::warn!(
-            map = name,
-            from = info.max_entries(),
-            to = size,
-            "map size or layout changed: starting with an empty map"
+            map = layout.name,
+            "{}: {}; pinned by another svclb version or configuration: recreating it empty ({})",
+            layout.name,
+            diff.join(", "),
+            what_is_lost(&layout.name),
         );
         let _ = fs::remove_file(&path);
+        unpinned.push(layout.name.as_str());
+    }
+    if !unpinned.iter().any(|name| ID_DEFINERS.contains(name)) {
+        return;
+    }
+    for name in ID_HOLDERS.iter().filter(|name| !unpinned.contains(name)) {
+        let path = super::map_path(bpffs, name);
+        if fs::remove_file(&path).is_ok() {
+            tracing::warn!(
+                map = name,
+                "{name}: recreating it empty too, its backend and rev-NAT ids refer to a recreated map ({})",
+                what_is_lost(name),
+            );
+        }
+    }
+}
+
+/// Unpin maps of earlier versions that this one no longer has (svclb's
+/// names start with SVCLB_). The programs holding them keep them until they
+/// are replaced; nothing reads them after that.
+fn unpin_unknown(bpffs: &Path, needed: &[MapLayout]) {
+    let Ok(dir) = fs::read_dir(bpffs) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("SVCLB_") || needed.iter().any(|l| l.name == name) {
+            continue;
+        }
+        if fs::remove_file(entry.path()).is_ok() {
+            tracing::warn!(
+                map = name,
+                "{name}: not used by this svclb version; unpinned"
+            );
+        }
     }
 }
 
