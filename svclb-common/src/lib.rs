@@ -39,9 +39,6 @@ pub mod maps {
     pub const CONNTRACK4: &str = "SVCLB_CT4";
     /// [`crate::FlowKey`] -> [`crate::Flow`] (LRU): the same for IPv6.
     pub const CONNTRACK6: &str = "SVCLB_CT6";
-    /// The conntrack map of earlier versions (both families, 40-byte keys):
-    /// the loader removes its pin.
-    pub const CONNTRACK_LEGACY: &str = "SVCLB_CT";
     /// LPM trie [`crate::SourceRangeKey`] -> u8: loadBalancerSourceRanges.
     pub const SOURCE_RANGES: &str = "SVCLB_SRC_RANGES";
     /// Array of one [`crate::XdpConfig`], written by the agent.
