@@ -21,6 +21,9 @@ pub struct KernelMaps {
     /// Bumped after every backend deletion (see
     /// `svclb_common::maps::BACKENDS_EPOCH`).
     backends_epoch: Array<MapData, u32>,
+    /// A backend was deleted but bumping the epoch failed: retried before
+    /// the next barrier or backend deletion, so the bump is never lost.
+    epoch_behind: bool,
     barrier: RcuBarrier,
 }
 
@@ -53,8 +56,24 @@ impl KernelMaps {
                 .map_err(map_err(SOURCE_RANGES, "open"))?,
             backends_epoch: Array::try_from(m.backends_epoch)
                 .map_err(map_err(BACKENDS_EPOCH, "open"))?,
+            epoch_behind: false,
             barrier: RcuBarrier::new().map_err(DataplaneError::Barrier)?,
         })
+    }
+}
+
+impl KernelMaps {
+    fn bump_backends_epoch(&mut self) -> Result<(), DataplaneError> {
+        use svclb_common::maps::BACKENDS_EPOCH;
+        let epoch = self
+            .backends_epoch
+            .get(&0, 0)
+            .map_err(map_err(BACKENDS_EPOCH, "lookup"))?;
+        self.backends_epoch
+            .set(0, epoch.wrapping_add(1), 0)
+            .map_err(map_err(BACKENDS_EPOCH, "update"))?;
+        self.epoch_behind = false;
+        Ok(())
     }
 }
 
@@ -97,17 +116,12 @@ impl MapOps for KernelMaps {
     /// Established external flows skip the check that their backend still
     /// exists until the epoch moves: bump it once the backend is gone.
     fn del_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
-        use svclb_common::maps::{BACKENDS, BACKENDS_EPOCH};
+        use svclb_common::maps::BACKENDS;
         self.backends
             .remove(&id)
             .map_err(map_err(BACKENDS, "delete"))?;
-        let epoch = self
-            .backends_epoch
-            .get(&0, 0)
-            .map_err(map_err(BACKENDS_EPOCH, "lookup"))?;
-        self.backends_epoch
-            .set(0, epoch.wrapping_add(1), 0)
-            .map_err(map_err(BACKENDS_EPOCH, "update"))
+        self.epoch_behind = true;
+        self.bump_backends_epoch()
     }
     fn put_rev_nat(&mut self, id: u32, rev_nat: &RevNat) -> Result<(), DataplaneError> {
         self.rev_nat
@@ -150,6 +164,9 @@ impl MapOps for KernelMaps {
             .map_err(map_err(svclb_common::maps::SOURCE_RANGES, "delete"))
     }
     fn barrier(&mut self) -> Result<(), DataplaneError> {
+        if self.epoch_behind {
+            self.bump_backends_epoch()?;
+        }
         self.barrier.wait().map_err(DataplaneError::Barrier)
     }
     fn read_all(&self) -> Result<MapContents, DataplaneError> {

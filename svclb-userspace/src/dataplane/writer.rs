@@ -35,6 +35,16 @@
 //! right after slot 0 (`delete_source_ranges`).
 //!
 //! Every map key and value is encoded in `abi.rs`.
+//!
+//! When a map operation fails (in `apply`, `flush` or `prune_unclaimed`),
+//! the maps are still consistent for readers (every step above keeps them
+//! so), but they may hold part of an update that the bookkeeping doesn't
+//! describe. The writer then marks its bookkeeping stale and, before its
+//! next operation, rebuilds it from the maps as `adopt` does, deleting what
+//! the failed call left unreachable. So after a failure the bookkeeping
+//! never drifts from the maps: capacity counts are what the maps hold,
+//! nothing waiting for deletion is forgotten, and applying a service again
+//! (with the same frontends or new ones) converges the maps to it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -92,7 +102,7 @@ pub struct MapContents {
 struct BackendEntry {
     addr: BackendAddr,
     state: u8,
-    /// How many slots name this backend.
+    /// How many frontends name this backend (in slots or Maglev table).
     refs: u32,
 }
 
@@ -106,6 +116,10 @@ struct AppliedFrontend {
     slots: Vec<u32>,
     /// External frontends with backends.
     table: Option<MaglevTable>,
+    /// The slots the table was built from (empty without a table). They
+    /// differ from `slots` after an update failed between its slot writes
+    /// and slot 0: the old table is still live and names the old backends.
+    table_slots: Vec<u32>,
     source_ranges: BTreeSet<Cidr>,
 }
 
@@ -118,8 +132,18 @@ impl AppliedFrontend {
             settings: record.settings,
             slots: vec![0; usize::from(record.count)],
             table: record.table,
+            table_slots: Vec::new(),
             source_ranges: BTreeSet::new(),
         }
+    }
+
+    /// The backends this frontend's slots and Maglev table name.
+    fn named(&self) -> BTreeSet<u32> {
+        self.slots
+            .iter()
+            .chain(&self.table_slots)
+            .copied()
+            .collect()
     }
 
     /// What slot 0 holds.
@@ -173,6 +197,17 @@ pub struct Writer<M: MapOps> {
     maglev_size: u32,
     /// Deletions waiting for the next `flush` (after a barrier).
     pending: Deferred,
+    /// Set when a map operation failed: the bookkeeping is rebuilt from the
+    /// maps, with what they can't tell, before the next operation.
+    stale: Option<Known>,
+}
+
+/// What the maps can't tell about frontends, carried over a rebuild.
+#[derive(Clone, Debug, Default)]
+struct Known {
+    owners: HashMap<FrontendKey, ServiceId>,
+    /// Live Maglev tables: rev-NAT id, table, the slots it was built from.
+    tables: HashMap<FrontendKey, (u32, MaglevTable, Vec<u32>)>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -331,6 +366,7 @@ impl<M: MapOps> Writer<M> {
             maglev_chunks: 0,
             maglev_size: maglev::DEFAULT_TABLE_SIZE,
             pending: Deferred::default(),
+            stale: None,
         }
     }
 
@@ -340,18 +376,33 @@ impl<M: MapOps> Writer<M> {
     /// frontends the earlier agent left half-written are dropped for the
     /// resync to write again.
     pub fn adopt(maps: M, capacity: Capacity) -> Result<Self, DataplaneError> {
-        let contents = maps.read_all()?;
         let mut w = Writer::new(maps, capacity);
+        w.load(&Known::default())?;
+        Ok(w)
+    }
+
+    /// Rebuild the bookkeeping from the maps (see `adopt`), with `known`
+    /// filling in what the maps can't tell.
+    fn load(&mut self, known: &Known) -> Result<(), DataplaneError> {
+        let contents = self.maps.read_all()?;
+        self.frontends.clear();
+        self.by_owner.clear();
+        self.backends.clear();
+        self.by_addr.clear();
+        self.service_entries = 0;
+        self.maglev_chunks = 0;
+        // Whatever waited for a flush is found again as unreachable.
+        self.pending = Deferred::default();
         let mut unreachable = Unreachable::default();
-        w.adopt_frontends(&contents.services, &mut unreachable);
-        let found = w.read_backends(&contents.backends)?;
+        self.adopt_frontends(&contents.services, known, &mut unreachable);
+        let found = self.read_backends(&contents.backends)?;
         let chunks: BTreeSet<MaglevKey> = contents.maglev.iter().copied().collect();
-        w.drop_half_written(&found, &chunks, &mut unreachable)?;
-        w.count_backend_refs(&found);
-        unreachable.maglev = w.adopt_maglev_tables(&chunks);
-        unreachable.source_ranges = w.adopt_source_ranges(&contents.source_ranges);
-        unreachable.affinity_match = w.repair_affinity_members(&contents.affinity_match)?;
-        let live_rev_nat: BTreeSet<u32> = w.frontends.values().map(|f| f.rev_nat_id).collect();
+        self.drop_half_written(&found, &chunks, &mut unreachable)?;
+        self.count_backend_refs(&found);
+        unreachable.maglev = self.adopt_maglev_tables(&chunks);
+        unreachable.source_ranges = self.adopt_source_ranges(&contents.source_ranges);
+        unreachable.affinity_match = self.repair_affinity_members(&contents.affinity_match)?;
+        let live_rev_nat: BTreeSet<u32> = self.frontends.values().map(|f| f.rev_nat_id).collect();
         unreachable.rev_nat_ids.extend(
             contents
                 .rev_nat
@@ -362,13 +413,49 @@ impl<M: MapOps> Writer<M> {
         unreachable.backends = found
             .keys()
             .copied()
-            .filter(|id| !w.backends.contains_key(id))
+            .filter(|id| !self.backends.contains_key(id))
             .collect();
         if !unreachable.is_empty() {
-            w.maps.barrier()?;
+            self.maps.barrier()?;
         }
-        unreachable.delete(&mut w.maps)?;
-        Ok(w)
+        unreachable.delete(&mut self.maps)
+    }
+
+    /// Before the next operation after a failed one: rebuild the bookkeeping
+    /// from the maps. Kept stale (and retried next time) if that fails too.
+    fn resync(&mut self) -> Result<(), DataplaneError> {
+        let Some(known) = self.stale.take() else {
+            return Ok(());
+        };
+        if let Err(e) = self.load(&known) {
+            self.stale = Some(known);
+            return Err(e);
+        }
+        tracing::info!("map writer state rebuilt from the maps after a failed map operation");
+        Ok(())
+    }
+
+    /// A map operation failed: remember what the maps can't tell (owners,
+    /// including the frontends `claim` was writing, and the slots of live
+    /// Maglev tables) for `resync`.
+    fn lost_sync(&mut self, claim: Option<(&ServiceId, &[&Frontend])>) {
+        let mut known = Known::default();
+        for (key, f) in &self.frontends {
+            if let Some(owner) = &f.owner {
+                known.owners.insert(*key, owner.clone());
+            }
+            if let Some(t) = f.table {
+                known
+                    .tables
+                    .insert(*key, (f.rev_nat_id, t, f.table_slots.clone()));
+            }
+        }
+        if let Some((owner, wanted)) = claim {
+            for f in wanted {
+                known.owners.insert(f.key, owner.clone());
+            }
+        }
+        self.stale = Some(known);
     }
 
     /// Frontends from their slot 0 and slots; keys svclb can't have written
@@ -376,6 +463,7 @@ impl<M: MapOps> Writer<M> {
     fn adopt_frontends(
         &mut self,
         services: &[(ServiceKey, ServiceValue)],
+        known: &Known,
         unreachable: &mut Unreachable,
     ) {
         let mut slots: HashMap<(FrontendKey, u16), u32> = HashMap::new();
@@ -395,6 +483,23 @@ impl<M: MapOps> Writer<M> {
             match self.frontends.get_mut(&fk) {
                 Some(f) if (slot as usize) <= f.slots.len() => f.slots[slot as usize - 1] = id,
                 _ => unreachable.service_keys.push(service_key(&fk, slot)),
+            }
+        }
+        for (fk, f) in &mut self.frontends {
+            // A table found at start-up is taken to be built from the
+            // slots; a known one may be older (see `table_slots`).
+            f.table_slots = match known.tables.get(fk) {
+                Some((rev_nat_id, t, slots))
+                    if (*rev_nat_id, Some(*t)) == (f.rev_nat_id, f.table) =>
+                {
+                    slots.clone()
+                }
+                _ if f.table.is_some() => f.slots.clone(),
+                _ => Vec::new(),
+            };
+            f.owner = known.owners.get(fk).cloned();
+            if let Some(owner) = &f.owner {
+                self.by_owner.entry(owner.clone()).or_default().insert(*fk);
             }
         }
     }
@@ -431,7 +536,7 @@ impl<M: MapOps> Writer<M> {
             .frontends
             .iter()
             .filter(|(_, f)| {
-                f.slots.iter().any(|id| !found.contains_key(id))
+                f.named().iter().any(|id| !found.contains_key(id))
                     || f.table
                         .is_some_and(|t| t.keys(f.rev_nat_id).any(|k| !chunks.contains(&k)))
             })
@@ -447,11 +552,11 @@ impl<M: MapOps> Writer<M> {
         Ok(())
     }
 
-    /// Entries in use and the backends the adopted frontends' slots name.
+    /// Entries in use and the backends the adopted frontends name.
     fn count_backend_refs(&mut self, found: &FoundBackends) {
         for f in self.frontends.values() {
             self.service_entries += 1 + f.slots.len();
-            for id in &f.slots {
+            for id in &f.named() {
                 let (addr, state) = found[id];
                 self.by_addr.insert(addr, *id);
                 self.backends
@@ -526,39 +631,59 @@ impl<M: MapOps> Writer<M> {
 
     /// Make the frontends owned by `owner` exactly `desired`. Frontends owned
     /// by another service are left alone (reported as a conflict).
+    ///
+    /// If a map operation fails, readers still find every slot and backend
+    /// they follow, and the next call first rebuilds the bookkeeping from the
+    /// maps (see the module comment): calling `apply` again converges.
     pub fn apply(
         &mut self,
         owner: &ServiceId,
         desired: &[Frontend],
     ) -> Result<ApplyStats, DataplaneError> {
+        self.resync()?;
         let (wanted, conflicts) = self.claim(owner, desired);
         let gone = self.gone_frontends(owner, &wanted);
         self.check_capacity(owner, &wanted)?;
-        let mut stats = ApplyStats::default();
-
-        // 1.
-        stats.writes += self.upsert_backends(&wanted)?;
-
-        // 2.-3., per frontend.
         let mut deferred = std::mem::take(&mut self.pending);
-        for f in &wanted {
-            self.update_frontend(owner, f, &mut deferred, &mut stats)?;
-        }
-
-        // 4.
-        for key in gone {
-            self.remove_frontend(key, &mut deferred)?;
-            stats.deletes += 1;
-        }
-
-        // 5.-6. happen in `flush`, once per batch of updates.
+        let written = self.write_update(owner, &wanted, gone, &mut deferred);
         self.pending = deferred;
+        let stats = match written {
+            Ok(stats) => stats,
+            Err(e) => {
+                self.lost_sync(Some((owner, &wanted)));
+                return Err(e);
+            }
+        };
         if let Some((key, other)) = conflicts.first() {
             return Err(DataplaneError::Conflict {
                 service: owner.clone(),
                 frontend: *key,
                 owner: other.clone(),
             });
+        }
+        Ok(stats)
+    }
+
+    /// Steps 1-4 for one service; 5 and 6 happen in `flush`, once per batch
+    /// of updates.
+    fn write_update(
+        &mut self,
+        owner: &ServiceId,
+        wanted: &[&Frontend],
+        gone: Vec<FrontendKey>,
+        deferred: &mut Deferred,
+    ) -> Result<ApplyStats, DataplaneError> {
+        let mut stats = ApplyStats::default();
+        // 1.
+        stats.writes += self.upsert_backends(wanted)?;
+        // 2.-3., per frontend.
+        for f in wanted {
+            self.update_frontend(owner, f, deferred, &mut stats)?;
+        }
+        // 4.
+        for key in gone {
+            self.remove_frontend(key, deferred)?;
+            stats.deletes += 1;
         }
         Ok(stats)
     }
@@ -642,6 +767,7 @@ impl<M: MapOps> Writer<M> {
         let mut new = self.desired_frontend(owner, f, rev_nat_id);
         // What the old slot 0 points at.
         let old_slots = old.as_ref().map_or(&[][..], |a| &a.slots[..]);
+        let old_table_slots = old.as_ref().map_or(&[][..], |a| &a.table_slots[..]);
         let old_members = old
             .as_ref()
             .map(AppliedFrontend::members)
@@ -656,9 +782,12 @@ impl<M: MapOps> Writer<M> {
         // 2.
         stats.writes += self.write_slots(&f.key, old_slots, &new.slots)?;
         stats.writes += self.add_affinity_members(&old_members, &new_members)?;
-        new.table = self.maglev_table_for(f, old_slots, &new.slots, old_table);
+        new.table = self.maglev_table_for(f, old_table_slots, &new.slots, old_table);
         if let Some(t) = new.table.filter(|t| old_table != Some(*t)) {
             stats.writes += self.write_maglev_table(f, rev_nat_id, t, &new.slots)?;
+        }
+        if new.table.is_some() {
+            new.table_slots = new.slots.clone();
         }
         self.retire_maglev_table(f.key, rev_nat_id, old_table, new.table, deferred);
         stats.writes += self.add_source_ranges(rev_nat_id, &old_ranges, &new.source_ranges)?;
@@ -676,7 +805,7 @@ impl<M: MapOps> Writer<M> {
         deferred
             .service_keys
             .extend((new.slots.len() + 1..=old_slots.len()).map(|s| service_key(&f.key, s as u16)));
-        self.record_applied(owner, f.key, old_slots, old.is_none(), new, deferred);
+        self.record_applied(owner, f.key, old.as_ref(), new, deferred);
         Ok(())
     }
 
@@ -698,6 +827,7 @@ impl<M: MapOps> Writer<M> {
                 .map(|b| self.by_addr[&backend_addr(f, b)])
                 .collect(),
             table: None,
+            table_slots: Vec::new(),
             source_ranges: f.source_ranges.iter().copied().collect(),
         }
     }
@@ -743,20 +873,21 @@ impl<M: MapOps> Writer<M> {
         Ok(writes)
     }
 
-    /// The Maglev table an external frontend needs: the old one while its
-    /// backends and the table size stay the same, else a new one in the
-    /// other generation.
+    /// The Maglev table an external frontend needs: the old one while the
+    /// backends it was built from and the table size stay the same, else a
+    /// new one in the other generation.
     fn maglev_table_for(
         &self,
         f: &Frontend,
-        old_slots: &[u32],
+        old_table_slots: &[u32],
         new_slots: &[u32],
         old: Option<MaglevTable>,
     ) -> Option<MaglevTable> {
         if f.key.scope != Scope::External || new_slots.is_empty() {
             return None;
         }
-        if let Some(t) = old.filter(|t| t.size == self.maglev_size && old_slots == new_slots) {
+        if let Some(t) = old.filter(|t| t.size == self.maglev_size && old_table_slots == new_slots)
+        {
             return Some(t);
         }
         Some(MaglevTable {
@@ -855,20 +986,20 @@ impl<M: MapOps> Writer<M> {
         &mut self,
         owner: &ServiceId,
         key: FrontendKey,
-        old_slots: &[u32],
-        is_new: bool,
+        old: Option<&AppliedFrontend>,
         new: AppliedFrontend,
         deferred: &mut Deferred,
     ) {
-        for id in &new.slots {
-            self.backend_refs(*id, 1);
+        for id in new.named() {
+            self.backend_refs(id, 1);
         }
-        for id in old_slots {
+        let old_named = old.map(AppliedFrontend::named).unwrap_or_default();
+        for id in &old_named {
             self.backend_refs(*id, -1);
         }
-        deferred.released.extend(old_slots.iter().copied());
-        self.service_entries =
-            self.service_entries + new.slots.len() + usize::from(is_new) - old_slots.len();
+        deferred.released.extend(old_named);
+        let old_entries = old.map_or(0, |a| 1 + a.slots.len());
+        self.service_entries = self.service_entries + 1 + new.slots.len() - old_entries;
         self.by_owner.entry(owner.clone()).or_default().insert(key);
         self.frontends.insert(key, new);
     }
@@ -876,6 +1007,15 @@ impl<M: MapOps> Writer<M> {
     /// Remove every frontend nobody claimed since start-up (services deleted
     /// while no agent ran). Call once all sources have synced.
     pub fn prune_unclaimed(&mut self) -> Result<ApplyStats, DataplaneError> {
+        self.resync()?;
+        let pruned = self.remove_unclaimed();
+        if pruned.is_err() {
+            self.lost_sync(None);
+        }
+        pruned
+    }
+
+    fn remove_unclaimed(&mut self) -> Result<ApplyStats, DataplaneError> {
         let unclaimed: Vec<FrontendKey> = self
             .frontends
             .iter()
@@ -884,16 +1024,17 @@ impl<M: MapOps> Writer<M> {
             .collect();
         let mut stats = ApplyStats::default();
         let mut deferred = std::mem::take(&mut self.pending);
-        for key in unclaimed {
-            self.remove_frontend(key, &mut deferred)?;
-            stats.deletes += 1;
-        }
+        let removed = unclaimed
+            .into_iter()
+            .try_for_each(|key| self.remove_frontend(key, &mut deferred));
         self.pending = deferred;
-        stats.deletes += self.flush()?;
+        removed?;
+        stats.deletes += self.flush_pending()?;
         Ok(stats)
     }
 
-    /// Entries in use: (services map, backends map).
+    /// Entries in use: (services map, backends map). Rebuilt from the maps
+    /// by the next operation after a failed one.
     pub fn usage(&self) -> (usize, usize) {
         (self.service_entries, self.backends.len())
     }
@@ -909,11 +1050,13 @@ impl<M: MapOps> Writer<M> {
         key: FrontendKey,
         deferred: &mut Deferred,
     ) -> Result<(), DataplaneError> {
+        // Bookkeeping only once slot 0 is gone, so that the owner is still
+        // known if the delete fails.
+        self.maps.del_service(&service_key(&key, 0))?;
         let a = self
             .frontends
             .remove(&key)
             .expect("callers list existing frontends");
-        self.maps.del_service(&service_key(&key, 0))?;
         deferred
             .service_keys
             .extend((1..=a.slots.len()).map(|s| service_key(&key, s as u16)));
@@ -932,10 +1075,11 @@ impl<M: MapOps> Writer<M> {
         if let Some(owner) = &a.owner {
             self.disown(owner, &key);
         }
-        for id in &a.slots {
+        let named = a.named();
+        for id in &named {
             self.backend_refs(*id, -1);
         }
-        deferred.released.extend(a.slots.iter().copied());
+        deferred.released.extend(named);
         self.service_entries -= 1 + a.slots.len();
         Ok(())
     }
@@ -960,6 +1104,15 @@ impl<M: MapOps> Writer<M> {
     /// batch, off the path that makes changes visible). Entries that became
     /// live again since (a frontend that grew back, a backend re-added) stay.
     pub fn flush(&mut self) -> Result<usize, DataplaneError> {
+        self.resync()?;
+        let flushed = self.flush_pending();
+        if flushed.is_err() {
+            self.lost_sync(None);
+        }
+        flushed
+    }
+
+    fn flush_pending(&mut self) -> Result<usize, DataplaneError> {
         let mut d = std::mem::take(&mut self.pending);
         d.retain_stale(&self.frontends);
         let orphans = self.orphan_backends(&d.released);

@@ -61,11 +61,11 @@ impl FakeMaps {
         }
         for (k, tables) in &self.reader_tables {
             for &(rev_nat_id, generation, size) in tables {
-                for i in 0..size {
+                for c in 0..size.div_ceil(MAGLEV_CHUNK) {
                     let key = MaglevKey {
                         rev_nat_id,
                         generation,
-                        chunk: (i / MAGLEV_CHUNK) as u16,
+                        chunk: c as u16,
                     };
                     let chunk = self.maglev.get(&key).unwrap_or_else(|| {
                         panic!(
@@ -73,12 +73,15 @@ impl FakeMaps {
                             self.ops
                         )
                     });
-                    let id = chunk.backend_ids[(i % MAGLEV_CHUNK) as usize];
-                    assert!(
-                        self.backends.contains_key(&id),
-                        "Maglev entry {i} of {k:?} names missing backend {id} (op {})",
-                        self.ops
-                    );
+                    let entries = (size - c * MAGLEV_CHUNK).min(MAGLEV_CHUNK) as usize;
+                    for (j, id) in chunk.backend_ids[..entries].iter().enumerate() {
+                        assert!(
+                            self.backends.contains_key(id),
+                            "Maglev entry {} of {k:?} names missing backend {id} (op {})",
+                            c * MAGLEV_CHUNK + j as u32,
+                            self.ops
+                        );
+                    }
                 }
             }
         }
@@ -755,4 +758,359 @@ proptest! {
         }
         prop_assert_eq!(restarted.maps().ops, ops);
     }
+}
+
+/// Lets a test keep the maps when a `Writer::adopt` over them fails.
+impl<M: MapOps> MapOps for &mut M {
+    fn put_service(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+    ) -> Result<(), DataplaneError> {
+        (**self).put_service(key, value)
+    }
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        (**self).del_service(key)
+    }
+    fn put_backend(&mut self, id: u32, backend: &AbiBackend) -> Result<(), DataplaneError> {
+        (**self).put_backend(id, backend)
+    }
+    fn del_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
+        (**self).del_backend(id)
+    }
+    fn put_rev_nat(&mut self, id: u32, rev_nat: &RevNat) -> Result<(), DataplaneError> {
+        (**self).put_rev_nat(id, rev_nat)
+    }
+    fn del_rev_nat(&mut self, id: u32) -> Result<(), DataplaneError> {
+        (**self).del_rev_nat(id)
+    }
+    fn put_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DataplaneError> {
+        (**self).put_affinity_match(key)
+    }
+    fn del_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DataplaneError> {
+        (**self).del_affinity_match(key)
+    }
+    fn put_maglev(&mut self, key: &MaglevKey, chunk: &MaglevChunk) -> Result<(), DataplaneError> {
+        (**self).put_maglev(key, chunk)
+    }
+    fn del_maglev(&mut self, key: &MaglevKey) -> Result<(), DataplaneError> {
+        (**self).del_maglev(key)
+    }
+    fn put_source_range(&mut self, key: &SourceRange) -> Result<(), DataplaneError> {
+        (**self).put_source_range(key)
+    }
+    fn del_source_range(&mut self, key: &SourceRange) -> Result<(), DataplaneError> {
+        (**self).del_source_range(key)
+    }
+    fn barrier(&mut self) -> Result<(), DataplaneError> {
+        (**self).barrier()
+    }
+    fn read_all(&self) -> Result<MapContents, DataplaneError> {
+        (**self).read_all()
+    }
+}
+
+/// Maps whose operation number `fail_at` (counting every `MapOps` call from
+/// 0, reads and barriers included) fails once, before it changes anything,
+/// as a failed syscall does.
+struct FaultyMaps<M: MapOps> {
+    inner: M,
+    calls: std::cell::Cell<usize>,
+    fail_at: Option<usize>,
+}
+
+impl<M: MapOps> FaultyMaps<M> {
+    fn new(inner: M, fail_at: Option<usize>) -> Self {
+        FaultyMaps {
+            inner,
+            calls: std::cell::Cell::new(0),
+            fail_at,
+        }
+    }
+
+    fn call(&self, map: &'static str, op: &'static str) -> Result<(), DataplaneError> {
+        let n = self.calls.get();
+        self.calls.set(n + 1);
+        if self.fail_at == Some(n) {
+            return Err(DataplaneError::Map {
+                map,
+                op,
+                source: aya::maps::MapError::KeyNotFound,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl<M: MapOps> MapOps for FaultyMaps<M> {
+    fn put_service(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+    ) -> Result<(), DataplaneError> {
+        self.call(maps::SERVICES, "update")?;
+        self.inner.put_service(key, value)
+    }
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        self.call(maps::SERVICES, "delete")?;
+        self.inner.del_service(key)
+    }
+    fn put_backend(&mut self, id: u32, backend: &AbiBackend) -> Result<(), DataplaneError> {
+        self.call(maps::BACKENDS, "update")?;
+        self.inner.put_backend(id, backend)
+    }
+    fn del_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.call(maps::BACKENDS, "delete")?;
+        self.inner.del_backend(id)
+    }
+    fn put_rev_nat(&mut self, id: u32, rev_nat: &RevNat) -> Result<(), DataplaneError> {
+        self.call(maps::REV_NAT, "update")?;
+        self.inner.put_rev_nat(id, rev_nat)
+    }
+    fn del_rev_nat(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.call(maps::REV_NAT, "delete")?;
+        self.inner.del_rev_nat(id)
+    }
+    fn put_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DataplaneError> {
+        self.call(maps::AFFINITY_MATCH, "update")?;
+        self.inner.put_affinity_match(key)
+    }
+    fn del_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DataplaneError> {
+        self.call(maps::AFFINITY_MATCH, "delete")?;
+        self.inner.del_affinity_match(key)
+    }
+    fn put_maglev(&mut self, key: &MaglevKey, chunk: &MaglevChunk) -> Result<(), DataplaneError> {
+        self.call(maps::MAGLEV, "update")?;
+        self.inner.put_maglev(key, chunk)
+    }
+    fn del_maglev(&mut self, key: &MaglevKey) -> Result<(), DataplaneError> {
+        self.call(maps::MAGLEV, "delete")?;
+        self.inner.del_maglev(key)
+    }
+    fn put_source_range(&mut self, key: &SourceRange) -> Result<(), DataplaneError> {
+        self.call(maps::SOURCE_RANGES, "update")?;
+        self.inner.put_source_range(key)
+    }
+    fn del_source_range(&mut self, key: &SourceRange) -> Result<(), DataplaneError> {
+        self.call(maps::SOURCE_RANGES, "delete")?;
+        self.inner.del_source_range(key)
+    }
+    fn barrier(&mut self) -> Result<(), DataplaneError> {
+        if self.fail_at == Some(self.calls.get()) {
+            self.calls.set(self.calls.get() + 1);
+            return Err(DataplaneError::Barrier(std::io::Error::other("injected")));
+        }
+        self.calls.set(self.calls.get() + 1);
+        self.inner.barrier()
+    }
+    fn read_all(&self) -> Result<MapContents, DataplaneError> {
+        self.call("all maps", "read")?;
+        self.inner.read_all()
+    }
+}
+
+/// The maps hold exactly `desired`, nothing else, and the writer's counts
+/// are what the maps hold.
+fn assert_exact<M: MapOps>(w: &Writer<FaultyMaps<M>>, m: &FakeMaps, desired: &Desired) {
+    assert_eq!(observed(m), expected(desired));
+    assert_no_garbage(m);
+    assert_eq!(
+        w.usage(),
+        (m.services.len(), m.backends.len()),
+        "entries counted in use"
+    );
+    assert_eq!(w.maglev_chunks, m.maglev.len(), "Maglev chunks counted");
+}
+
+type Desired = BTreeMap<ServiceId, Vec<Frontend>>;
+type Steps = Vec<(usize, Vec<Frontend>, bool)>;
+
+/// Update sequences where each service has its own frontend addresses (so no
+/// conflicts, whose outcome depends on which apply went first) and shares
+/// backends with the others.
+fn arb_steps_without_conflicts() -> impl Strategy<Value = Steps> {
+    prop::collection::vec((0usize..3, arb_frontends(), any::<bool>()), 1..8).prop_map(|steps| {
+        steps
+            .into_iter()
+            .map(|(svc, mut frontends, flush)| {
+                for f in &mut frontends {
+                    if let IpAddr::V4(a) = f.key.addr {
+                        let [x, y, _, h] = a.octets();
+                        f.key.addr = IpAddr::from([x, y, svc as u8, h]);
+                    }
+                }
+                (svc, frontends, flush)
+            })
+            .collect()
+    })
+}
+
+/// Applies and flushes as the steps say, ignoring failures; returns the last
+/// desired state of every service.
+fn run(w: &mut Writer<FaultyMaps<FakeMaps>>, steps: &Steps) -> Desired {
+    let mut desired = BTreeMap::new();
+    for (svc, frontends, flush) in steps {
+        let id = sid(&format!("s{svc}"));
+        let _ = w.apply(&id, frontends);
+        desired.insert(id, frontends.clone());
+        if *flush {
+            let _ = w.flush();
+        }
+    }
+    desired
+}
+
+/// At most `n` fault positions out of `total`, spread evenly, shifted by
+/// `offset` so that different cases cover different ones.
+fn fault_positions(total: usize, n: usize, offset: usize) -> Vec<usize> {
+    if total <= n {
+        return (0..total).collect();
+    }
+    let step = total / n;
+    (0..n).map(|i| i * step + offset % step).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+    /// Whichever single map operation fails: readers never see a missing
+    /// slot, backend or Maglev chunk (checked after every operation), and
+    /// once faults stop, applying every service's last desired state again
+    /// leaves the maps exactly as desired, with nothing leaked and the
+    /// writer's counts equal to what the maps hold.
+    #[test]
+    fn any_single_failed_map_operation_is_recovered(
+        steps in arb_steps_without_conflicts(),
+        offset in any::<usize>(),
+    ) {
+        let mut clean = Writer::adopt(FaultyMaps::new(FakeMaps::default(), None), Capacity::default()).unwrap();
+        clean.set_maglev_size(TABLE_SIZE);
+        let start = clean.maps().calls.get();
+        run(&mut clean, &steps);
+        let total = clean.maps().calls.get() - start;
+        for k in fault_positions(total, 40, offset) {
+            let mut w = Writer::adopt(FaultyMaps::new(FakeMaps::default(), Some(start + k)), Capacity::default()).unwrap();
+            w.set_maglev_size(TABLE_SIZE);
+            let desired = run(&mut w, &steps);
+            for (id, frontends) in &desired {
+                w.apply(id, frontends).unwrap();
+            }
+            w.flush().unwrap();
+            assert_exact(&w, &w.maps().inner, &desired);
+        }
+    }
+}
+
+/// A restarted agent whose adopt, apply, prune or flush hits a failed map
+/// operation (any one of them) gets to the desired state by retrying.
+#[test]
+fn restart_survives_a_fault_at_any_operation() {
+    let external = |ip: &str, backends: &[(&str, u16)]| {
+        let mut f = fe(ip, 80, Protocol::Tcp, backends);
+        f.key.scope = Scope::External;
+        f.affinity_timeout = Some(10_800);
+        f.source_ranges = vec![Cidr {
+            addr: IpAddr::from([198, 18, 0, 0]),
+            prefix: 16,
+        }];
+        f
+    };
+    let a_old = vec![
+        fe(
+            "198.19.0.1",
+            80,
+            Protocol::Tcp,
+            &[("198.18.1.1", 80), ("198.18.1.2", 80)],
+        ),
+        external("198.19.0.1", &[("198.18.1.1", 80), ("198.18.1.2", 80)]),
+    ];
+    let a_new = vec![
+        fe(
+            "198.19.0.1",
+            80,
+            Protocol::Tcp,
+            &[("198.18.1.2", 80), ("198.18.1.3", 80)],
+        ),
+        external("198.19.0.1", &[("198.18.1.3", 80)]),
+    ];
+    let b = vec![external(
+        "198.19.0.2",
+        &[("198.18.1.1", 80), ("198.18.1.4", 80)],
+    )];
+    let mut before = writer();
+    before.apply(&sid("a"), &a_old).unwrap();
+    before.apply(&sid("b"), &b).unwrap();
+    before.flush().unwrap();
+    let left = before.maps().clone();
+
+    let restart = |m: &mut FakeMaps, fail_at: Option<usize>| -> usize {
+        let mut w = match Writer::adopt(FaultyMaps::new(&mut *m, fail_at), Capacity::default()) {
+            Ok(w) => w,
+            // The maps keep what the failed adopt did; adopt them again.
+            Err(_) => Writer::adopt(FaultyMaps::new(&mut *m, None), Capacity::default()).unwrap(),
+        };
+        w.set_maglev_size(TABLE_SIZE);
+        let a = sid("a");
+        w.apply(&a, &a_new)
+            .or_else(|_| w.apply(&a, &a_new))
+            .unwrap();
+        w.prune_unclaimed()
+            .or_else(|_| w.prune_unclaimed())
+            .unwrap();
+        w.flush().or_else(|_| w.flush()).unwrap();
+        let calls = w.maps().calls.get();
+        let desired = BTreeMap::from([(a, a_new.clone())]);
+        assert_exact(&w, w.maps().inner, &desired);
+        calls
+    };
+    let total = restart(&mut left.clone(), None);
+    assert!(total > 20, "the restart does some work: {total} operations");
+    for k in 0..total {
+        restart(&mut left.clone(), Some(k));
+    }
+}
+
+/// An update of an external frontend fails at any operation, for instance
+/// after overwriting a slot in place but before slot 0: the live Maglev table
+/// still names the old backends, which must outlive the rebuild, and the
+/// retry must replace that table even if the slots are already right.
+#[test]
+fn a_failed_update_keeps_the_backends_of_the_live_maglev_table() {
+    let external = |backends: &[(&str, u16)]| {
+        let mut f = fe("198.19.0.1", 80, Protocol::Tcp, backends);
+        f.key.scope = Scope::External;
+        f.affinity_timeout = Some(10);
+        vec![f]
+    };
+    let a = sid("a");
+    let old = external(&[("198.18.1.1", 80), ("198.18.1.2", 80)]);
+    let new = external(&[("198.18.1.3", 80), ("198.18.1.4", 80)]);
+    let update = |fail_after: Option<usize>| {
+        let mut w = Writer::adopt(
+            FaultyMaps::new(FakeMaps::default(), None),
+            Capacity::default(),
+        )
+        .unwrap();
+        w.set_maglev_size(TABLE_SIZE);
+        w.apply(&a, &old).unwrap();
+        w.flush().unwrap();
+        let start = w.maps().calls.get();
+        w.maps.fail_at = fail_after.map(|k| start + k);
+        let failed = w.apply(&a, &new).is_err();
+        // The rebuild (and its deletions) run before the next operation.
+        let _ = w.flush();
+        w.apply(&a, &new).unwrap();
+        w.flush().unwrap();
+        assert_exact(
+            &w,
+            &w.maps().inner,
+            &BTreeMap::from([(a.clone(), new.clone())]),
+        );
+        (failed, w.maps().calls.get() - start)
+    };
+    let (_, total) = update(None);
+    for k in 0..total {
+        update(Some(k));
+    }
+    // Two backend writes, slot 1, then slot 2.
+    assert!(update(Some(3)).0, "the update itself failed");
 }
