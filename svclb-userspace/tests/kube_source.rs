@@ -725,3 +725,52 @@ fn failed_service_is_retried_without_events() {
     });
     assert_eq!(http_get(&health, "/healthz").0, 200);
 }
+
+/// Issue 13: two Services on one frontend. The older one owns it whatever
+/// order they arrive in (the model picks, the same on every node), and the
+/// other takes it over as soon as the owner goes, without waiting for its
+/// retry.
+#[test]
+fn older_service_owns_a_frontend_and_hands_it_over() {
+    let created = |mut svc: Value, t: &str| {
+        svc["metadata"]["creationTimestamp"] = json!(t);
+        svc
+    };
+    // Sorted by name, the older comes first: in one pass it is applied
+    // before the younger lets go of the frontend.
+    let older = || created(service("a-old", "198.18.0.40", 80), "2026-01-01T00:00:00Z");
+    let younger = created(service("b-new", "198.18.0.40", 80), "2026-06-01T00:00:00Z");
+    let mock = mock_with(vec![younger, slice("b-new-a", "b-new", &["198.19.0.2"])]);
+    let mut env = Env::new("handover", &mock);
+    env.start_agent_with(&["--sync-period", "1h"]);
+    let metrics = env.served_addr("/metrics");
+    env.wait_for_maps(&["198.18.0.40:80/TCP -> 198.19.0.2:8080"], DEADLINE);
+    env.wait_for_log(SYNC_MARKER, EVENT_DEADLINE);
+
+    // The older one arrives second and takes the frontend.
+    mock.apply(slice("a-old-a", "a-old", &["198.19.0.1"]));
+    mock.apply(older());
+    env.wait_for_maps(&["198.18.0.40:80/TCP -> 198.19.0.1:8080"], EVENT_DEADLINE);
+    env.wait_for_log(
+        "Service demo/b-new: frontend 198.18.0.40:80/TCP already belongs to service demo/a-old",
+        EVENT_DEADLINE,
+    );
+    let text = http_get(&metrics, "/metrics").1;
+    let lost = r#"svclb_translation_errors_total{reason="frontend_conflict"}"#;
+    assert!(metric(&text, lost) >= Some(1.0), "{text}");
+
+    // Let the younger one's retry backoff grow well past EVENT_DEADLINE:
+    // its sixth failure in a row waits 3.2 s ± 20 % (the count includes
+    // the older one's refused first write), so the hand-over below cannot
+    // be that retry.
+    let conflicts = r#"svclb_sync_errors_total{reason="conflict"}"#;
+    env.wait_until("seven conflicts", DEADLINE, |_| {
+        metric(&http_get(&metrics, "/metrics").1, conflicts) >= Some(7.0)
+    });
+    mock.delete("Service", "demo", "a-old");
+    env.wait_for_maps(&["198.18.0.40:80/TCP -> 198.19.0.2:8080"], EVENT_DEADLINE);
+    env.wait_until("no retries pending", EVENT_DEADLINE, |_| {
+        let text = http_get(&metrics, "/metrics").1;
+        metric(&text, "svclb_sync_retries_pending") == Some(0.0)
+    });
+}

@@ -440,9 +440,8 @@ fn object_names(objects: &[Object]) -> BTreeSet<(&'static str, String)> {
 fn check_names(warnings: &[ModelError], objects: &[Object]) -> Result<(), TestCaseError> {
     let names = object_names(objects);
     for w in warnings {
-        let ModelError::Invalid { kind, object, .. } = w;
         prop_assert!(
-            names.contains(&(*kind, object.clone())),
+            names.contains(&w.object()),
             "warning does not name an input object: {w}"
         );
     }

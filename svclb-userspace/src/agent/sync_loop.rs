@@ -49,10 +49,12 @@ pub struct SyncLoop {
     triggers: Vec<SystemTime>,
     /// Failed work: the dataplane lags the store until it succeeds.
     retries: RetrySet<Work>,
-    /// Services that want a frontend another service holds. Retried too
-    /// (the owner may let go), but they leave /healthz alone: the input is
-    /// wrong, not the agent, and a Service anyone can create must not turn
-    /// every node unhealthy for the load balancers.
+    /// Services that want a frontend another service owns (the model
+    /// leaves it out) or still holds in the maps (the writer refuses it).
+    /// The store hands a frontend over as soon as its owner lets go; these
+    /// are retried as well, as a safety net. They leave /healthz alone: the
+    /// input is wrong, not the agent, and a Service anyone can create must
+    /// not turn every node unhealthy for the load balancers.
     conflicts: RetrySet<ServiceId>,
     sync_period: Duration,
     next_resync: Instant,
@@ -67,10 +69,13 @@ impl SyncLoop {
         health_checks: HealthCheckServers,
         sync_period: Duration,
     ) -> Self {
+        let node = NodeContext::from_node(node_name, None);
+        let mut store = ObjectStore::new();
+        store.set_node(&node);
         SyncLoop {
             node_name: node_name.to_string(),
-            node: NodeContext::from_node(node_name, None),
-            store: ObjectStore::new(),
+            node,
+            store,
             dataplane,
             health,
             metrics,
@@ -149,7 +154,15 @@ impl SyncLoop {
             }
         }
         self.pending.extend(self.conflicts.due(pass));
+        let mut refused = Vec::new();
         for id in std::mem::take(&mut self.pending) {
+            if self.sync_service(&id, pass) == Applied::Refused {
+                refused.push(id);
+            }
+        }
+        // A frontend handed over in this pass may have been refused because
+        // its old owner, later in the pass, still held it: once more.
+        for id in refused {
             self.sync_service(&id, pass);
         }
         // One RCU grace period per batch, after the changes are visible.
@@ -180,6 +193,7 @@ impl SyncLoop {
         if let Err(e) = self.dataplane.set_node_addresses(&current.addresses) {
             tracing::error!(error = %e, "setting the node's SNAT addresses");
         }
+        self.store.set_node(&current);
         self.node = current;
         self.pending.extend(self.store.service_ids().cloned());
     }
@@ -187,7 +201,8 @@ impl SyncLoop {
     /// Translate one service and make the maps match. Problems are logged
     /// with the service's name and the service is retried; other services
     /// are unaffected.
-    fn sync_service(&mut self, id: &ServiceId, now: Instant) {
+    fn sync_service(&mut self, id: &ServiceId, now: Instant) -> Applied {
+        let mut lost_frontends = false;
         let frontends = match self.store.translate(id, &self.node) {
             None => Vec::new(),
             Some(t) => {
@@ -195,6 +210,8 @@ impl SyncLoop {
                 if let Some(reason) = t.skipped {
                     tracing::debug!(service = %id, reason, "not proxied");
                 }
+                lost_frontends =
+                    (t.warnings.iter()).any(|w| matches!(w, ModelError::FrontendConflict { .. }));
                 t.frontends
             }
         };
@@ -202,16 +219,26 @@ impl SyncLoop {
         match self.dataplane.apply(id, &frontends) {
             Ok(stats) => {
                 self.retries.succeed(&work);
-                self.conflicts.succeed(id);
                 if stats.writes + stats.deletes > 0 {
                     tracing::info!(service = %id, frontends = frontends.len(), writes = stats.writes, deletes = stats.deletes, "applied");
                 }
+                if !lost_frontends {
+                    self.conflicts.succeed(id);
+                    return Applied::Done;
+                }
+                // The rest of the service is in the maps; it waits for the
+                // frontends it lost.
+                let delay = self.conflicts.fail(id, now);
+                self.metrics.sync_error("conflict");
+                tracing::warn!(service = %id, retry_in = ?delay, "frontends left out for older services");
+                Applied::Done
             }
             Err(e @ DataplaneError::Conflict { .. }) => {
                 self.retries.succeed(&work);
                 let delay = self.conflicts.fail(id, now);
                 self.metrics.sync_error("conflict");
                 tracing::warn!(service = %id, retry_in = ?delay, "{e}");
+                Applied::Refused
             }
             Err(e) => {
                 self.conflicts.succeed(id);
@@ -221,6 +248,7 @@ impl SyncLoop {
                     _ => "map_update",
                 });
                 tracing::warn!(service = %id, retry_in = ?delay, "{e}");
+                Applied::Failed
             }
         }
     }
@@ -294,9 +322,20 @@ impl SyncLoop {
     }
 }
 
+/// How [`SyncLoop::sync_service`] went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Applied {
+    /// In the maps (perhaps without frontends older services own).
+    Done,
+    /// The writer refused it: a frontend belongs to another service in the maps.
+    Refused,
+    /// A map operation failed.
+    Failed,
+}
+
 fn log_model_errors(errors: &[ModelError], metrics: &Metrics) {
     for e in errors {
-        metrics.translation_error("invalid_object");
+        metrics.translation_error(e.reason());
         tracing::warn!("{e}");
     }
 }

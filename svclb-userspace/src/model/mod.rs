@@ -313,7 +313,10 @@ pub struct Translation {
 }
 
 /// A problem with an input object. Always names the object.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+///
+/// Ordered (derived, field by field) so that warnings can be sorted into an
+/// order that does not depend on the order of the input.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, thiserror::Error)]
 pub enum ModelError {
     #[error("{kind} {object}: {reason}")]
     Invalid {
@@ -322,4 +325,30 @@ pub enum ModelError {
         object: String,
         reason: String,
     },
+    /// Two Services claim one frontend: `owner`, the oldest (then first by
+    /// namespace/name), has it and `service` goes without it.
+    #[error("Service {service}: frontend {frontend} already belongs to service {owner} (older, or first by namespace/name); left out")]
+    FrontendConflict {
+        service: ServiceId,
+        frontend: FrontendKey,
+        owner: ServiceId,
+    },
+}
+
+impl ModelError {
+    /// The kind and namespace/name of the object the problem is with.
+    pub fn object(&self) -> (&'static str, String) {
+        match self {
+            ModelError::Invalid { kind, object, .. } => (kind, object.clone()),
+            ModelError::FrontendConflict { service, .. } => ("Service", service.to_string()),
+        }
+    }
+
+    /// The `reason` label of svclb_translation_errors_total.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ModelError::Invalid { .. } => "invalid_object",
+            ModelError::FrontendConflict { .. } => "frontend_conflict",
+        }
+    }
 }

@@ -7,9 +7,10 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use super::translate::frontend_keys;
 use super::{
-    health_check, translate, HealthCheck, ModelError, NodeContext, Object, ObjectKind, ServiceId,
-    Translation,
+    health_check, translate, FrontendKey, HealthCheck, ModelError, NodeContext, Object, ObjectKind,
+    ServiceId, Translation,
 };
 
 /// The label the EndpointSlice controller puts on every slice it manages,
@@ -30,12 +31,25 @@ struct StoredSlice {
 /// caller re-translates exactly those. These may name Services that do not
 /// exist (a slice can arrive before its Service, or outlive it): for them
 /// [`ObjectStore::translate`] returns None.
+///
+/// When Services claim one frontend, it belongs to the oldest
+/// (creationTimestamp; none sorts last), then the first by namespace/name:
+/// the same owner on every node, whatever order the objects arrived in. The
+/// others go without it. A change of owner affects every claimant, so the
+/// next owner takes the frontend over as soon as the last one lets go.
 #[derive(Default)]
 pub struct ObjectStore {
     services: BTreeMap<ServiceId, Service>,
     slices: BTreeMap<SliceKey, StoredSlice>,
     slices_by_service: BTreeMap<ServiceId, BTreeSet<SliceKey>>,
     nodes: BTreeMap<String, Node>,
+    /// The node the frontend claims are computed for (NodePort frontends
+    /// are on its addresses); see [`ObjectStore::set_node`].
+    node: NodeContext,
+    /// The frontends each Service claims...
+    claims: BTreeMap<ServiceId, BTreeSet<FrontendKey>>,
+    /// ...and the Services claiming each frontend.
+    claimants: BTreeMap<FrontendKey, BTreeSet<ServiceId>>,
 }
 
 impl ObjectStore {
@@ -58,8 +72,7 @@ impl ObjectStore {
                 normalize(&mut svc.metadata);
                 let id = ServiceId { namespace, name };
                 if self.services.get(&id) != Some(&*svc) {
-                    self.services.insert(id.clone(), *svc);
-                    affected.insert(id);
+                    affected.extend(self.set_service(&id, Some(*svc)));
                 }
             }
             Object::EndpointSlice(mut slice) => {
@@ -111,8 +124,8 @@ impl ObjectStore {
         match obj {
             Object::Service(_) => {
                 let id = ServiceId { namespace, name };
-                if self.services.remove(&id).is_some() {
-                    affected.insert(id);
+                if self.services.contains_key(&id) {
+                    affected.extend(self.set_service(&id, None));
                 }
             }
             Object::EndpointSlice(_) => affected.extend(self.remove_slice(&(namespace, name))),
@@ -149,8 +162,7 @@ impl ObjectStore {
             .cloned()
             .collect();
         for id in gone {
-            self.services.remove(&id);
-            affected.insert(id);
+            affected.extend(self.set_service(&id, None));
         }
         let gone: Vec<SliceKey> = (self.slices.keys())
             .filter(|key| !slices.contains(*key))
@@ -200,11 +212,92 @@ impl ObjectStore {
         (affected, errors)
     }
 
-    /// The Service's translation from the stored objects; None when the
-    /// Service is not stored.
+    /// The node whose frontends Services claim: `node` must be the one
+    /// later given to [`ObjectStore::translate`] for NodePort conflicts to
+    /// be resolved. Returns the Services whose owned frontends changed.
+    pub fn set_node(&mut self, node: &NodeContext) -> BTreeSet<ServiceId> {
+        if *node == self.node {
+            return BTreeSet::new();
+        }
+        self.node = node.clone();
+        let ids: Vec<ServiceId> = self.services.keys().cloned().collect();
+        let mut affected = BTreeSet::new();
+        for id in ids {
+            let svc = self.services.get(&id).cloned();
+            affected.extend(self.set_service(&id, svc));
+        }
+        affected
+    }
+
+    /// The Service's translation from the stored objects, without the
+    /// frontends another Service owns (each left out with a warning); None
+    /// when the Service is not stored.
     pub fn translate(&self, id: &ServiceId, node: &NodeContext) -> Option<Translation> {
         let svc = self.services.get(id)?;
-        Some(translate(svc, &self.slices_of(id), node))
+        let mut t = translate(svc, &self.slices_of(id), node);
+        t.frontends.retain(|f| match self.owner(&f.key) {
+            Some(owner) if owner != id => {
+                t.warnings.push(ModelError::FrontendConflict {
+                    service: id.clone(),
+                    frontend: f.key,
+                    owner: owner.clone(),
+                });
+                false
+            }
+            _ => true,
+        });
+        t.warnings.sort();
+        Some(t)
+    }
+
+    /// The Service that owns a frontend, when any claims it (see
+    /// [`ObjectStore`]).
+    fn owner(&self, key: &FrontendKey) -> Option<&ServiceId> {
+        let claimants = self.claimants.get(key)?;
+        claimants.iter().min_by_key(|id| {
+            let created =
+                (self.services.get(*id)).and_then(|svc| svc.metadata.creation_timestamp.as_ref());
+            (created.is_none(), created, *id)
+        })
+    }
+
+    /// Stores (Some) or removes (None) a Service and its frontend claims.
+    /// Returns it and every Service claiming a frontend whose owner changed.
+    fn set_service(&mut self, id: &ServiceId, svc: Option<Service>) -> BTreeSet<ServiceId> {
+        let new = (svc.as_ref())
+            .map(|svc| frontend_keys(svc, &self.node))
+            .unwrap_or_default();
+        let old = self.claims.remove(id).unwrap_or_default();
+        // The creation timestamp may have changed too: look at every frontend.
+        let touched: Vec<FrontendKey> = old.union(&new).copied().collect();
+        let owners_before: Vec<Option<ServiceId>> =
+            touched.iter().map(|k| self.owner(k).cloned()).collect();
+        match svc {
+            Some(svc) => self.services.insert(id.clone(), svc),
+            None => self.services.remove(id),
+        };
+        for key in &old {
+            if let Some(ids) = self.claimants.get_mut(key) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    self.claimants.remove(key);
+                }
+            }
+        }
+        for key in &new {
+            self.claimants.entry(*key).or_default().insert(id.clone());
+        }
+        if !new.is_empty() {
+            self.claims.insert(id.clone(), new);
+        }
+        let mut affected = BTreeSet::from([id.clone()]);
+        for (key, before) in touched.iter().zip(owners_before) {
+            if self.owner(key) != before.as_ref() {
+                affected.extend(before);
+                affected.extend(self.claimants.get(key).into_iter().flatten().cloned());
+            }
+        }
+        affected
     }
 
     /// Every health check server this node must run, by port, plus a

@@ -828,6 +828,199 @@ fn store_delete() {
     );
 }
 
+// ---- frontend conflicts ----
+
+/// A Service in demo with one port on one clusterIP, created at `created`.
+fn claimant(name: &str, created: Option<&str>, ip: &str, port: u16, protocol: &str) -> Object {
+    let mut svc = json!({
+        "metadata": {"name": name, "namespace": "demo"},
+        "spec": {"clusterIP": ip, "ports": [{"port": port, "protocol": protocol}]},
+    });
+    if let Some(t) = created {
+        svc["metadata"]["creationTimestamp"] = json!(t);
+    }
+    Object::Service(Box::new(service(svc)))
+}
+
+/// Which of `names` have the frontend in their translation (rendered
+/// without backends), and every warning.
+fn holders(store: &ObjectStore, names: &[&str]) -> (Vec<String>, Vec<String>) {
+    let mut holding = Vec::new();
+    let mut warned = Vec::new();
+    for name in names {
+        let t = store.translate(&id(name), &node_n1()).unwrap();
+        if !t.frontends.is_empty() {
+            holding.push(name.to_string());
+        }
+        warned.extend(warnings(&t));
+    }
+    (holding, warned)
+}
+
+const EARLY: &str = "2026-01-01T00:00:00Z";
+const LATE: &str = "2026-06-01T00:00:00Z";
+
+#[test]
+fn frontend_conflict_owner_by_age_then_name_in_any_order() {
+    // (case, a's timestamp, b's timestamp, owner)
+    let cases = [
+        ("older wins", Some(LATE), Some(EARLY), "b"),
+        ("older wins, other way", Some(EARLY), Some(LATE), "a"),
+        ("same time: first by name", Some(EARLY), Some(EARLY), "a"),
+        ("no timestamp sorts last", None, Some(LATE), "b"),
+        ("neither has one: first by name", None, None, "a"),
+    ];
+    for (case, a_created, b_created, owner) in cases {
+        let a = || claimant("a", a_created, "198.18.0.10", 80, "TCP");
+        let b = || claimant("b", b_created, "198.18.0.10", 80, "TCP");
+        let loser = if owner == "a" { "b" } else { "a" };
+        for order in [[a(), b()], [b(), a()]] {
+            let mut store = ObjectStore::new();
+            for obj in order {
+                upsert(&mut store, obj);
+            }
+            let (holding, warned) = holders(&store, &["a", "b"]);
+            assert_eq!(holding, [owner], "case {case:?}");
+            assert_eq!(
+                warned,
+                [format!(
+                    "Service demo/{loser}: frontend 198.18.0.10:80/TCP already belongs to \
+                     service demo/{owner} (older, or first by namespace/name); left out"
+                )],
+                "case {case:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn frontend_conflict_needs_same_address_port_and_protocol() {
+    let cases = [
+        (
+            "other port",
+            claimant("b", Some(EARLY), "198.18.0.10", 81, "TCP"),
+        ),
+        (
+            "other protocol",
+            claimant("b", Some(EARLY), "198.18.0.10", 80, "UDP"),
+        ),
+        (
+            "other address",
+            claimant("b", Some(EARLY), "198.18.0.11", 80, "TCP"),
+        ),
+    ];
+    for (case, b) in cases {
+        let mut store = ObjectStore::new();
+        upsert(
+            &mut store,
+            claimant("a", Some(LATE), "198.18.0.10", 80, "TCP"),
+        );
+        assert_eq!(upsert(&mut store, b), ids(&["b"]), "case {case:?}");
+        let (holding, warned) = holders(&store, &["a", "b"]);
+        assert_eq!(holding, ["a", "b"], "case {case:?}");
+        assert!(warned.is_empty(), "case {case:?}: {warned:?}");
+    }
+}
+
+#[test]
+fn frontend_hands_over_when_the_owner_lets_go() {
+    let mut store = ObjectStore::new();
+    upsert(
+        &mut store,
+        claimant("a", Some(EARLY), "198.18.0.10", 80, "TCP"),
+    );
+    // A younger claimant affects only itself: the owner stays.
+    assert_eq!(
+        upsert(
+            &mut store,
+            claimant("b", Some(LATE), "198.18.0.10", 80, "TCP")
+        ),
+        ids(&["b"])
+    );
+    assert_eq!(
+        upsert(&mut store, claimant("c", None, "198.18.0.10", 80, "TCP")),
+        ids(&["c"])
+    );
+    assert_eq!(holders(&store, &["a", "b", "c"]).0, ["a"]);
+
+    // The owner moves to another port: the next oldest takes over, and
+    // every claimant is re-translated (c's warning now names b).
+    assert_eq!(
+        upsert(
+            &mut store,
+            claimant("a", Some(EARLY), "198.18.0.10", 8080, "TCP")
+        ),
+        ids(&["a", "b", "c"])
+    );
+    let (holding, warned) = holders(&store, &["a", "b", "c"]);
+    assert_eq!(holding, ["a", "b"]);
+    assert_eq!(warned.len(), 1);
+    assert!(
+        warned[0].contains("demo/c: frontend 198.18.0.10:80/TCP already belongs to service demo/b")
+    );
+
+    // The owner is deleted: the loser takes over.
+    assert_eq!(
+        store.delete(&claimant("b", None, "", 0, "")),
+        ids(&["b", "c"])
+    );
+    assert_eq!(
+        holders(&store, &["a", "c"]),
+        (vec!["a".into(), "c".into()], vec![])
+    );
+
+    // A new, older Service claims it: the holder loses it.
+    assert_eq!(
+        upsert(
+            &mut store,
+            claimant("d", Some(EARLY), "198.18.0.10", 80, "TCP")
+        ),
+        ids(&["c", "d"])
+    );
+    assert_eq!(holders(&store, &["c", "d"]).0, ["d"]);
+
+    // Gone in a relist: handed over too.
+    let (affected, _) = store.replace_all(vec![claimant("c", None, "198.18.0.10", 80, "TCP")]);
+    assert_eq!(affected, ids(&["a", "d", "c"]));
+    assert_eq!(holders(&store, &["c"]).0, ["c"]);
+}
+
+#[test]
+fn node_port_conflicts_follow_the_node_addresses() {
+    let node_port = |name: &str, created: &str, node_port: u16| {
+        let svc = json!({
+            "metadata": {"name": name, "namespace": "demo", "creationTimestamp": created},
+            "spec": {"type": "NodePort", "clusterIP": format!("198.18.0.{}", node_port - 30000),
+                     "ports": [{"port": 80, "nodePort": node_port}]},
+        });
+        Object::Service(Box::new(service(svc)))
+    };
+    // An externalIP on the node's address, on the port another Service
+    // has as its nodePort.
+    let external = json!({
+        "metadata": {"name": "ext", "namespace": "demo", "creationTimestamp": LATE},
+        "spec": {"clusterIP": "198.18.0.99", "externalIPs": ["198.18.9.1"],
+                 "ports": [{"port": 30001}]},
+    });
+    let mut store = ObjectStore::new();
+    upsert(&mut store, node_port("np", EARLY, 30001));
+    upsert(&mut store, Object::Service(Box::new(service(external))));
+    let frontends = |store: &ObjectStore, name: &str| -> Vec<String> {
+        let t = store.translate(&id(name), &node_n1()).unwrap();
+        t.frontends.iter().map(|f| f.key.to_string()).collect()
+    };
+    // Before the store knows the node's addresses, no conflict is seen.
+    assert!(frontends(&store, "ext").contains(&"198.18.9.1:30001/TCP".to_string()));
+    let affected = store.set_node(&node_n1());
+    assert!(affected.contains(&id("ext")), "{affected:?}");
+    assert_eq!(
+        frontends(&store, "ext"),
+        ["198.18.0.99:30001/TCP"],
+        "the node's address is np's node port"
+    );
+    assert!(frontends(&store, "np").contains(&"198.18.9.1:30001/TCP (external)".to_string()));
+}
+
 #[test]
 fn store_replace_all() {
     let mut store = ObjectStore::new();

@@ -7,6 +7,7 @@
 //! manifest (or one odd object from the API) cannot take a working Service
 //! down.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
@@ -144,10 +145,16 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
     out.frontends.dedup_by_key(|f| f.key);
     // Slice warnings come in slice order; sorting makes the output independent
     // of it, and de-duplication drops repeats from identical slices.
-    out.warnings
-        .sort_by(|a, b| warning_key(a).cmp(&warning_key(b)));
+    out.warnings.sort();
     out.warnings.dedup();
     out
+}
+
+/// The frontends a Service claims on this node, whatever its endpoints:
+/// what two Services can conflict over.
+pub(super) fn frontend_keys(svc: &Service, node: &NodeContext) -> BTreeSet<FrontendKey> {
+    let frontends = translate(svc, &[], node).frontends;
+    frontends.into_iter().map(|f| f.key).collect()
 }
 
 /// kube-proxy's ShouldSkipService plus its informer label selector.
@@ -718,15 +725,5 @@ fn invalid(kind: &'static str, object: impl Into<String>, reason: impl Into<Stri
         kind,
         object: object.into(),
         reason: reason.into(),
-    }
-}
-
-fn warning_key(e: &ModelError) -> (&str, &str, &str) {
-    match e {
-        ModelError::Invalid {
-            kind,
-            object,
-            reason,
-        } => (kind, object, reason),
     }
 }
