@@ -121,11 +121,7 @@ impl Metrics {
     /// Something failed to reach the maps and will be retried. `reason`
     /// must be a short fixed word (it becomes a label value).
     pub fn sync_error(&self, reason: &str) {
-        *self
-            .inner()
-            .sync_errors
-            .entry(reason.to_owned())
-            .or_default() += 1;
+        count(&mut self.inner().sync_errors, reason);
     }
 
     /// Services (and other work) waiting to be retried.
@@ -168,11 +164,7 @@ impl Metrics {
     /// An object or service that could not be translated or applied.
     /// `reason` must be a short fixed word (it becomes a label value).
     pub fn translation_error(&self, reason: &str) {
-        *self
-            .inner()
-            .translation_errors
-            .entry(reason.to_owned())
-            .or_default() += 1;
+        count(&mut self.inner().translation_errors, reason);
     }
 
     pub fn healthz_response(&self, code: u16) {
@@ -257,6 +249,11 @@ impl Metrics {
         // Plain counters: still meaningful after a panicking holder.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// One more event of `reason` in a by-reason counter.
+fn count(counts: &mut BTreeMap<String, u64>, reason: &str) {
+    *counts.entry(reason.to_owned()).or_default() += 1;
 }
 
 /// The series kube-proxy exposes, with its names, help texts and buckets.
