@@ -627,6 +627,18 @@ mod tests {
 
     /// Conntrack evictions: created flows make two entries each; what is
     /// not in the map any more was evicted. XDP counters by label.
+    /// Families come sorted by name, as from Go's registry.
+    fn assert_families_sorted(text: &str) {
+        let order: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap())
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted);
+    }
+
     #[test]
     fn external_path_counters() {
         use svclb_common::stats::*;
@@ -803,15 +815,7 @@ mod tests {
             1.0
         );
 
-        // Families come sorted by name, as from Go's registry.
-        let order: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .map(|l| l.split(' ').next().unwrap())
-            .collect();
-        let mut sorted = order.clone();
-        sorted.sort();
-        assert_eq!(order, sorted);
+        assert_families_sorted(&text);
     }
 
     /// Like kube-proxy: a failed sync counts in the duration histogram
@@ -901,14 +905,7 @@ mod tests {
              # TYPE process_start_time_seconds gauge\n"
         ));
 
-        let order: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .map(|l| l.split(' ').next().unwrap())
-            .collect();
-        let mut sorted = order.clone();
-        sorted.sort();
-        assert_eq!(order, sorted);
+        assert_families_sorted(&text);
     }
 
     #[tokio::test]
