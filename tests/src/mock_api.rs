@@ -322,8 +322,12 @@ impl MockApi {
         match fault {
             Fault::None => {}
             Fault::Stall => {
-                let live = std::mem::take(&mut c.watchers);
-                c.stalled.extend(live);
+                for w in std::mem::take(&mut c.watchers) {
+                    // Tells the connection to send nothing more, not even
+                    // the end at its timeout.
+                    let _ = w.tx.send(String::new());
+                    c.stalled.push(w);
+                }
             }
             Fault::Hangup | Fault::Status(_) => c.watchers.clear(),
         }
@@ -524,7 +528,8 @@ async fn respond(conn: &mut TcpStream, code: u16, body: &Value) -> std::io::Resu
     conn.shutdown().await
 }
 
-/// A chunked watch response: `first`, then whatever `live` pushes. Ends
+/// A chunked watch response: `first`, then whatever `live` pushes (an
+/// empty line: from now on nothing, not even the timeout's end). Ends
 /// cleanly after `first` without `live`, and once `timeout` has passed;
 /// when `live` is dropped (a disconnect), the connection is closed
 /// mid-stream.
@@ -544,9 +549,12 @@ async fn stream(
         return conn.write_all(end).await;
     };
     // Far enough to mean never.
-    let deadline = tokio::time::Instant::now() + timeout.unwrap_or(Duration::from_secs(86400));
+    let never = Duration::from_secs(86400);
+    let mut deadline = tokio::time::Instant::now() + timeout.unwrap_or(never);
     loop {
         match tokio::time::timeout_at(deadline, live.recv()).await {
+            // Stalled: nothing more comes on this channel.
+            Ok(Some(line)) if line.is_empty() => deadline += never,
             Ok(Some(line)) => write_chunk(conn, &line).await?,
             Ok(None) => return Ok(()),
             Err(_) => return conn.write_all(end).await,

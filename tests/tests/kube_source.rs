@@ -710,3 +710,138 @@ fn older_service_owns_a_frontend_and_hands_it_over() {
         metric(&text, "svclb_sync_retries_pending") == Some(0.0)
     });
 }
+
+/// Issue 13: a watch the API server keeps open but sends nothing on (no
+/// events, no bookmarks, no end at its timeout). kube-rs takes it as
+/// stalled once it brought nothing for --watch-timeout + 5 s, logs that,
+/// and watches again from where it was: the changes made meanwhile arrive,
+/// without a relist.
+#[test]
+fn stalled_watch_is_restarted() {
+    let mock = mock_with(vec![
+        service("web", "198.18.0.10", 80),
+        slice("web-a", "web", &["198.19.0.1"]),
+    ]);
+    let mut env = Env::new("stall", &mock);
+    env.start_agent_with(&["--watch-timeout", "2s"]);
+    let before = ["198.18.0.10:80/TCP -> 198.19.0.1:8080"];
+    env.wait_for_maps(&before, DEADLINE);
+    env.wait_for_log(SYNC_MARKER, EVENT_DEADLINE);
+
+    // The server ends each watch after timeoutSeconds=2: resumed, not relisted.
+    let watches = mock.counts(Resource::Services).watches;
+    env.wait_until("a watch ended by its timeout and resumed", DEADLINE, |_| {
+        mock.counts(Resource::Services).watches > watches
+    });
+    assert!(!env.log_text().contains("watch failed"), "a watch failed");
+    let lists: Vec<usize> = ALL.iter().map(|r| mock.counts(*r).lists).collect();
+    assert_eq!(lists, [1, 1, 1], "relisted");
+
+    // Every watch falls silent, also those started in the next 3 s (longer
+    // than a watch lasts), while objects change.
+    for r in ALL {
+        mock.set_fault(r, Fault::Stall);
+    }
+    let stalled = Instant::now();
+    mock.apply(slice("web-a", "web", &["198.19.0.2"]));
+    mock.apply(service("api", "198.18.0.20", 443));
+    sleep(Duration::from_secs(3));
+    for r in ALL {
+        mock.set_fault(r, Fault::None);
+    }
+    // Every watch is a silent one now: nothing arrives until they are
+    // given up (not before 5 s after the stall began).
+    sleep(Duration::from_secs(1));
+    assert_eq!(env.dump(), before, "changes arrived on a stalled watch");
+    env.wait_for_maps(
+        &[
+            "198.18.0.10:80/TCP -> 198.19.0.2:8080",
+            "198.18.0.20:443/TCP -> ",
+        ],
+        DEADLINE,
+    );
+    eprintln!(
+        "converged {:?} after the watches stalled",
+        stalled.elapsed()
+    );
+    let log = env.log_text();
+    assert!(
+        log.contains("watch stream idle timeout, reconnecting"),
+        "the stall is logged"
+    );
+    let lists: Vec<usize> = ALL.iter().map(|r| mock.counts(*r).lists).collect();
+    assert_eq!(lists, [1, 1, 1], "relisted after a stall");
+}
+
+/// Issue 13: a burst of 10,000 watch events: 1,000 new Services, each
+/// with an EndpointSlice that is then updated 8 times. The agent keeps up,
+/// stays up and ends with the final state. Prints how long it took and the
+/// agent's memory (not asserted).
+#[test]
+fn burst_of_10000_events() {
+    const SERVICES: usize = 1000;
+    const UPDATES: usize = 8;
+    let mock = mock_with(vec![]);
+    let mut env = Env::new("burst", &mock);
+    env.start_agent();
+    env.wait_for_log(SYNC_MARKER, DEADLINE);
+    let pid = env.agent.as_ref().unwrap().id();
+    let rss_before = vm_kib(pid, "VmRSS");
+
+    let frontend = |i: usize| format!("198.18.{}.{}", 10 + i / 250, 1 + i % 250);
+    let backend = |round: usize, i: usize| format!("198.19.{round}.{}", 1 + i % 250);
+    let start = Instant::now();
+    let mut events = 0;
+    for i in 0..SERVICES {
+        mock.apply(service(&format!("s{i}"), &frontend(i), 80));
+        mock.apply(slice(
+            &format!("s{i}-a"),
+            &format!("s{i}"),
+            &[&backend(0, i)],
+        ));
+        events += 2;
+    }
+    for round in 1..=UPDATES {
+        for i in 0..SERVICES {
+            let addr = backend(round, i);
+            mock.apply(slice(&format!("s{i}-a"), &format!("s{i}"), &[&addr]));
+            events += 1;
+        }
+    }
+    let pushed = start.elapsed();
+    assert_eq!(events, 10_000);
+
+    let mut want: Vec<String> = (0..SERVICES)
+        .map(|i| format!("{}:80/TCP -> {}:8080", frontend(i), backend(UPDATES, i)))
+        .collect();
+    want.sort();
+    env.wait_until("the final state of the burst", DEADLINE, |env| {
+        env.dump() == want
+    });
+    let converged = start.elapsed();
+    eprintln!(
+        "10,000 events pushed in {pushed:?}, maps final after {converged:?}; agent VmRSS \
+         {rss_before} KiB before, {} KiB after, VmHWM {} KiB",
+        vm_kib(pid, "VmRSS"),
+        vm_kib(pid, "VmHWM"),
+    );
+    // Still watching.
+    mock.apply(slice("s0-a", "s0", &["198.19.200.1"]));
+    let old = format!("{}:80/TCP -> {}:8080", frontend(0), backend(UPDATES, 0));
+    let i = want.iter().position(|l| *l == old).unwrap();
+    want[i] = format!("{}:80/TCP -> 198.19.200.1:8080", frontend(0));
+    env.wait_until("a change after the burst", EVENT_DEADLINE, |env| {
+        env.dump() == want
+    });
+    assert_eq!(mock.counts(Resource::EndpointSlices).lists, 1, "relisted");
+}
+
+/// A "Vm..." line of /proc/PID/status, in KiB.
+fn vm_kib(pid: u32, field: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'));
+    let kib = line.and_then(|l| l.trim().strip_suffix("kB")?.trim().parse().ok());
+    kib.unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
