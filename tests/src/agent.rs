@@ -34,29 +34,20 @@ pub fn svclb_bin() -> Result<PathBuf> {
     bail!("svclb binary not found (set SVCLB_BIN); tried {tried:?}")
 }
 
-/// Where an agent gets its objects from, with any more `svclb run`
-/// arguments.
+/// Where an agent gets its objects from.
 #[derive(Clone, Debug)]
 pub enum AgentSource {
     /// `--manifests DIR`.
     Manifests(PathBuf),
-    /// `--kubeconfig FILE` (e.g. of a [`crate::mock_api::MockApi`]) and
-    /// these arguments.
-    Api {
-        kubeconfig: PathBuf,
-        args: Vec<String>,
-    },
+    /// `--kubeconfig FILE`, e.g. of a [`crate::mock_api::MockApi`].
+    Api(PathBuf),
 }
 
 impl AgentSource {
-    fn args(&self) -> Vec<OsString> {
+    fn args(&self) -> [OsString; 2] {
         match self {
-            AgentSource::Manifests(dir) => vec!["--manifests".into(), dir.into()],
-            AgentSource::Api { kubeconfig, args } => {
-                let mut a: Vec<OsString> = vec!["--kubeconfig".into(), kubeconfig.into()];
-                a.extend(args.iter().map(OsString::from));
-                a
-            }
+            AgentSource::Manifests(dir) => ["--manifests".into(), dir.into()],
+            AgentSource::Api(kubeconfig) => ["--kubeconfig".into(), kubeconfig.into()],
         }
     }
 }

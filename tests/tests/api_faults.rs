@@ -104,11 +104,7 @@ fn api_outage_under_traffic_then_restart_with_changes() -> Result<()> {
     mock.apply(slice("web-a", "web", &[b1]));
     let kubeconfig = cluster.tmp_dir().join("kubeconfig");
     std::fs::write(&kubeconfig, mock.kubeconfig())?;
-    let source = AgentSource::Api {
-        kubeconfig,
-        args: Vec::new(),
-    };
-    let agent = node.start_agent_from(source, &[])?;
+    let agent = node.start_agent_from(AgentSource::Api(kubeconfig), &[])?;
     let before = lines(WEB, &[b1]);
     wait_for_maps(&node, &before, Duration::from_secs(10))?;
 
