@@ -26,11 +26,12 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     args.devices.retain(|d| !d.is_empty());
     let source = match args.manifests.clone() {
         Some(dir) => Source::Manifests(dir),
-        None => Source::Kube(
-            kube::client(args.kubeconfig.as_deref())
+        None => Source::Kube {
+            client: kube::client(args.kubeconfig.as_deref())
                 .await
                 .context("configuring the Kubernetes API client")?,
-        ),
+            watch_timeout: args.watch_timeout,
+        },
     };
     let cgroup = match args.cgroup.clone() {
         Some(c) => c,

@@ -92,6 +92,12 @@ pub struct RunArgs {
     /// turns unhealthy when changes wait longer than twice this.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub sync_period: std::time::Duration,
+    /// How long each watch of the Kubernetes API may last before the API
+    /// server ends it (it is then resumed). A watch that brings nothing,
+    /// not even a bookmark, for 5 s more than this is taken as stalled and
+    /// started again. At least 1s.
+    #[arg(long, default_value = "290s", value_parser = parse_duration)]
+    pub watch_timeout: std::time::Duration,
 }
 
 /// A positive duration such as 30s, 1m or 1h30m (Go's spelling, as

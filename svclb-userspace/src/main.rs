@@ -3,11 +3,15 @@ use std::io::IsTerminal;
 use clap::Parser;
 use svclb_userspace::cli::{Cli, Command, MapsCommand};
 
+/// Without RUST_LOG. kube-rs reports a stalled watch it restarts only at
+/// debug level (with its other debug lines: failures the agent also logs).
+const DEFAULT_LOG_FILTER: &str = "info,kube_runtime::watcher=debug";
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

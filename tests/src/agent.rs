@@ -2,6 +2,7 @@
 //! attached to the node's cgroup, pinning under the node's bpffs dir.
 
 use std::env;
+use std::ffi::OsString;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -33,13 +34,31 @@ pub fn svclb_bin() -> Result<PathBuf> {
     bail!("svclb binary not found (set SVCLB_BIN); tried {tried:?}")
 }
 
+/// Where an agent gets its objects from.
+#[derive(Clone, Debug)]
+pub enum AgentSource {
+    /// `--manifests DIR`.
+    Manifests(PathBuf),
+    /// `--kubeconfig FILE`, e.g. of a [`crate::mock_api::MockApi`].
+    Api(PathBuf),
+}
+
+impl AgentSource {
+    fn args(&self) -> [OsString; 2] {
+        match self {
+            AgentSource::Manifests(dir) => ["--manifests".into(), dir.into()],
+            AgentSource::Api(kubeconfig) => ["--kubeconfig".into(), kubeconfig.into()],
+        }
+    }
+}
+
 /// Everything `svclb run` needs to act as one node's agent.
 pub struct AgentConfig<'a> {
     pub node_name: &'a str,
     pub netns: &'a Path,
     pub cgroup: &'a Path,
     pub bpffs: &'a Path,
-    pub manifests: &'a Path,
+    pub source: AgentSource,
     /// External interfaces (`--devices`, comma-joined); none: no flag.
     pub devices: Vec<String>,
     /// More `svclb run` flags, e.g. `--sync-period 2s`.
@@ -52,7 +71,7 @@ pub struct AgentConfig<'a> {
 pub struct Agent {
     proc: Arc<Proc>,
     log: PathBuf,
-    manifests: PathBuf,
+    source: AgentSource,
     devices: Vec<String>,
     extra_args: Vec<String>,
 }
@@ -67,8 +86,7 @@ impl Agent {
         let mut command = Command::new(&bin);
         command
             .arg("run")
-            .arg("--manifests")
-            .arg(cfg.manifests)
+            .args(cfg.source.args())
             .arg("--node-name")
             .arg(cfg.node_name)
             .arg("--cgroup")
@@ -96,7 +114,7 @@ impl Agent {
         let agent = Agent {
             proc: Arc::new(Proc::new(format!("agent {}", cfg.node_name), child)),
             log: cfg.log.clone(),
-            manifests: cfg.manifests.to_path_buf(),
+            source: cfg.source.clone(),
             devices: cfg.devices.clone(),
             extra_args: cfg.extra_args.clone(),
         };
@@ -114,8 +132,9 @@ impl Agent {
         self.proc.pid()
     }
 
-    pub fn manifests_dir(&self) -> &Path {
-        &self.manifests
+    /// Where it gets its objects from.
+    pub fn source(&self) -> &AgentSource {
+        &self.source
     }
 
     /// The `--devices` it was started with.
@@ -195,4 +214,36 @@ pub fn dump_json(bpffs: &Path) -> Result<serde_json::Value> {
     let out = cmd::run(&mut c)?;
     serde_json::from_str(&out)
         .with_context(|| format!("parsing `{}` output: {out}", cmd::describe(&c)))
+}
+
+/// The maps as [`dump_json`] reads them, one line per frontend, sorted:
+/// "198.18.0.10:80/TCP -> 198.19.0.1:8080 198.19.0.2:8080(terminating)"
+/// (backends sorted, a state other than active in parentheses).
+pub fn frontends(bpffs: &Path) -> Result<Vec<String>> {
+    let dump = dump_json(bpffs)?;
+    let addr = |v: &serde_json::Value| {
+        let a = v["address"].as_str().unwrap_or_default();
+        let port = &v["port"];
+        if a.contains(':') {
+            format!("[{a}]:{port}")
+        } else {
+            format!("{a}:{port}")
+        }
+    };
+    let none = Vec::new();
+    let mut lines: Vec<String> = (dump["frontends"].as_array().unwrap_or(&none).iter())
+        .map(|f| {
+            let mut backends: Vec<String> = (f["backends"].as_array().unwrap_or(&none).iter())
+                .map(|b| match b["state"].as_str().unwrap_or_default() {
+                    "active" => addr(b),
+                    state => format!("{}({state})", addr(b)),
+                })
+                .collect();
+            backends.sort();
+            let protocol = f["protocol"].as_str().unwrap_or_default();
+            format!("{}/{protocol} -> {}", addr(f), backends.join(" "))
+        })
+        .collect();
+    lines.sort();
+    Ok(lines)
 }

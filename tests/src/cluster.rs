@@ -37,7 +37,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 
-use crate::agent::{self, Agent, AgentConfig};
+use crate::agent::{self, Agent, AgentConfig, AgentSource};
 use crate::cmd::{self, Placement, Proc};
 use crate::manifests::Manifests;
 use crate::probe::{self, Connect, Hold, HoldSummary, ProbeResult};
@@ -840,6 +840,19 @@ impl Node {
         devices: &[&str],
         extra_args: &[&str],
     ) -> Result<Agent> {
+        let source = AgentSource::Manifests(manifests_dir.to_path_buf());
+        self.start_agent_from(source, devices, extra_args)
+    }
+
+    /// Start this node's agent on `source` with `--devices` (none: no
+    /// flag) and more flags, and wait for its initial sync. Replaces the
+    /// remembered agent (the old one is not stopped).
+    pub fn start_agent_from(
+        &self,
+        source: AgentSource,
+        devices: &[&str],
+        extra_args: &[&str],
+    ) -> Result<Agent> {
         let i = &self.inner;
         let run = i.agent_runs.fetch_add(1, Ordering::Relaxed);
         let agent = Agent::start(&AgentConfig {
@@ -847,7 +860,7 @@ impl Node {
             netns: &netns::path(&i.netns),
             cgroup: &i.cgroup,
             bpffs: &i.pin_dir,
-            manifests: manifests_dir,
+            source,
             devices: devices.iter().map(|d| d.to_string()).collect(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             log: i.cluster.tmp.join(format!("agent-{}-{run}.log", i.name)),
@@ -867,7 +880,7 @@ impl Node {
     }
 
     /// Stop the current agent (SIGTERM) and start a new one on the same
-    /// manifests dir and devices.
+    /// source and devices.
     pub fn restart_agent(&self) -> Result<Agent> {
         let old = self
             .agent()
@@ -875,7 +888,7 @@ impl Node {
         old.stop()?;
         let devices: Vec<&str> = old.devices().iter().map(String::as_str).collect();
         let args: Vec<&str> = old.extra_args().iter().map(String::as_str).collect();
-        self.start_agent_with(old.manifests_dir(), &devices, &args)
+        self.start_agent_from(old.source().clone(), &devices, &args)
     }
 
     /// `svclb maps dump --bpffs <pin dir> --output json`.

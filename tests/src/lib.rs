@@ -37,12 +37,13 @@ pub mod cluster;
 pub mod cmd;
 pub mod kubeproxy_iptables;
 pub mod manifests;
+pub mod mock_api;
 pub mod mounts;
 pub mod netns;
 pub mod probe;
 pub mod prog_test;
 
-pub use agent::Agent;
+pub use agent::{Agent, AgentSource};
 pub use cluster::{
     Client, Cluster, ExternalClient, Node, Pod, Server, EXT_CIDR4, EXT_CIDR6, EXT_IF,
     SERVICE_CIDR4, SERVICE_CIDR6,

@@ -35,8 +35,11 @@ pub enum SourceEvent {
 pub enum Source {
     /// A directory of manifests (`--manifests`).
     Manifests(PathBuf),
-    /// The Kubernetes API server.
-    Kube(::kube::Client),
+    /// The Kubernetes API server; `watch_timeout` as in [`kube::run`].
+    Kube {
+        client: ::kube::Client,
+        watch_timeout: std::time::Duration,
+    },
 }
 
 impl Source {
@@ -45,8 +48,11 @@ impl Source {
     pub async fn run(self, node_name: String, events: mpsc::Sender<SourceEvent>) {
         match self {
             Source::Manifests(dir) => manifests::run(dir, events).await,
-            Source::Kube(client) => {
-                if let Err(e) = kube::run(client, node_name, events).await {
+            Source::Kube {
+                client,
+                watch_timeout,
+            } => {
+                if let Err(e) = kube::run(client, node_name, watch_timeout, events).await {
                     tracing::error!("Kubernetes API source: {e}");
                 }
             }

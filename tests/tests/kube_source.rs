@@ -1,22 +1,23 @@
 //! The Kubernetes API source end to end: the real `svclb` agent, through
-//! kube-rs, against an HTTP-level mock API server (tests/mock_api), with
-//! what lands in the real, pinned BPF maps read back by `svclb maps dump`.
+//! kube-rs, against an HTTP-level mock API server (svclb_tests::mock_api),
+//! with what lands in the real, pinned BPF maps read back by `svclb maps
+//! dump`. (api_faults.rs has the API server faults under real traffic in
+//! the netns cluster.)
 //!
 //! Needs root (it attaches BPF programs, to a cgroup of its own). Addresses
 //! come from 198.18.0.0/15 and fd00::/8; no traffic is sent: the only
 //! sockets are the agent's connections to the mock on 127.0.0.1.
 
-mod mock_api;
-
 use std::fs::{self, File};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use mock_api::{Fault, MockApi, Resource, ALL};
 use serde_json::{json, Value};
+use svclb_tests::agent::{frontends, svclb_bin};
+use svclb_tests::mock_api::{Fault, MockApi, Resource, ALL};
+use svclb_tests::mounts;
 
 /// How long anything may take that involves kube-rs' retry backoff
 /// (exponential from 0.8 s) or loading the programs.
@@ -101,8 +102,8 @@ impl Env {
         let root = unsafe { libc::geteuid() } == 0;
         assert!(root, "these tests attach BPF programs: run them as root");
         let unique = format!("svclb-kube-{test}-{}", std::process::id());
-        let bpffs = ensure_bpffs().join(&unique);
-        let cgroup = cgroup2_root().join(&unique);
+        let bpffs = mounts::ensure_bpffs().unwrap().join(&unique);
+        let cgroup = mounts::cgroup2_root().unwrap().join(&unique);
         let scratch = std::env::temp_dir().join(&unique);
         fs::create_dir_all(&scratch).unwrap();
         // From here on, Drop cleans up.
@@ -132,7 +133,7 @@ impl Env {
         self.starts += 1;
         self.log = self.scratch.join(format!("agent-{}.log", self.starts));
         let log = File::create(&self.log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_svclb"))
+        let child = Command::new(svclb_bin().unwrap())
             .arg("run")
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
@@ -146,7 +147,9 @@ impl Env {
             .arg("--bpffs")
             .arg(&self.bpffs)
             .args(args)
-            .env("RUST_LOG", "info")
+            // The agent's default log filter (with kube-rs' stalled watch line).
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
             .env_remove("KUBECONFIG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -180,39 +183,7 @@ impl Env {
     /// "198.18.0.10:80/TCP -> 198.19.0.1:8080 198.19.0.2:8080", sorted.
     /// Before the agent pinned its maps, the dump's error is the one line.
     fn dump(&self) -> Vec<String> {
-        let out = Command::new(env!("CARGO_BIN_EXE_svclb"))
-            .args(["maps", "dump", "--output", "json", "--bpffs"])
-            .arg(&self.bpffs)
-            .output()
-            .expect("running svclb maps dump");
-        if !out.status.success() {
-            return vec![String::from_utf8_lossy(&out.stderr).into_owned()];
-        }
-        let dump: Value = serde_json::from_slice(&out.stdout).expect("dump JSON");
-        let addr = |v: &Value| {
-            let a = v["address"].as_str().unwrap();
-            let port = &v["port"];
-            if a.contains(':') {
-                format!("[{a}]:{port}")
-            } else {
-                format!("{a}:{port}")
-            }
-        };
-        let mut lines: Vec<String> = (dump["frontends"].as_array().unwrap().iter())
-            .map(|f| {
-                let mut backends: Vec<String> = (f["backends"].as_array().unwrap().iter())
-                    .map(|b| match b["state"].as_str().unwrap() {
-                        "active" => addr(b),
-                        state => format!("{}({state})", addr(b)),
-                    })
-                    .collect();
-                backends.sort();
-                let protocol = f["protocol"].as_str().unwrap();
-                format!("{}/{protocol} -> {}", addr(f), backends.join(" "))
-            })
-            .collect();
-        lines.sort();
-        lines
+        frontends(&self.bpffs).unwrap_or_else(|e| vec![format!("{e:#}")])
     }
 
     /// Polls until the maps hold exactly `want`; panics after `within`.
@@ -317,41 +288,6 @@ fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .map(|v| v.parse().unwrap())
-}
-
-/// The cgroup2 mount point (the whole hierarchy), from mountinfo.
-fn cgroup2_root() -> PathBuf {
-    let root = mounts("cgroup2").into_iter().next();
-    root.expect("no cgroup2 mount in /proc/self/mountinfo")
-}
-
-/// /sys/fs/bpf, mounted if it is not a bpf filesystem yet. The check and
-/// mount hold the lock file the svclb-tests harness uses, because a second
-/// bpffs stacked on the first would hide the first one's pins.
-fn ensure_bpffs() -> PathBuf {
-    let path = PathBuf::from("/sys/fs/bpf");
-    let lock = File::create("/run/svclb-tests.lock").expect("creating /run/svclb-tests.lock");
-    // SAFETY: flock(2) on a descriptor we own; released when `lock` closes.
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
-    if !mounts("bpf").contains(&path) {
-        fs::create_dir_all(&path).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-            .status()
-            .expect("running mount");
-        assert!(status.success(), "mount -t bpf bpf /sys/fs/bpf failed");
-    }
-    path
-}
-
-/// Mount points of whole file systems (root "/") of this type.
-fn mounts(fstype: &str) -> Vec<PathBuf> {
-    let mounts = svclb_userspace::dataplane::mounts::read().expect("reading mountinfo");
-    mounts
-        .into_iter()
-        .filter(|m| m.is_whole() && m.fstype == fstype)
-        .map(|m| m.point)
-        .collect()
 }
 
 // ---- tests ----
@@ -773,4 +709,139 @@ fn older_service_owns_a_frontend_and_hands_it_over() {
         let text = http_get(&metrics, "/metrics").1;
         metric(&text, "svclb_sync_retries_pending") == Some(0.0)
     });
+}
+
+/// Issue 13: a watch the API server keeps open but sends nothing on (no
+/// events, no bookmarks, no end at its timeout). kube-rs takes it as
+/// stalled once it brought nothing for --watch-timeout + 5 s, logs that,
+/// and watches again from where it was: the changes made meanwhile arrive,
+/// without a relist.
+#[test]
+fn stalled_watch_is_restarted() {
+    let mock = mock_with(vec![
+        service("web", "198.18.0.10", 80),
+        slice("web-a", "web", &["198.19.0.1"]),
+    ]);
+    let mut env = Env::new("stall", &mock);
+    env.start_agent_with(&["--watch-timeout", "2s"]);
+    let before = ["198.18.0.10:80/TCP -> 198.19.0.1:8080"];
+    env.wait_for_maps(&before, DEADLINE);
+    env.wait_for_log(SYNC_MARKER, EVENT_DEADLINE);
+
+    // The server ends each watch after timeoutSeconds=2: resumed, not relisted.
+    let watches = mock.counts(Resource::Services).watches;
+    env.wait_until("a watch ended by its timeout and resumed", DEADLINE, |_| {
+        mock.counts(Resource::Services).watches > watches
+    });
+    assert!(!env.log_text().contains("watch failed"), "a watch failed");
+    let lists: Vec<usize> = ALL.iter().map(|r| mock.counts(*r).lists).collect();
+    assert_eq!(lists, [1, 1, 1], "relisted");
+
+    // Every watch falls silent, also those started in the next 3 s (longer
+    // than a watch lasts), while objects change.
+    for r in ALL {
+        mock.set_fault(r, Fault::Stall);
+    }
+    let stalled = Instant::now();
+    mock.apply(slice("web-a", "web", &["198.19.0.2"]));
+    mock.apply(service("api", "198.18.0.20", 443));
+    sleep(Duration::from_secs(3));
+    for r in ALL {
+        mock.set_fault(r, Fault::None);
+    }
+    // Every watch is a silent one now: nothing arrives until they are
+    // given up (not before 5 s after the stall began).
+    sleep(Duration::from_secs(1));
+    assert_eq!(env.dump(), before, "changes arrived on a stalled watch");
+    env.wait_for_maps(
+        &[
+            "198.18.0.10:80/TCP -> 198.19.0.2:8080",
+            "198.18.0.20:443/TCP -> ",
+        ],
+        DEADLINE,
+    );
+    eprintln!(
+        "converged {:?} after the watches stalled",
+        stalled.elapsed()
+    );
+    let log = env.log_text();
+    assert!(
+        log.contains("watch stream idle timeout, reconnecting"),
+        "the stall is logged"
+    );
+    let lists: Vec<usize> = ALL.iter().map(|r| mock.counts(*r).lists).collect();
+    assert_eq!(lists, [1, 1, 1], "relisted after a stall");
+}
+
+/// Issue 13: a burst of 10,000 watch events: 1,000 new Services, each
+/// with an EndpointSlice that is then updated 8 times. The agent keeps up,
+/// stays up and ends with the final state. Prints how long it took and the
+/// agent's memory (not asserted).
+#[test]
+fn burst_of_10000_events() {
+    const SERVICES: usize = 1000;
+    const UPDATES: usize = 8;
+    let mock = mock_with(vec![]);
+    let mut env = Env::new("burst", &mock);
+    env.start_agent();
+    env.wait_for_log(SYNC_MARKER, DEADLINE);
+    let pid = env.agent.as_ref().unwrap().id();
+    let rss_before = vm_kib(pid, "VmRSS");
+
+    let frontend = |i: usize| format!("198.18.{}.{}", 10 + i / 250, 1 + i % 250);
+    let backend = |round: usize, i: usize| format!("198.19.{round}.{}", 1 + i % 250);
+    let start = Instant::now();
+    let mut events = 0;
+    for i in 0..SERVICES {
+        mock.apply(service(&format!("s{i}"), &frontend(i), 80));
+        mock.apply(slice(
+            &format!("s{i}-a"),
+            &format!("s{i}"),
+            &[&backend(0, i)],
+        ));
+        events += 2;
+    }
+    for round in 1..=UPDATES {
+        for i in 0..SERVICES {
+            let addr = backend(round, i);
+            mock.apply(slice(&format!("s{i}-a"), &format!("s{i}"), &[&addr]));
+            events += 1;
+        }
+    }
+    let pushed = start.elapsed();
+    assert_eq!(events, 10_000);
+
+    let mut want: Vec<String> = (0..SERVICES)
+        .map(|i| format!("{}:80/TCP -> {}:8080", frontend(i), backend(UPDATES, i)))
+        .collect();
+    want.sort();
+    env.wait_until("the final state of the burst", DEADLINE, |env| {
+        env.dump() == want
+    });
+    let converged = start.elapsed();
+    eprintln!(
+        "10,000 events pushed in {pushed:?}, maps final after {converged:?}; agent VmRSS \
+         {rss_before} KiB before, {} KiB after, VmHWM {} KiB",
+        vm_kib(pid, "VmRSS"),
+        vm_kib(pid, "VmHWM"),
+    );
+    // Still watching.
+    mock.apply(slice("s0-a", "s0", &["198.19.200.1"]));
+    let old = format!("{}:80/TCP -> {}:8080", frontend(0), backend(UPDATES, 0));
+    let i = want.iter().position(|l| *l == old).unwrap();
+    want[i] = format!("{}:80/TCP -> 198.19.200.1:8080", frontend(0));
+    env.wait_until("a change after the burst", EVENT_DEADLINE, |env| {
+        env.dump() == want
+    });
+    assert_eq!(mock.counts(Resource::EndpointSlices).lists, 1, "relisted");
+}
+
+/// A "Vm..." line of /proc/PID/status, in KiB.
+fn vm_kib(pid: u32, field: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'));
+    let kib = line.and_then(|l| l.trim().strip_suffix("kB")?.trim().parse().ok());
+    kib.unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }

@@ -5,17 +5,26 @@
 //! Gone, failing requests).
 //!
 //! It speaks plain HTTP/1.1, one request per connection (`Connection:
-//! close`), on 127.0.0.1 only. The API is synchronous so tests can be plain
-//! `#[test]`s; the server runs on its own runtime, stopped on drop.
+//! close`), on 127.0.0.1 only: the host's, or a node's network namespace's
+//! ([`MockApi::start_in`]) for an agent running there. Watches end after
+//! their `timeoutSeconds`, as the API server's do. The server can go away
+//! (its listener closed, every connection cut) and come back on the same
+//! address. The API is synchronous so tests can be plain `#[test]`s; the
+//! server runs on its own runtime, stopped on drop.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 /// The collections the mock serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +88,11 @@ pub enum Fault {
     Status(u16),
     /// By closing the connection without a response (server unreachable).
     Hangup,
+    /// Watches: a 200 response, then nothing at all (no events, no
+    /// bookmarks, no end at their timeout) while the connection stays
+    /// open; live watches fall silent the same way and stay so after the
+    /// fault is cleared. Lists are answered normally.
+    Stall,
 }
 
 /// Requests answered for one collection.
@@ -108,6 +122,8 @@ struct Collection {
     /// A watch from a resourceVersion below this gets 410 Gone.
     compacted: u64,
     watchers: Vec<Watcher>,
+    /// Watches that get nothing any more (Fault::Stall), held open.
+    stalled: Vec<Watcher>,
     fault: Fault,
     counts: Counts,
 }
@@ -117,6 +133,8 @@ struct State {
     /// The last resourceVersion handed out, across collections like etcd's.
     rv: u64,
     collections: [Collection; 3],
+    /// When each request answered normally (not with a Fault) came in.
+    answered: Vec<Instant>,
 }
 
 impl State {
@@ -127,36 +145,87 @@ impl State {
 
 pub struct MockApi {
     addr: SocketAddr,
+    /// The network namespace it listens in (None: this process's).
+    netns: Option<PathBuf>,
     state: Arc<Mutex<State>>,
+    /// The accept loop, which owns the listener; None while stopped.
+    listening: Mutex<Option<JoinHandle<()>>>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl MockApi {
+    /// A server on 127.0.0.1 of this process's network namespace.
     pub fn start() -> MockApi {
+        Self::start_on(None)
+    }
+
+    /// A server on 127.0.0.1 in the network namespace bound at `netns`
+    /// (e.g. a node's, for the agent running there).
+    pub fn start_in(netns: &Path) -> MockApi {
+        Self::start_on(Some(netns))
+    }
+
+    fn start_on(netns: Option<&Path>) -> MockApi {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            .worker_threads(2)
             .enable_all()
             .build()
             .expect("mock API runtime");
-        let listener = runtime
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .expect("binding the mock API server");
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(Mutex::new(State {
-            rv: 1,
-            ..State::default()
-        }));
-        let shared = state.clone();
-        runtime.spawn(async move {
+        let listener = bind(netns, "127.0.0.1:0".parse().unwrap());
+        let mock = MockApi {
+            addr: listener.local_addr().unwrap(),
+            netns: netns.map(Path::to_path_buf),
+            state: Arc::new(Mutex::new(State {
+                rv: 1,
+                ..State::default()
+            })),
+            listening: Mutex::new(None),
+            runtime: Some(runtime),
+        };
+        mock.listen(listener);
+        mock
+    }
+
+    fn listen(&self, listener: std::net::TcpListener) {
+        let runtime = self.runtime.as_ref().unwrap();
+        let listener = {
+            let _guard = runtime.enter();
+            TcpListener::from_std(listener).expect("registering the listener")
+        };
+        let shared = self.state.clone();
+        let task = runtime.spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
                 tokio::spawn(serve(conn, shared.clone()));
             }
         });
-        MockApi {
-            addr,
-            state,
-            runtime: Some(runtime),
+        *self.listening.lock().unwrap() = Some(task);
+    }
+
+    /// The server goes away as a killed process would: its listener is
+    /// closed (connections are refused) and every open connection is cut.
+    /// Its objects stay for [`Self::restart`].
+    pub fn stop(&self) {
+        let task = self.listening.lock().unwrap().take();
+        let task = task.expect("the mock API is not running");
+        task.abort();
+        // The listener is closed once the aborted task is dropped.
+        let _ = self.runtime.as_ref().unwrap().block_on(task);
+        let mut state = self.state();
+        for c in &mut state.collections {
+            c.watchers.clear();
+            c.stalled.clear();
         }
+    }
+
+    /// Listens again on the same address after [`Self::stop`].
+    pub fn restart(&self) {
+        self.listen(bind(self.netns.as_deref(), self.addr));
+    }
+
+    /// When the first request at or after `since` was answered normally.
+    pub fn first_answer_since(&self, since: Instant) -> Option<Instant> {
+        let state = self.state();
+        state.answered.iter().copied().find(|t| *t >= since)
     }
 
     pub fn url(&self) -> String {
@@ -224,7 +293,10 @@ impl MockApi {
 
     /// Breaks r's watch connections (no final chunk: a lost connection).
     pub fn disconnect(&self, r: Resource) {
-        self.state().collection(r).watchers.clear();
+        let mut state = self.state();
+        let c = state.collection(r);
+        c.watchers.clear();
+        c.stalled.clear();
     }
 
     /// Forgets r's history, as etcd compaction does: every watch that
@@ -241,13 +313,23 @@ impl MockApi {
     }
 
     /// Answers r's requests with `fault` from now on (Fault::None: normally).
-    /// Watches already streaming are cut unless the fault is None.
+    /// Watches already streaming are cut for Hangup and Status, silenced
+    /// for Stall.
     pub fn set_fault(&self, r: Resource, fault: Fault) {
         let mut state = self.state();
         let c = state.collection(r);
         c.fault = fault;
-        if fault != Fault::None {
-            c.watchers.clear();
+        match fault {
+            Fault::None => {}
+            Fault::Stall => {
+                for w in std::mem::take(&mut c.watchers) {
+                    // Tells the connection to send nothing more, not even
+                    // the end at its timeout.
+                    let _ = w.tx.send(String::new());
+                    c.stalled.push(w);
+                }
+            }
+            Fault::Hangup | Fault::Status(_) => c.watchers.clear(),
         }
     }
 
@@ -317,8 +399,12 @@ enum Answer {
     /// A complete JSON response.
     Json(u16, Value),
     /// A watch stream: these lines, then (when given) what the channel
-    /// brings until it is closed.
-    Watch(Vec<String>, Option<mpsc::UnboundedReceiver<String>>),
+    /// brings until it is closed or the timeout (when given) ends it.
+    Watch(
+        Vec<String>,
+        Option<mpsc::UnboundedReceiver<String>>,
+        Option<Duration>,
+    ),
 }
 
 /// One request, one response, then the connection closes.
@@ -330,7 +416,7 @@ async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>) {
     let _ = match answer {
         Answer::Hangup => Ok(()),
         Answer::Json(code, body) => respond(&mut conn, code, &body).await,
-        Answer::Watch(first, live) => stream(&mut conn, first, live).await,
+        Answer::Watch(first, live, timeout) => stream(&mut conn, first, live, timeout).await,
     };
 }
 
@@ -352,9 +438,12 @@ fn answer(target: &str, state: &mut State) -> Answer {
         name.expect("unsupported fieldSelector").to_string()
     });
     let rv = state.rv;
+    if !matches!(state.collection(r).fault, Fault::Hangup | Fault::Status(_)) {
+        state.answered.push(Instant::now());
+    }
     let c = state.collection(r);
     match c.fault {
-        Fault::None => {}
+        Fault::None | Fault::Stall => {}
         Fault::Hangup => {
             c.counts.failed += 1;
             return Answer::Hangup;
@@ -392,16 +481,23 @@ fn answer(target: &str, state: &mut State) -> Answer {
         c.counts.gone += 1;
         let message = format!("too old resource version: {from} ({rv})");
         let line = event_line("ERROR", &status(410, "Expired", &message));
-        return Answer::Watch(vec![line], None);
+        return Answer::Watch(vec![line], None, None);
     }
+    let (tx, rx) = mpsc::unbounded_channel();
+    if c.fault == Fault::Stall {
+        c.stalled.push(Watcher { name, tx });
+        return Answer::Watch(Vec::new(), Some(rx), None);
+    }
+    let timeout = (query.get("timeoutSeconds"))
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs);
     // Replaying and registering under one lock: no event is missed or doubled.
     let replay: Vec<String> = (c.log.iter())
         .filter(|(v, _, obj)| *v > from && selected(obj))
         .map(|(_, kind, obj)| event_line(kind, obj))
         .collect();
-    let (tx, rx) = mpsc::unbounded_channel();
     c.watchers.push(Watcher { name, tx });
-    Answer::Watch(replay, Some(rx))
+    Answer::Watch(replay, Some(rx), timeout)
 }
 
 /// Reads the request head; returns the request target of a GET.
@@ -432,32 +528,73 @@ async fn respond(conn: &mut TcpStream, code: u16, body: &Value) -> std::io::Resu
     conn.shutdown().await
 }
 
-/// A chunked watch response: `first`, then whatever `live` pushes. Ends
-/// cleanly after `first` without `live`; when `live` is dropped (a
-/// disconnect), the connection is closed mid-stream.
+/// A chunked watch response: `first`, then whatever `live` pushes (an
+/// empty line: from now on nothing, not even the timeout's end). Ends
+/// cleanly after `first` without `live`, and once `timeout` has passed;
+/// when `live` is dropped (a disconnect), the connection is closed
+/// mid-stream.
 async fn stream(
     conn: &mut TcpStream,
     first: Vec<String>,
     live: Option<mpsc::UnboundedReceiver<String>>,
+    timeout: Option<Duration>,
 ) -> std::io::Result<()> {
     let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
     conn.write_all(head.as_bytes()).await?;
     for line in first {
         write_chunk(conn, &line).await?;
     }
+    let end = b"0\r\n\r\n";
     let Some(mut live) = live else {
-        return conn.write_all(b"0\r\n\r\n").await;
+        return conn.write_all(end).await;
     };
-    while let Some(line) = live.recv().await {
-        write_chunk(conn, &line).await?;
+    // Far enough to mean never.
+    let never = Duration::from_secs(86400);
+    let mut deadline = tokio::time::Instant::now() + timeout.unwrap_or(never);
+    loop {
+        match tokio::time::timeout_at(deadline, live.recv()).await {
+            // Stalled: nothing more comes on this channel.
+            Ok(Some(line)) if line.is_empty() => deadline += never,
+            Ok(Some(line)) => write_chunk(conn, &line).await?,
+            Ok(None) => return Ok(()),
+            Err(_) => return conn.write_all(end).await,
+        }
     }
-    Ok(())
 }
 
 async fn write_chunk(conn: &mut TcpStream, data: &str) -> std::io::Result<()> {
     let chunk = format!("{:x}\r\n{data}\r\n", data.len());
     conn.write_all(chunk.as_bytes()).await?;
     conn.flush().await
+}
+
+/// A listener on `addr` in the network namespace bound at `netns`: bound
+/// from a thread of its own that enters the namespace, so nothing else in
+/// this process moves; the socket stays in that namespace. (std sets
+/// SO_REUSEADDR, so the address can be bound again after a stop.)
+fn bind(netns: Option<&Path>, addr: SocketAddr) -> std::net::TcpListener {
+    let netns = netns.map(Path::to_path_buf);
+    let listener = std::thread::spawn(move || {
+        if let Some(ns) = netns {
+            let file = File::open(&ns).unwrap_or_else(|e| panic!("{}: {e}", ns.display()));
+            // SAFETY: setns(2) on a descriptor we own; only this thread,
+            // which ends here, changes namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "setns {}: {}",
+                ns.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        std::net::TcpListener::bind(addr)
+    });
+    let listener = listener.join().unwrap();
+    let listener =
+        listener.unwrap_or_else(|e| panic!("binding the mock API server on {addr}: {e}"));
+    listener.set_nonblocking(true).unwrap();
+    listener
 }
 
 fn percent_decode(s: &str) -> String {
