@@ -75,6 +75,10 @@ pub mod globals {
     /// u8: 1 when the kernel has `bpf_set_retval` for cgroup programs (5.18+),
     /// so a refused connect returns ECONNREFUSED instead of EPERM.
     pub const HAS_SET_RETVAL: &str = "SVCLB_HAS_SET_RETVAL";
+    /// u64: the cookie of the agent's (the host's) network namespace; node
+    /// ports on 127.0.0.1 and ::1 are translated only there. 0: unknown
+    /// (kernel < 5.14): translated in every namespace.
+    pub const HOST_NETNS_COOKIE: &str = "SVCLB_HOST_NETNS_COOKIE";
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -447,6 +451,16 @@ pub const fn v4_mapped(ip4_be: u32) -> [u32; 4] {
 #[inline(always)]
 pub const fn is_v4_mapped(addr: &[u32; 4]) -> bool {
     addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+/// Whether an address (IPv4-mapped or IPv6) is a loopback address:
+/// 127.0.0.0/8 or ::1.
+#[inline(always)]
+pub const fn is_loopback(addr: &[u32; 4]) -> bool {
+    if is_v4_mapped(addr) {
+        return addr[3].to_ne_bytes()[0] == 127;
+    }
+    addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == u32::from_ne_bytes([0, 0, 0, 1])
 }
 
 #[cfg(feature = "user")]

@@ -69,3 +69,7 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// Set by the loader (svclb_common::globals::HAS_SET_RETVAL).
 #[unsafe(no_mangle)]
 pub static SVCLB_HAS_SET_RETVAL: Global<u8> = Global::new(0);
+
+/// Set by the loader (svclb_common::globals::HOST_NETNS_COOKIE).
+#[unsafe(no_mangle)]
+pub static SVCLB_HOST_NETNS_COOKIE: Global<u64> = Global::new(0);

@@ -2,13 +2,13 @@
 //! backend once per connection (or datagram); recvmsg and getpeername
 //! translate the backend back so the application only ever sees the service.
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-use svclb_common::{is_v4_mapped, PROTO_TCP, PROTO_UDP};
+use svclb_common::{is_loopback, is_v4_mapped, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     consts::{ECONNREFUSED, ETIMEDOUT, SOCK_ALLOW, SOCK_REJECT},
     helpers::{self, SockAddr},
     lb::{self, Verdict},
-    maps::SVCLB_HAS_SET_RETVAL,
+    maps::{SVCLB_HAS_SET_RETVAL, SVCLB_HOST_NETNS_COOKIE},
 };
 
 /// Fail the connect/sendmsg with `errno`; without bpf_set_retval (kernel
@@ -49,6 +49,13 @@ fn translate_destination(ctx: &SockAddrContext, family: Family) -> i32 {
         return SOCK_ALLOW;
     }
     let dst = user_addr(ctx, family);
+    // Node ports on loopback are the host's: a pod's localhost is its own.
+    if is_loopback(&dst.addr) {
+        let host = SVCLB_HOST_NETNS_COOKIE.load();
+        if host != 0 && helpers::netns_cookie(ctx) != host {
+            return SOCK_ALLOW;
+        }
+    }
     match lb::select_backend(&dst, proto, || helpers::netns_cookie(ctx)) {
         Verdict::Pass => SOCK_ALLOW,
         Verdict::Refuse => fail(ECONNREFUSED),

@@ -891,6 +891,17 @@ impl Node {
         self.start_agent_from(old.source().clone(), &devices, &args)
     }
 
+    /// `svclb-probe connect` from the node itself (its netns, in its
+    /// cgroup): what a host-network process sees.
+    pub fn connect(&self, c: &Connect) -> Result<Vec<ProbeResult>> {
+        let ns = self.netns_path();
+        let place = Placement {
+            netns: Some(&ns),
+            cgroup: Some(self.cgroup()),
+        };
+        run_probe(&place, &c.args(), connect_timeout(c))
+    }
+
     /// `svclb maps dump --bpffs <pin dir> --output json`.
     pub fn dump_json(&self) -> Result<serde_json::Value> {
         agent::dump_json(&self.inner.pin_dir)

@@ -15,8 +15,8 @@ use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use svclb_tests::manifests::to_yaml;
 use svclb_tests::{
-    by_error, by_server, dropped_errno, poll_until, refused_errno, Agent, Cluster, Connect,
-    EndpointSpec, Node, Pod, PortSpec, ProbeResult, ServiceSpec, SliceSpec,
+    by_error, by_server, dropped_errno, kernel_at_least, poll_until, refused_errno, Agent, Cluster,
+    Connect, EndpointSpec, Node, Pod, PortSpec, ProbeResult, ServiceSpec, SliceSpec,
 };
 
 const SVC: &str = "198.19.0.20";
@@ -271,7 +271,6 @@ fn node_port_external_ip_and_load_balancer_ip_from_a_pod_on_the_node() -> Result
     let both = BTreeSet::from(["b1".to_string(), "b2".to_string()]);
     for (what, addr, port) in [
         ("NodePort on the node's address", node_ip.as_str(), 30080),
-        ("NodePort on loopback", "127.0.0.1", 30080),
         ("externalIP", "198.19.7.7", 80),
         ("load balancer IP", "198.19.8.8", 80),
         ("cluster IP", SVC, 80),
@@ -279,6 +278,34 @@ fn node_port_external_ip_and_load_balancer_ip_from_a_pod_on_the_node() -> Result
         let r = env.connect(0, addr, port, 60)?;
         assert!(all_ok(&r), "{what}: {:?}", by_error(&r));
         assert_eq!(servers(&r), both, "{what}: spread over both endpoints");
+    }
+    // Loopback node ports are the host's (as kube-proxy's
+    // route_localnet rules): translated for the node's own processes, while
+    // a pod's localhost stays its own (kernels with SO_NETNS_COOKIE, 5.14+;
+    // before, the pod's is translated too).
+    let c = Connect::tcp(ip("127.0.0.1"), 30080)
+        .count(60)
+        .timeout_ms(500);
+    let r = env.node.connect(&c)?;
+    assert!(all_ok(&r), "loopback from the node: {:?}", by_error(&r));
+    assert_eq!(
+        servers(&r),
+        both,
+        "loopback from the node: spread over both endpoints"
+    );
+    let r = env.connect(0, "127.0.0.1", 30080, 3)?;
+    if kernel_at_least(5, 14) {
+        assert!(
+            r.iter().all(|r| !r.ok),
+            "a pod's own 127.0.0.1 is not translated: {:?}",
+            by_server(&r)
+        );
+    } else {
+        assert_eq!(
+            servers(&r),
+            both,
+            "before 5.14 a pod's loopback is translated too"
+        );
     }
     // ipMode Proxy: the load balancer delivers to the node, so svclb leaves
     // that address alone (and nothing in the test network answers it).

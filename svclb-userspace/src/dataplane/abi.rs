@@ -388,4 +388,20 @@ mod tests {
         // The kernel's user_ip4 is the address in network order in memory.
         assert_eq!(words[3], u32::from_ne_bytes([198, 19, 0, 10]));
     }
+
+    #[test]
+    fn loopback_as_the_socket_hooks_see_it() {
+        for (s, want) in [
+            ("127.0.0.1", true),
+            ("127.255.3.4", true),
+            ("::1", true),
+            ("128.0.0.1", false),
+            ("10.127.0.1", false),
+            ("::2", false),
+            ("fd00::1", false),
+        ] {
+            let ip: IpAddr = s.parse().unwrap();
+            assert_eq!(svclb_common::is_loopback(&addr_to_abi(ip)), want, "{s}");
+        }
+    }
 }

@@ -111,6 +111,14 @@ pub fn load(bpffs: &Path, conntrack_size: u32) -> Result<Ebpf, DataplaneError> {
              instead of ETIMEDOUT"
         );
     }
+    let host_netns_cookie = own_netns_cookie().unwrap_or_else(|e| {
+        tracing::warn!(
+            error = %e,
+            "no network namespace cookie (SO_NETNS_COOKIE needs Linux 5.14): node ports on \
+             127.0.0.1 and ::1 are translated in pods too, not only on the host"
+        );
+        0
+    });
     let ifindex_only_tx_devices = aya::util::KernelVersion::current()
         .is_ok_and(|v| v < aya::util::KernelVersion::new(5, 15, 0));
     let needed = pinned_layouts(conntrack_size, ifindex_only_tx_devices)?;
@@ -124,8 +132,39 @@ pub fn load(bpffs: &Path, conntrack_size: u32) -> Result<Ebpf, DataplaneError> {
         .map_max_entries(svclb_common::maps::CONNTRACK4, conntrack_size)
         .map_max_entries(svclb_common::maps::CONNTRACK6, conntrack_size)
         .override_global(globals::HAS_SET_RETVAL, &has_set_retval, true)
+        .override_global(globals::HOST_NETNS_COOKIE, &host_netns_cookie, true)
         .load(OBJECT)
         .map_err(|e| DataplaneError::Load(chain(&e)))
+}
+
+/// The cookie of this process's network namespace (the host's, for the
+/// agent), from SO_NETNS_COOKIE (Linux 5.14+).
+fn own_netns_cookie() -> std::io::Result<u64> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: socket(2) has no memory arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a live u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// The eBPF object loaded, with its maps pinned in (or reused from) the
