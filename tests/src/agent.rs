@@ -42,6 +42,8 @@ pub struct AgentConfig<'a> {
     pub manifests: &'a Path,
     /// External interfaces (`--devices`, comma-joined); none: no flag.
     pub devices: Vec<String>,
+    /// More `svclb run` flags, after the others.
+    pub extra_args: Vec<String>,
     pub log: PathBuf,
 }
 
@@ -52,6 +54,7 @@ pub struct Agent {
     log: PathBuf,
     manifests: PathBuf,
     devices: Vec<String>,
+    extra_args: Vec<String>,
 }
 
 impl Agent {
@@ -75,6 +78,7 @@ impl Agent {
         if !cfg.devices.is_empty() {
             command.arg("--devices").arg(cfg.devices.join(","));
         }
+        command.args(&cfg.extra_args);
         command
             .env("RUST_LOG", "info")
             // Plain text logs: tests grep them.
@@ -94,6 +98,7 @@ impl Agent {
             log: cfg.log.clone(),
             manifests: cfg.manifests.to_path_buf(),
             devices: cfg.devices.clone(),
+            extra_args: cfg.extra_args.clone(),
         };
         agent
             .wait_for_log(SYNC_MARKER, SYNC_TIMEOUT)
@@ -116,6 +121,11 @@ impl Agent {
     /// The `--devices` it was started with.
     pub fn devices(&self) -> &[String] {
         &self.devices
+    }
+
+    /// The extra `svclb run` flags it was started with.
+    pub fn extra_args(&self) -> &[String] {
+        &self.extra_args
     }
 
     pub fn log_path(&self) -> &Path {

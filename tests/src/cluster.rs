@@ -830,6 +830,16 @@ impl Node {
         manifests_dir: &Path,
         devices: &[&str],
     ) -> Result<Agent> {
+        self.start_agent_with_args(manifests_dir, devices, &[])
+    }
+
+    /// [`Node::start_agent_with_devices`] with more `svclb run` flags.
+    pub fn start_agent_with_args(
+        &self,
+        manifests_dir: &Path,
+        devices: &[&str],
+        extra_args: &[String],
+    ) -> Result<Agent> {
         let i = &self.inner;
         let run = i.agent_runs.fetch_add(1, Ordering::Relaxed);
         let agent = Agent::start(&AgentConfig {
@@ -839,6 +849,7 @@ impl Node {
             bpffs: &i.pin_dir,
             manifests: manifests_dir,
             devices: devices.iter().map(|d| d.to_string()).collect(),
+            extra_args: extra_args.to_vec(),
             log: i.cluster.tmp.join(format!("agent-{}-{run}.log", i.name)),
         })?;
         i.cluster.register(agent.proc())?;
@@ -856,14 +867,20 @@ impl Node {
     }
 
     /// Stop the current agent (SIGTERM) and start a new one on the same
-    /// manifests dir and devices.
+    /// manifests dir, devices and flags.
     pub fn restart_agent(&self) -> Result<Agent> {
         let old = self
             .agent()
             .ok_or_else(|| anyhow!("node {} has no agent to restart", self.name()))?;
         old.stop()?;
+        self.start_agent_like(&old)
+    }
+
+    /// Start an agent with the same manifests dir, devices and flags as
+    /// `old` (which must have stopped, e.g. killed).
+    pub fn start_agent_like(&self, old: &Agent) -> Result<Agent> {
         let devices: Vec<&str> = old.devices().iter().map(String::as_str).collect();
-        self.start_agent_with_devices(old.manifests_dir(), &devices)
+        self.start_agent_with_args(old.manifests_dir(), &devices, old.extra_args())
     }
 
     /// `svclb maps dump --bpffs <pin dir> --output json`.
