@@ -8,6 +8,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::cli::RunArgs;
+use crate::dataplane::drift::Published;
 use crate::dataplane::{Dataplane, DataplaneConfig};
 use crate::serve::health_check_ports::HealthCheckServers;
 use crate::serve::healthz::{self, ProxyHealth};
@@ -38,8 +39,9 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     // kube-proxy's health timeout: two sync periods.
     let health = Arc::new(ProxyHealth::new(2 * args.sync_period).with_metrics(metrics.clone()));
+    let desired = Arc::new(Published::default());
     // Before the programs load, so a taken port fails the start-up.
-    serve_endpoints(&args, &health, &metrics).await?;
+    serve_endpoints(&args, &health, &metrics, &desired).await?;
     raise_memlock_rlimit();
     if args.inject_map_faults > 0.0 {
         tracing::warn!(
@@ -73,6 +75,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         metrics,
         health_checks,
         args.sync_period,
+        desired,
     );
     sync_until_signal(sync, rx).await?;
     // The links and maps stay pinned: traffic keeps flowing until the next agent.
@@ -85,6 +88,7 @@ async fn serve_endpoints(
     args: &RunArgs,
     health: &Arc<ProxyHealth>,
     metrics: &Arc<Metrics>,
+    desired: &Arc<Published>,
 ) -> anyhow::Result<()> {
     let healthz_server = Server::bind(args.healthz_bind_address)
         .await
@@ -93,7 +97,11 @@ async fn serve_endpoints(
         .await
         .context("--metrics-bind-address")?;
     tokio::spawn(healthz::serve_on(healthz_server, health.clone()));
-    tokio::spawn(metrics::serve_on(metrics_server, metrics.clone()));
+    tokio::spawn(metrics::serve_with_desired(
+        metrics_server,
+        metrics.clone(),
+        desired.clone(),
+    ));
     Ok(())
 }
 

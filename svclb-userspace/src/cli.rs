@@ -23,6 +23,22 @@ pub enum Command {
         #[command(subcommand)]
         command: MapsCommand,
     },
+    /// Compare the pinned maps with the running agent's desired state:
+    /// prints every difference; exit status 0 when none, 1 when any, 2 on
+    /// errors.
+    Verify {
+        #[arg(long, default_value = "/sys/fs/bpf/svclb")]
+        bpffs: PathBuf,
+        /// The agent's --metrics-bind-address, where it serves its desired state.
+        #[arg(long, default_value = "http://127.0.0.1:10249")]
+        agent: String,
+        /// Compare with a desired state saved earlier from the agent's
+        /// /debug/svclb/desired instead (e.g. while the agent is down).
+        #[arg(long, conflicts_with = "agent")]
+        desired: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, clap::Args)]

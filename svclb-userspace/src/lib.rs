@@ -9,7 +9,8 @@
 //!
 //! [`agent`] starts everything and runs that loop; [`serve`] answers
 //! kube-proxy's HTTP endpoints (health, metrics, health check node ports);
-//! [`dump`] shows what the maps hold.
+//! [`dump`] shows what the maps hold; [`verify`] compares them with the
+//! agent's desired state.
 
 pub mod agent;
 pub mod cli;
@@ -18,3 +19,4 @@ pub mod dump;
 pub mod model;
 pub mod serve;
 pub mod source;
+pub mod verify;

@@ -20,5 +20,24 @@ fn main() -> anyhow::Result<()> {
         Command::Maps {
             command: MapsCommand::Dump { bpffs, output },
         } => svclb_userspace::dump::run(&bpffs, output),
+        Command::Verify {
+            bpffs,
+            agent,
+            desired,
+            output,
+        } => {
+            let from = match desired {
+                Some(file) => svclb_userspace::verify::Desired::File(file),
+                None => svclb_userspace::verify::Desired::Agent(agent),
+            };
+            match svclb_userspace::verify::run(&bpffs, &from, output) {
+                Ok(0) => Ok(()),
+                Ok(_) => std::process::exit(1),
+                Err(e) => {
+                    eprintln!("Error: {e:?}");
+                    std::process::exit(2);
+                }
+            }
+        }
     }
 }

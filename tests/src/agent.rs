@@ -42,7 +42,7 @@ pub struct AgentConfig<'a> {
     pub manifests: &'a Path,
     /// External interfaces (`--devices`, comma-joined); none: no flag.
     pub devices: Vec<String>,
-    /// More `svclb run` flags, after the others.
+    /// More `svclb run` flags, e.g. `--sync-period 2s`.
     pub extra_args: Vec<String>,
     pub log: PathBuf,
 }
@@ -123,7 +123,7 @@ impl Agent {
         &self.devices
     }
 
-    /// The extra `svclb run` flags it was started with.
+    /// The extra flags it was started with.
     pub fn extra_args(&self) -> &[String] {
         &self.extra_args
     }

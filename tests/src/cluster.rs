@@ -830,15 +830,15 @@ impl Node {
         manifests_dir: &Path,
         devices: &[&str],
     ) -> Result<Agent> {
-        self.start_agent_with_args(manifests_dir, devices, &[])
+        self.start_agent_with(manifests_dir, devices, &[])
     }
 
     /// [`Node::start_agent_with_devices`] with more `svclb run` flags.
-    pub fn start_agent_with_args(
+    pub fn start_agent_with(
         &self,
         manifests_dir: &Path,
         devices: &[&str],
-        extra_args: &[String],
+        extra_args: &[&str],
     ) -> Result<Agent> {
         let i = &self.inner;
         let run = i.agent_runs.fetch_add(1, Ordering::Relaxed);
@@ -849,7 +849,7 @@ impl Node {
             bpffs: &i.pin_dir,
             manifests: manifests_dir,
             devices: devices.iter().map(|d| d.to_string()).collect(),
-            extra_args: extra_args.to_vec(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             log: i.cluster.tmp.join(format!("agent-{}-{run}.log", i.name)),
         })?;
         i.cluster.register(agent.proc())?;
@@ -880,7 +880,8 @@ impl Node {
     /// `old` (which must have stopped, e.g. killed).
     pub fn start_agent_like(&self, old: &Agent) -> Result<Agent> {
         let devices: Vec<&str> = old.devices().iter().map(String::as_str).collect();
-        self.start_agent_with_args(old.manifests_dir(), &devices, old.extra_args())
+        let args: Vec<&str> = old.extra_args().iter().map(String::as_str).collect();
+        self.start_agent_with(old.manifests_dir(), &devices, &args)
     }
 
     /// `svclb maps dump --bpffs <pin dir> --output json`.

@@ -6,12 +6,18 @@
 //! ([`RetrySet`]), and every `--sync-period` all services are applied again
 //! (the writer rewrites only what differs). /healthz turns healthy only
 //! after a pass in which everything reached the maps.
+//!
+//! Each periodic pass first compares the maps with what the last applies
+//! wanted (drift: entries changed or deleted behind the agent's back),
+//! counts the differences, and repairs them in the same pass. After every
+//! pass the desired state is published for `svclb verify`.
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use svclb_common::maps::{BACKENDS_MAX_ENTRIES, SERVICES_MAX_ENTRIES};
 
+use crate::dataplane::drift::{Difference, Published};
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::model::{self, ModelError, NodeContext, Object, ObjectStore, ServiceId};
 use crate::serve::health_check_ports::HealthCheckServers;
@@ -61,6 +67,9 @@ pub struct SyncLoop {
     conflicts: RetrySet<ServiceId>,
     sync_period: Duration,
     next_resync: Instant,
+    /// Where /debug/svclb/desired finds the last desired state.
+    published: Arc<Published>,
+    last_published: Option<Arc<crate::dataplane::drift::Wanted>>,
 }
 
 impl SyncLoop {
@@ -71,6 +80,7 @@ impl SyncLoop {
         metrics: Arc<Metrics>,
         health_checks: HealthCheckServers,
         sync_period: Duration,
+        published: Arc<Published>,
     ) -> Self {
         let node = NodeContext::from_node(node_name, None);
         let mut store = ObjectStore::new();
@@ -91,6 +101,8 @@ impl SyncLoop {
             conflicts: RetrySet::new(),
             sync_period,
             next_resync: Instant::now() + sync_period,
+            published,
+            last_published: None,
         }
     }
 
@@ -147,7 +159,9 @@ impl SyncLoop {
             return;
         }
         self.follow_node();
+        let mut repair = false;
         if resync {
+            repair = self.check_drift();
             self.pending.extend(self.store.service_ids().cloned());
         }
         let mut prune_due = false;
@@ -182,12 +196,54 @@ impl SyncLoop {
                 tracing::error!(error = %e, "removing stale map entries; will retry");
             }
         }
+        if repair {
+            // Frontends added behind the agent's back have no owner.
+            if let Err(e) = self.dataplane.prune_unclaimed() {
+                self.retries.fail(&Work::StaleEntries, pass);
+                self.metrics.sync_error("flush");
+                tracing::error!(error = %e, "removing frontends no service owns; will retry");
+            }
+        }
         let (checks, warnings) = self.store.health_checks(&self.node);
         self.health_checks.sync(checks, warnings);
         if !self.dataplane.initial_sync_done() || prune_due {
             self.remove_unclaimed(pass);
         }
+        self.publish();
         self.record_sync(pass.elapsed());
+    }
+
+    /// Compare the maps with the desired state, when the agent believes
+    /// they match (nothing waits for a retry); count and log what differs.
+    /// Returns whether anything must be repaired (then every service is
+    /// applied in this pass anyway).
+    fn check_drift(&mut self) -> bool {
+        if !self.retries.is_empty() || !self.dataplane.initial_sync_done() {
+            return false;
+        }
+        let differences = match self.dataplane.check_drift() {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the maps to check for drift");
+                return false;
+            }
+        };
+        log_drift(&differences, &self.metrics);
+        !differences.is_empty()
+    }
+
+    /// Make the desired state of this pass what /debug/svclb/desired serves.
+    fn publish(&mut self) {
+        let wanted = self.dataplane.wanted();
+        if self
+            .last_published
+            .as_ref()
+            .is_some_and(|last| Arc::ptr_eq(last, &wanted))
+        {
+            return;
+        }
+        self.published.set(wanted.clone());
+        self.last_published = Some(wanted);
     }
 
     /// Zone and addresses decide backends and NodePort frontends of every
@@ -350,6 +406,25 @@ enum Applied {
     Refused,
     /// A map operation failed.
     Failed,
+}
+
+/// At most this many differences are logged one by one per check.
+const DRIFT_LOG_LINES: usize = 20;
+
+fn log_drift(differences: &[Difference], metrics: &Metrics) {
+    if differences.is_empty() {
+        return;
+    }
+    for d in differences {
+        metrics.map_drift(d.map);
+    }
+    for d in differences.iter().take(DRIFT_LOG_LINES) {
+        tracing::warn!("map drift: {d}");
+    }
+    tracing::warn!(
+        differences = differences.len(),
+        "the BPF maps differ from the desired state (changed outside the agent); repairing"
+    );
 }
 
 fn log_model_errors(errors: &[ModelError], metrics: &Metrics) {

@@ -247,4 +247,29 @@ impl MapOps for KernelMaps {
                 .map_err(map_err(SOURCE_RANGES, "read"))?,
         })
     }
+    fn read_maglev(&self, key: &MaglevKey) -> Result<Option<MaglevChunk>, DataplaneError> {
+        match self.maglev.get(key, 0) {
+            Ok(chunk) => Ok(Some(chunk)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(svclb_common::maps::MAGLEV, "read")(e)),
+        }
+    }
+}
+
+/// The writer's maps as another process pinned them in `bpffs` (for
+/// `svclb verify`; no programs are loaded).
+pub fn open_pinned(bpffs: &std::path::Path) -> Result<KernelMaps, DataplaneError> {
+    use svclb_common::maps::*;
+    let open = |name: &'static str| {
+        MapData::from_pin(super::map_path(bpffs, name)).map_err(map_err(name, "open"))
+    };
+    KernelMaps::new(WriterMaps {
+        services: Map::HashMap(open(SERVICES)?),
+        backends: Map::HashMap(open(BACKENDS)?),
+        rev_nat: Map::HashMap(open(REV_NAT)?),
+        affinity_match: Map::HashMap(open(AFFINITY_MATCH)?),
+        maglev: Map::HashMap(open(MAGLEV)?),
+        source_ranges: Map::LpmTrie(open(SOURCE_RANGES)?),
+        backends_epoch: Map::Array(open(BACKENDS_EPOCH)?),
+    })
 }

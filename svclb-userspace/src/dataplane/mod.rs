@@ -1,6 +1,7 @@
 //! The dataplane: loads and attaches the eBPF programs and keeps their maps
 //! equal to the model's desired state.
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aya::Ebpf;
 
@@ -8,13 +9,14 @@ use crate::model::{Frontend, FrontendKey, ServiceId};
 
 pub mod abi;
 mod barrier;
+pub mod drift;
 mod kernel;
 pub mod loader;
 pub mod maglev;
 pub mod mounts;
 mod writer;
 
-pub use kernel::{entries, KernelMaps, WriterMaps};
+pub use kernel::{entries, open_pinned, KernelMaps, WriterMaps};
 pub use loader::XdpModeChoice;
 pub use writer::{ApplyStats, Capacity, MapContents, MapOps, SourceRange, Writer};
 
@@ -70,6 +72,9 @@ pub struct Dataplane {
     /// --devices given: external frontends are served.
     external: bool,
     initial_sync_done: bool,
+    /// What each service's last apply wanted in the maps (shared with
+    /// /debug/svclb/desired: copied on write).
+    wanted: Arc<drift::Wanted>,
     // Keeps the programs loaded while the agent runs (the pinned links keep
     // them attached after it exits).
     _ebpf: Ebpf,
@@ -152,6 +157,7 @@ impl Dataplane {
             snat_ports: config.snat_ports,
             external: !config.devices.is_empty(),
             initial_sync_done: false,
+            wanted: Arc::default(),
             _ebpf: ebpf,
         })
     }
@@ -193,15 +199,68 @@ impl Dataplane {
         id: &ServiceId,
         frontends: &[Frontend],
     ) -> Result<ApplyStats, DataplaneError> {
-        if self.external {
-            return self.writer.apply(id, frontends);
-        }
-        let socket: Vec<Frontend> = frontends
+        let frontends: Vec<Frontend> = frontends
             .iter()
-            .filter(|f| f.key.scope == crate::model::Scope::Socket)
+            .filter(|f| self.external || f.key.scope == crate::model::Scope::Socket)
             .cloned()
             .collect();
-        self.writer.apply(id, &socket)
+        let result = self.writer.apply(id, &frontends);
+        self.record_wanted(id, frontends, &result);
+        result
+    }
+
+    /// Remember what `id` wants in the maps: its frontends, less those the
+    /// writer refused because another service holds them.
+    fn record_wanted(
+        &mut self,
+        id: &ServiceId,
+        mut frontends: Vec<Frontend>,
+        result: &Result<ApplyStats, DataplaneError>,
+    ) {
+        if let Err(DataplaneError::Conflict { .. }) = result {
+            frontends.retain(|f| self.writer.owner(&f.key).is_none_or(|o| o == id));
+        }
+        let unchanged = match self.wanted.get(id) {
+            Some(old) => **old == frontends,
+            None => frontends.is_empty(),
+        };
+        if unchanged {
+            return;
+        }
+        let wanted = Arc::make_mut(&mut self.wanted);
+        if frontends.is_empty() {
+            wanted.remove(id);
+        } else {
+            wanted.insert(id.clone(), Arc::new(frontends));
+        }
+    }
+
+    /// What the services' last applies wanted in the maps.
+    pub fn wanted(&self) -> Arc<drift::Wanted> {
+        self.wanted.clone()
+    }
+
+    /// Compare the maps with what the last applies wanted. When they
+    /// differ, the writer rebuilds its bookkeeping from the maps before its
+    /// next operation; applying every service and then
+    /// [`Self::prune_unclaimed`] repairs them.
+    pub fn check_drift(&mut self) -> Result<Vec<drift::Difference>, DataplaneError> {
+        let observed = drift::Observed::read(self.writer.maps())?;
+        let differences = drift::differences(&drift::wanted_frontends(&self.wanted), &observed);
+        if !differences.is_empty() {
+            let tables: Vec<FrontendKey> = differences
+                .iter()
+                .filter_map(drift::Difference::distrusts_table)
+                .collect();
+            self.writer.distrust(&tables);
+        }
+        Ok(differences)
+    }
+
+    /// Remove frontends no service owns (found in the maps, not written by
+    /// this agent).
+    pub fn prune_unclaimed(&mut self) -> Result<ApplyStats, DataplaneError> {
+        self.writer.prune_unclaimed()
     }
 }
 

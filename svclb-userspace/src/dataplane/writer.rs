@@ -46,7 +46,7 @@
 //! nothing waiting for deletion is forgotten, and applying a service again
 //! (with the same frontends or new ones) converges the maps to it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use svclb_common::{
@@ -86,6 +86,8 @@ pub trait MapOps {
     fn barrier(&mut self) -> Result<(), DataplaneError>;
     /// Everything in the maps, for adopting state after a restart.
     fn read_all(&self) -> Result<MapContents, DataplaneError>;
+    /// One Maglev chunk's contents (for drift checks).
+    fn read_maglev(&self, key: &MaglevKey) -> Result<Option<MaglevChunk>, DataplaneError>;
 }
 
 #[derive(Clone, Debug, Default)]
@@ -208,6 +210,9 @@ struct Known {
     owners: HashMap<FrontendKey, ServiceId>,
     /// Live Maglev tables: rev-NAT id, table, the slots it was built from.
     tables: HashMap<FrontendKey, (u32, MaglevTable, Vec<u32>)>,
+    /// Frontends whose Maglev table's contents were found wrong (reading the
+    /// maps back only sees a table's keys): dropped and written again.
+    distrusted: BTreeSet<FrontendKey>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -397,11 +402,13 @@ impl<M: MapOps> Writer<M> {
         self.adopt_frontends(&contents.services, known, &mut unreachable);
         let found = self.read_backends(&contents.backends)?;
         let chunks: BTreeSet<MaglevKey> = contents.maglev.iter().copied().collect();
-        self.drop_half_written(&found, &chunks, &mut unreachable)?;
+        let present: HashSet<ServiceKey> = contents.services.iter().map(|(k, _)| *k).collect();
+        self.drop_half_written(&found, &chunks, &present, known, &mut unreachable)?;
         self.count_backend_refs(&found);
         unreachable.maglev = self.adopt_maglev_tables(&chunks);
         unreachable.source_ranges = self.adopt_source_ranges(&contents.source_ranges);
         unreachable.affinity_match = self.repair_affinity_members(&contents.affinity_match)?;
+        self.repair_rev_nat(&contents.rev_nat)?;
         let live_rev_nat: BTreeSet<u32> = self.frontends.values().map(|f| f.rev_nat_id).collect();
         unreachable.rev_nat_ids.extend(
             contents
@@ -524,19 +531,25 @@ impl<M: MapOps> Writer<M> {
         Ok(found)
     }
 
-    /// Drop frontends with a slot naming a missing backend or a missing
-    /// Maglev chunk: slot 0 goes now, so no new reader follows them.
+    /// Drop frontends with a missing slot, a slot naming a missing backend,
+    /// a missing Maglev chunk or a distrusted table (whose entries may name
+    /// any backend): slot 0 goes now, so no new reader follows them; their
+    /// slots in `present` go after the barrier. The next apply writes them
+    /// again.
     fn drop_half_written(
         &mut self,
         found: &FoundBackends,
         chunks: &BTreeSet<MaglevKey>,
+        present: &HashSet<ServiceKey>,
+        known: &Known,
         unreachable: &mut Unreachable,
     ) -> Result<(), DataplaneError> {
         let broken: Vec<FrontendKey> = self
             .frontends
             .iter()
-            .filter(|(_, f)| {
-                f.named().iter().any(|id| !found.contains_key(id))
+            .filter(|(k, f)| {
+                known.distrusted.contains(k)
+                    || f.named().iter().any(|id| !found.contains_key(id))
                     || f.table
                         .is_some_and(|t| t.keys(f.rev_nat_id).any(|k| !chunks.contains(&k)))
             })
@@ -545,9 +558,11 @@ impl<M: MapOps> Writer<M> {
         for fk in broken {
             let f = self.frontends.remove(&fk).expect("listed above");
             self.maps.del_service(&service_key(&fk, 0))?;
-            unreachable
-                .service_keys
-                .extend((1..=f.slots.len() as u16).map(|s| service_key(&fk, s)));
+            unreachable.service_keys.extend(
+                (1..=f.slots.len() as u16)
+                    .map(|s| service_key(&fk, s))
+                    .filter(|k| present.contains(k)),
+            );
         }
         Ok(())
     }
@@ -620,6 +635,35 @@ impl<M: MapOps> Writer<M> {
             self.maps.put_affinity_match(key)?;
         }
         Ok(found.difference(&members).copied().collect())
+    }
+
+    /// Write the rev-NAT entries of adopted frontends that are missing or
+    /// name another address (replies would carry a wrong source).
+    fn repair_rev_nat(&mut self, found: &[(u32, RevNat)]) -> Result<(), DataplaneError> {
+        let found: HashMap<u32, RevNat> = found.iter().copied().collect();
+        for (fk, f) in &self.frontends {
+            let want = rev_nat_to_abi(fk);
+            if found.get(&f.rev_nat_id) != Some(&want) {
+                self.maps.put_rev_nat(f.rev_nat_id, &want)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The maps were found to differ from what the bookkeeping says (changed
+    /// behind the writer's back): rebuild the bookkeeping from them before
+    /// the next operation, dropping the frontends of `tables` (their Maglev
+    /// tables' contents are wrong). Applying every service then repairs the
+    /// maps, and `prune_unclaimed` removes frontends nobody owns.
+    pub fn distrust(&mut self, tables: &[FrontendKey]) {
+        if self.stale.is_none() {
+            self.lost_sync(None);
+        }
+        let known = self.stale.as_mut().expect("set above");
+        for key in tables {
+            known.tables.remove(key);
+            known.distrusted.insert(*key);
+        }
     }
 
     /// Entries of the Maglev tables written from now on (a prime; see
@@ -1039,6 +1083,11 @@ impl<M: MapOps> Writer<M> {
         (self.service_entries, self.backends.len())
     }
 
+    /// The service whose frontend `key` is in the maps.
+    pub fn owner(&self, key: &FrontendKey) -> Option<&ServiceId> {
+        self.frontends.get(key).and_then(|f| f.owner.as_ref())
+    }
+
     pub fn maps(&self) -> &M {
         &self.maps
     }
@@ -1222,7 +1271,7 @@ fn backend_addr(f: &Frontend, b: &Backend) -> BackendAddr {
 }
 
 /// A backend's name in the Maglev hash: its address (IPv4 mapped) and port.
-fn maglev_name(b: &Backend) -> Vec<u8> {
+pub(super) fn maglev_name(b: &Backend) -> Vec<u8> {
     let mut name = match b.addr {
         IpAddr::V4(a) => a.to_ipv6_mapped().octets().to_vec(),
         IpAddr::V6(a) => a.octets().to_vec(),

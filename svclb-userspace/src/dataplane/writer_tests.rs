@@ -221,6 +221,9 @@ impl MapOps for FakeMaps {
             source_ranges: self.source_ranges.iter().copied().collect(),
         })
     }
+    fn read_maglev(&self, key: &MaglevKey) -> Result<Option<MaglevChunk>, DataplaneError> {
+        Ok(self.maglev.get(key).copied())
+    }
 }
 
 type Observed = BTreeMap<FrontendKey, (Vec<(IpAddr, u16, bool, bool)>, Settings, Vec<Cidr>)>;
@@ -808,6 +811,9 @@ impl<M: MapOps> MapOps for &mut M {
     fn read_all(&self) -> Result<MapContents, DataplaneError> {
         (**self).read_all()
     }
+    fn read_maglev(&self, key: &MaglevKey) -> Result<Option<MaglevChunk>, DataplaneError> {
+        (**self).read_maglev(key)
+    }
 }
 
 /// Maps whose operation number `fail_at` (counting every `MapOps` call from
@@ -906,6 +912,9 @@ impl<M: MapOps> MapOps for FaultyMaps<M> {
     fn read_all(&self) -> Result<MapContents, DataplaneError> {
         self.call("all maps", "read")?;
         self.inner.read_all()
+    }
+    fn read_maglev(&self, key: &MaglevKey) -> Result<Option<MaglevChunk>, DataplaneError> {
+        self.inner.read_maglev(key)
     }
 }
 
@@ -1113,4 +1122,181 @@ fn a_failed_update_keeps_the_backends_of_the_live_maglev_table() {
     }
     // Two backend writes, slot 1, then slot 2.
     assert!(update(Some(3)).0, "the update itself failed");
+}
+
+// Drift: the maps changed behind the writer's back.
+
+/// Change the maps as another program (or a person with bpftool) might:
+/// `what` picks the kind of change, `at` the entry.
+fn corrupt(m: &mut FakeMaps, what: usize, at: prop::sample::Index) {
+    fn pick<T: Clone>(v: Vec<T>, at: prop::sample::Index) -> Option<T> {
+        (!v.is_empty()).then(|| v[at.index(v.len())].clone())
+    }
+    let mut slot_zeros: Vec<ServiceKey> =
+        m.services.keys().filter(|k| k.slot == 0).copied().collect();
+    slot_zeros.sort_by_key(|k| (k.addr, k.port, k.proto, k.scope));
+    let mut slots: Vec<ServiceKey> = m.services.keys().filter(|k| k.slot != 0).copied().collect();
+    slots.sort_by_key(|k| (k.addr, k.port, k.proto, k.scope, k.slot));
+    let mut backends: Vec<u32> = m.backends.keys().copied().collect();
+    backends.sort_unstable();
+    let mut rev_nats: Vec<u32> = m.rev_nat.keys().copied().collect();
+    rev_nats.sort_unstable();
+    let mut chunks: Vec<MaglevKey> = m.maglev.keys().copied().collect();
+    chunks.sort_unstable();
+    match what {
+        0 => pick(slots, at).map(|k| m.services.remove(&k)).map(drop),
+        1 => pick(slot_zeros, at)
+            .map(|k| m.services.remove(&k))
+            .map(drop),
+        2 => pick(backends, at).map(|id| m.backends.get_mut(&id).unwrap().port ^= 1),
+        3 => pick(backends, at)
+            .map(|id| m.backends.get_mut(&id).unwrap().state ^= BACKEND_TERMINATING),
+        4 => pick(backends, at)
+            .map(|id| m.backends.remove(&id))
+            .map(drop),
+        5 => pick(rev_nats, at).map(|id| m.rev_nat.remove(&id)).map(drop),
+        6 => pick(rev_nats, at).map(|id| m.rev_nat.get_mut(&id).unwrap().port ^= 1),
+        7 => pick(chunks, at).map(|k| m.maglev.remove(&k)).map(drop),
+        8 => pick(chunks, at).map(|k| {
+            let chunk = m.maglev.get_mut(&k).unwrap();
+            let i = at.index(MAGLEV_CHUNK as usize);
+            chunk.backend_ids[i] = chunk.backend_ids[i].wrapping_add(1);
+        }),
+        9 => {
+            let fk = FrontendKey::new("198.19.9.9".parse().unwrap(), 99, Protocol::Tcp);
+            let record = FrontendRecord {
+                count: 0,
+                rev_nat_id: 4242,
+                settings: Settings {
+                    flags: 0,
+                    affinity_timeout: 0,
+                },
+                table: None,
+            };
+            m.services.insert(service_key(&fk, 0), record.to_abi());
+            Some(())
+        }
+        10 => {
+            let addr = (IpAddr::from([198, 18, 9, 9]), 80, Protocol::Tcp, false);
+            m.backends.insert(99_999, backend_to_abi(&addr, 0));
+            Some(())
+        }
+        11 => pick(m.source_ranges.iter().copied().collect(), at)
+            .map(|r| m.source_ranges.remove(&r))
+            .map(drop),
+        12 => pick(rev_nats, at).map(|rev_nat_id| {
+            let c = Cidr {
+                addr: IpAddr::from([203, 0, 113, 0]),
+                prefix: 24,
+            };
+            m.source_ranges.insert(SourceRange::of(rev_nat_id, &c));
+        }),
+        13 => pick(m.affinity_match.iter().copied().collect(), at)
+            .map(|k| m.affinity_match.remove(&k))
+            .map(drop),
+        14 => pick(slot_zeros, at)
+            .map(|k| m.services.get_mut(&k).unwrap().flags ^= svclb_common::SVC_FLAG_DROP_EMPTY),
+        15 => pick(slot_zeros, at).map(|k| {
+            let v = m.services.get_mut(&k).unwrap();
+            v.count = if at.index(2) == 0 {
+                v.count.saturating_sub(1)
+            } else {
+                v.count + 1
+            };
+        }),
+        _ => unreachable!(),
+    };
+    // Readers start over from what is there now: the check after each
+    // writer operation covers what the writer writes from here.
+    m.reader_counts.clear();
+    m.reader_tables.clear();
+}
+
+/// Everything in the maps, for telling whether a corruption changed anything.
+fn raw(m: &FakeMaps) -> String {
+    let mut services: Vec<_> = m
+        .services
+        .iter()
+        .map(|(k, v)| format!("{k:?}={v:?}"))
+        .collect();
+    services.sort();
+    let mut backends: Vec<_> = m
+        .backends
+        .iter()
+        .map(|(k, v)| format!("{k}={v:?}"))
+        .collect();
+    backends.sort();
+    let mut rev_nat: Vec<_> = m
+        .rev_nat
+        .iter()
+        .map(|(k, v)| format!("{k}={v:?}"))
+        .collect();
+    rev_nat.sort();
+    let mut maglev: Vec<_> = m
+        .maglev
+        .iter()
+        .map(|(k, v)| format!("{k:?}={:?}", &v.backend_ids[..]))
+        .collect();
+    maglev.sort();
+    format!(
+        "{services:?}{backends:?}{rev_nat:?}{:?}{maglev:?}{:?}",
+        m.affinity_match, m.source_ranges
+    )
+}
+
+fn drift(
+    w: &Writer<FakeMaps>,
+    desired: &BTreeMap<ServiceId, Vec<Frontend>>,
+) -> Vec<super::super::drift::Difference> {
+    use super::super::drift;
+    let wanted: drift::Wanted = desired
+        .iter()
+        .map(|(id, fs)| (id.clone(), std::sync::Arc::new(fs.clone())))
+        .collect();
+    let observed = drift::Observed::read(w.maps()).unwrap();
+    drift::differences(&drift::wanted_frontends(&wanted), &observed)
+}
+
+proptest! {
+    /// Whatever is changed in the maps behind the writer's back is reported
+    /// as a difference, and distrusting the bookkeeping, applying every
+    /// service again and pruning (what the agent's periodic check does)
+    /// brings the maps back to exactly the desired state, with no garbage.
+    #[test]
+    fn any_drift_is_reported_and_repaired(
+        services in prop::collection::vec(arb_frontends(), 1..4),
+        corruptions in prop::collection::vec((0usize..16, any::<prop::sample::Index>()), 1..4),
+    ) {
+        let mut w = writer();
+        let mut desired: BTreeMap<ServiceId, Vec<Frontend>> = BTreeMap::new();
+        for (i, frontends) in services.into_iter().enumerate() {
+            let taken: BTreeSet<FrontendKey> = desired.values().flatten().map(|f| f.key).collect();
+            let kept: Vec<Frontend> = frontends.into_iter().filter(|f| !taken.contains(&f.key)).collect();
+            let id = sid(&format!("s{i}"));
+            w.apply(&id, &kept).unwrap();
+            desired.insert(id, kept);
+        }
+        w.flush().unwrap();
+        prop_assert_eq!(drift(&w, &desired), vec![]);
+
+        let before = raw(w.maps());
+        for (what, at) in corruptions {
+            corrupt(&mut w.maps, what, at);
+        }
+        let found = drift(&w, &desired);
+        if raw(w.maps()) != before {
+            prop_assert!(!found.is_empty(), "a change went unreported");
+        }
+
+        let tables: Vec<FrontendKey> = found.iter().filter_map(|d| d.distrusts_table()).collect();
+        w.distrust(&tables);
+        for (id, fs) in &desired {
+            w.apply(id, fs).unwrap();
+        }
+        w.flush().unwrap();
+        w.prune_unclaimed().unwrap();
+        prop_assert_eq!(drift(&w, &desired), vec![]);
+        prop_assert_eq!(observed(w.maps()), expected(&desired));
+        assert_no_garbage(w.maps());
+    }
 }

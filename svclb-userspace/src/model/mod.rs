@@ -12,6 +12,7 @@ use std::time::SystemTime;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
 
 mod health_check_ports;
 mod store;
@@ -80,7 +81,7 @@ impl fmt::Display for ObjectKind {
 }
 
 /// namespace/name of a Service.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ServiceId {
     pub namespace: String,
     pub name: String,
@@ -92,7 +93,8 @@ impl fmt::Display for ServiceId {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -108,7 +110,10 @@ impl fmt::Display for Protocol {
 }
 
 /// Which traffic a frontend serves.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Scope {
     /// Connections made on this node (pods, host processes): the socket hooks.
     #[default]
@@ -119,7 +124,7 @@ pub enum Scope {
 }
 
 /// What a client addresses: a service IP, port and protocol, and from where.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct FrontendKey {
     pub addr: IpAddr,
     pub port: u16,
@@ -153,7 +158,7 @@ impl fmt::Display for FrontendKey {
 }
 
 /// An address prefix (loadBalancerSourceRanges).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Cidr {
     pub addr: IpAddr,
     pub prefix: u8,
@@ -167,7 +172,7 @@ impl fmt::Display for Cidr {
 
 /// One endpoint a frontend balances over. Same address family and protocol
 /// as its frontend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Backend {
     pub addr: IpAddr,
     pub port: u16,

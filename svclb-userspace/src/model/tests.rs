@@ -387,13 +387,13 @@ fn endpoint_conditions() {
             warnings: &[],
         },
         Case {
-            name: "serving unset follows ready: not ready + terminating is not serving",
+            name: "serving unset means serving (as kube-proxy): not ready + terminating is serving-terminating",
             svc: svc(),
             slices: one(json!([ep(
                 "198.19.0.1",
                 json!({"ready": false, "terminating": true})
             )])),
-            frontends: &["198.18.0.10:80/TCP -> "],
+            frontends: &["198.18.0.10:80/TCP -> 198.19.0.1:8080 (t)"],
             warnings: &[],
         },
         Case {
@@ -1280,6 +1280,16 @@ fn ep(addr: &str, node: &str, ready: bool, terminating: bool, zones: &[&str]) ->
     e
 }
 
+/// A ready endpoint on `node` with zone and node hints.
+fn hinted(addr: &str, node: &str, zones: &[&str], nodes: &[&str]) -> Value {
+    let mut e = ep(addr, node, true, false, zones);
+    if !nodes.is_empty() {
+        let nodes: Vec<Value> = nodes.iter().map(|n| json!({"name": n})).collect();
+        e["hints"]["forNodes"] = json!(nodes);
+    }
+    e
+}
+
 /// "kind frontend -> backends [drop] [affinity N]" for every socket-scope
 /// frontend.
 fn render_full(t: &Translation) -> Vec<String> {
@@ -1386,9 +1396,37 @@ fn traffic_policies_topology_and_external_frontends() {
             vec!["ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080"],
         ),
         (
-            "topology: hints ignored unless asked for",
+            "topology: hints used whenever every ready endpoint has them (kube-proxy 1.33+), asked for or not",
             base(json!({})),
             json!([ep("198.18.1.2", "n1", true, false, &["zone-a"]), ep("198.18.2.2", "n2", true, false, &["zone-b"])]),
+            vec!["ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080"],
+        ),
+        (
+            "topology: forNodes hints (PreferSameNode) naming this node win over zone hints",
+            base(json!({"trafficDistribution": "PreferSameNode"})),
+            json!([
+                hinted("198.18.1.2", "n1", &["zone-a"], &["n1"]),
+                hinted("198.18.1.3", "n3", &["zone-a"], &["n3"]),
+                hinted("198.18.2.2", "n2", &["zone-b"], &["n2"]),
+            ]),
+            vec!["ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080"],
+        ),
+        (
+            "topology: forNodes hints none of which names this node fall back to zone hints",
+            base(json!({"trafficDistribution": "PreferSameNode"})),
+            json!([
+                hinted("198.18.1.3", "n3", &["zone-a"], &["n3"]),
+                hinted("198.18.2.2", "n2", &["zone-b"], &["n2"]),
+            ]),
+            vec!["ClusterIp 198.18.0.10:80/TCP -> 198.18.1.3:8080"],
+        ),
+        (
+            "topology: one ready endpoint without node hints disables node hints",
+            base(json!({"trafficDistribution": "PreferSameNode"})),
+            json!([
+                hinted("198.18.1.2", "n1", &[], &["n1"]),
+                hinted("198.18.2.2", "n2", &[], &[]),
+            ]),
             vec!["ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080, 198.18.2.2:8080"],
         ),
         (
@@ -1427,12 +1465,22 @@ fn traffic_policies_topology_and_external_frontends() {
             ],
         ),
         (
-            "ETP Local and ITP Local: external addresses use local endpoints",
+            "ETP Local and ITP Local: from inside the node external addresses still use every endpoint (kube-proxy's short-circuit)",
             base(json!({"externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local", "externalIPs": ["198.19.7.7"]})),
             json!([local("198.18.1.2"), remote("198.18.2.2")]),
             vec![
                 "ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080",
-                "ExternalIp 198.19.7.7:80/TCP -> 198.18.1.2:8080",
+                "ExternalIp 198.19.7.7:80/TCP -> 198.18.1.2:8080, 198.18.2.2:8080",
+            ],
+        ),
+        (
+            "ITP Local with a node port: the node port from inside the node uses every endpoint",
+            base(json!({"type": "NodePort", "internalTrafficPolicy": "Local", "ports": [{"port": 80, "nodePort": 30080}]})),
+            json!([local("198.18.1.2"), remote("198.18.2.2")]),
+            vec![
+                "NodePort 127.0.0.1:30080/TCP -> 198.18.1.2:8080, 198.18.2.2:8080",
+                "ClusterIp 198.18.0.10:80/TCP -> 198.18.1.2:8080",
+                "NodePort 198.18.9.1:30080/TCP -> 198.18.1.2:8080, 198.18.2.2:8080",
             ],
         ),
         (
@@ -1640,4 +1688,86 @@ fn trigger_time_annotation() {
     );
     assert_eq!(last_change_trigger_time(&slice(Some("yesterday"))), None);
     assert_eq!(last_change_trigger_time(&slice(None)), None);
+}
+
+/// Slice details kube-proxy reads in a particular way.
+#[test]
+fn slice_ports_duplicates_and_families_as_kube_proxy() {
+    let node = node_n1();
+    let run_slices = |svc: Value, slices: Vec<Value>| {
+        let svc = service(svc);
+        let slices: Vec<EndpointSlice> = slices.into_iter().map(slice).collect();
+        let refs: Vec<&EndpointSlice> = slices.iter().collect();
+        translate(&svc, &refs, &node)
+    };
+    // An unnamed slice port matches only an unnamed service port.
+    let t = run_slices(
+        web(json!({"clusterIP": "198.18.0.10", "ports": [{"name": "http", "port": 80}]})),
+        vec![web_slice(
+            "a",
+            json!([{"port": 8080}]),
+            ready(&["198.19.0.1"]),
+        )],
+    );
+    assert_eq!(render(&t), ["198.18.0.10:80/TCP -> "]);
+    let t = run_slices(
+        web(json!({"clusterIP": "198.18.0.10", "ports": [{"port": 80}]})),
+        vec![web_slice(
+            "a",
+            json!([{"name": "http", "port": 8080}]),
+            ready(&["198.19.0.1"]),
+        )],
+    );
+    assert_eq!(render(&t), ["198.18.0.10:80/TCP -> "]);
+
+    // The same endpoint in two slices is local if either says so, in any order.
+    let svc = json!({"metadata": {"name": "web", "namespace": "demo"},
+        "spec": {"clusterIP": "198.18.0.10", "externalTrafficPolicy": "Local", "type": "NodePort",
+                 "ports": [{"port": 80, "nodePort": 30080}]}});
+    let remote = web_slice(
+        "a",
+        json!([{"port": 8080}]),
+        json!([ep("198.19.0.1", "n2", true, false, &[])]),
+    );
+    let local = web_slice(
+        "b",
+        json!([{"port": 8080}]),
+        json!([ep("198.19.0.1", "n1", true, false, &[])]),
+    );
+    for slices in [vec![remote.clone(), local.clone()], vec![local, remote]] {
+        let t = run_slices(svc.clone(), slices);
+        assert_eq!(
+            render_scope(&t, Scope::External),
+            ["NodePort 198.18.9.1:30080/TCP (external) -> 198.19.0.1:8080 (l)"]
+        );
+    }
+
+    // externalIPs and load-balancer IPs of a family the Service lacks are
+    // ignored with a warning naming the Service, not given frontends.
+    let t = run_slices(
+        json!({"metadata": {"name": "web", "namespace": "demo"},
+               "spec": {"type": "LoadBalancer", "clusterIP": "198.18.0.10", "externalIPs": ["198.19.7.7", "fd00:7::7"],
+                        "ports": [{"port": 80, "nodePort": 30080}]},
+               "status": {"loadBalancer": {"ingress": [{"ip": "fd00:8::8"}]}}}),
+        vec![web_slice(
+            "a",
+            json!([{"port": 8080}]),
+            ready(&["198.19.0.1"]),
+        )],
+    );
+    assert!(
+        t.frontends.iter().all(|f| f.key.addr.is_ipv4()),
+        "{:?}",
+        render_full(&t)
+    );
+    assert!(render_full(&t)
+        .iter()
+        .any(|l| l.starts_with("ExternalIp 198.19.7.7:80")));
+    let w = warnings(&t);
+    assert_eq!(w.len(), 2, "{w:#?}");
+    assert!(
+        w.iter()
+            .all(|w| w.contains("demo/web") && w.contains("IPv6")),
+        "{w:#?}"
+    );
 }

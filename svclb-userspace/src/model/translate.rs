@@ -75,7 +75,7 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
         .collect();
     let policy = Policy::of(svc, node);
     let affinity_timeout = session_affinity(spec, &object, warn);
-    let external_ips = external_ips(svc, &object, warn);
+    let external_ips = external_ips(svc, &ips, &object, warn);
     let source_ranges = source_ranges(spec, &object, warn);
 
     for port in &ports {
@@ -311,8 +311,10 @@ struct ParsedEndpoint {
     usable: Usable,
     /// On this node (endpoint.nodeName).
     local: bool,
-    /// hints.forZones; empty when the endpoint has no hints.
+    /// hints.forZones; empty when the endpoint has no zone hints.
     zones: Vec<String>,
+    /// hints.forNodes (trafficDistribution PreferSameNode); empty when none.
+    nodes: Vec<String>,
 }
 
 /// None for slices that can never contribute (FQDN, unknown address type).
@@ -381,11 +383,11 @@ fn parse_endpoint(
     object: &str,
     warn: &mut Vec<ModelError>,
 ) -> Option<ParsedEndpoint> {
-    // Conditions as kube-proxy reads them: ready unless told otherwise,
-    // serving defaults to ready, terminating only when said so.
+    // Conditions as kube-proxy reads them: ready and serving unless told
+    // otherwise, terminating only when said so.
     let c = e.conditions.clone().unwrap_or_default();
     let ready = c.ready.unwrap_or(true);
-    let serving = c.serving.unwrap_or(ready);
+    let serving = c.serving.unwrap_or(true);
     let terminating = c.terminating.unwrap_or(false);
     let usable = if ready {
         Usable::Ready
@@ -420,6 +422,14 @@ fn parse_endpoint(
                 .flatten()
                 .map(|z| z.name.clone())
                 .collect(),
+            nodes: e
+                .hints
+                .as_ref()
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| n.name.clone())
+                .collect(),
         }),
         Ok(addr) => problem(format!(
             "endpoint address {addr} does not match the slice's addressType"
@@ -432,35 +442,60 @@ fn parse_endpoint(
 struct Policy<'a> {
     internal_local: bool,
     external_local: bool,
-    /// Topology-aware routing is asked for (trafficDistribution, or the
-    /// topology-mode / topology-aware-hints annotation set to Auto).
-    topology: bool,
+    node: &'a str,
     zone: Option<&'a str>,
 }
 
 impl<'a> Policy<'a> {
     fn of(svc: &Service, node: &'a NodeContext) -> Self {
         let spec = svc.spec.as_ref();
-        let annotation = |k: &str| {
-            svc.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(k))
-                .map(String::as_str)
-        };
-        // kube-proxy: trafficDistribution (any value) makes it use hints;
-        // otherwise the annotation must say Auto.
-        let mode = annotation("service.kubernetes.io/topology-mode")
-            .or_else(|| annotation("service.kubernetes.io/topology-aware-hints"));
-        let topology = spec.is_some_and(|s| s.traffic_distribution.is_some())
-            || matches!(mode, Some("Auto" | "auto"));
         Policy {
             internal_local: spec.and_then(|s| s.internal_traffic_policy.as_deref())
                 == Some("Local"),
             external_local: spec.and_then(|s| s.external_traffic_policy.as_deref())
                 == Some("Local"),
-            topology,
+            node: &node.name,
             zone: node.zone.as_deref(),
+        }
+    }
+}
+
+/// Which hints narrow the cluster-wide endpoints (kube-proxy 1.33+: hints
+/// are used whenever every ready endpoint has them, whatever the Service
+/// asks for; the EndpointSlice controller sets them only when asked).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    All,
+    /// forNodes hints naming this node (trafficDistribution PreferSameNode).
+    SameNode,
+    /// forZones hints naming this node's zone.
+    SameZone,
+}
+
+impl Topology {
+    fn of(ready: &[&ParsedEndpoint], policy: &Policy) -> Self {
+        let usable = |hints: fn(&ParsedEndpoint) -> &[String], mine: Option<&str>| {
+            mine.is_some_and(|mine| {
+                !ready.is_empty()
+                    && ready.iter().all(|e| !hints(e).is_empty())
+                    && ready.iter().any(|e| hints(e).iter().any(|h| h == mine))
+            })
+        };
+        let node = Some(policy.node).filter(|n| !n.is_empty());
+        if usable(|e| &e.nodes, node) {
+            Topology::SameNode
+        } else if usable(|e| &e.zones, policy.zone) {
+            Topology::SameZone
+        } else {
+            Topology::All
+        }
+    }
+
+    fn admits(self, e: &ParsedEndpoint, policy: &Policy) -> bool {
+        match self {
+            Topology::All => true,
+            Topology::SameNode => e.nodes.iter().any(|n| n == policy.node),
+            Topology::SameZone => e.zones.iter().any(|z| Some(z.as_str()) == policy.zone),
         }
     }
 }
@@ -479,48 +514,50 @@ struct EndpointSets {
 
 impl EndpointSets {
     fn of(v4: bool, port: &SvcPort, slices: &[ParsedSlice], policy: &Policy) -> Self {
-        // (backend address, port) -> endpoint; the first occurrence wins.
+        // One endpoint per (address, port): the first, unless a later
+        // duplicate is on this node (kube-proxy favours a local one).
         let mut endpoints: Vec<(u16, &ParsedEndpoint)> = Vec::new();
         for slice in slices.iter().filter(|s| s.v4 == v4) {
+            // An unnamed slice port matches only the unnamed service port.
             let matching = slice
                 .ports
                 .iter()
                 .filter(|(name, protocol, _)| name == port.name && *protocol == port.protocol);
             for &(_, _, number) in matching {
-                endpoints.extend(slice.endpoints.iter().map(|e| (number, e)));
+                for e in &slice.endpoints {
+                    match endpoints
+                        .iter_mut()
+                        .find(|(n, seen)| *n == number && seen.addr == e.addr)
+                    {
+                        None => endpoints.push((number, e)),
+                        Some(seen) if e.local => seen.1 = e,
+                        Some(_) => {}
+                    }
+                }
             }
         }
         let ready = |e: &ParsedEndpoint| matches!(e.usable, Usable::Ready);
         let terminating = |e: &ParsedEndpoint| matches!(e.usable, Usable::ServingTerminating);
-        let use_topology = policy.topology
-            && policy.zone.is_some_and(|zone| {
-                // Hints count only if every ready endpoint has them and one
-                // is for this zone; otherwise all endpoints are used.
-                let ready: Vec<&ParsedEndpoint> = endpoints
-                    .iter()
-                    .map(|(_, e)| *e)
-                    .filter(|e| ready(e))
-                    .collect();
-                ready.iter().all(|e| !e.zones.is_empty())
-                    && ready.iter().any(|e| e.zones.iter().any(|z| z == zone))
-            });
-        let in_zone = |e: &ParsedEndpoint| {
-            !use_topology || e.zones.iter().any(|z| Some(z.as_str()) == policy.zone)
-        };
+        let ready_endpoints: Vec<&ParsedEndpoint> = endpoints
+            .iter()
+            .map(|(_, e)| *e)
+            .filter(|e| ready(e))
+            .collect();
+        let topology = Topology::of(&ready_endpoints, policy);
+        let in_zone = |e: &ParsedEndpoint| topology.admits(e, policy);
         let pick = |f: &dyn Fn(&ParsedEndpoint) -> bool, is_terminating: bool| -> Vec<Backend> {
-            // (address, port) -> local; the first occurrence wins.
-            let mut set: std::collections::BTreeMap<(IpAddr, u16), bool> = Default::default();
-            for (n, e) in endpoints.iter().filter(|(_, e)| f(e)) {
-                set.entry((e.addr, *n)).or_insert(e.local);
-            }
-            set.into_iter()
-                .map(|((addr, port), local)| Backend {
-                    addr,
-                    port,
+            let mut set: Vec<Backend> = endpoints
+                .iter()
+                .filter(|(_, e)| f(e))
+                .map(|(port, e)| Backend {
+                    addr: e.addr,
+                    port: *port,
                     terminating: is_terminating,
-                    local,
+                    local: e.local,
                 })
-                .collect()
+                .collect();
+            set.sort();
+            set
         };
         let mut cluster = pick(&|e| ready(e) && in_zone(e), false);
         if cluster.is_empty() {
@@ -541,15 +578,12 @@ impl EndpointSets {
     /// The backends for a frontend of `kind` reached through the socket hooks
     /// (traffic from this node), and what to do when there are none.
     fn for_kind(&self, kind: FrontendKind, policy: &Policy) -> (Vec<Backend>, WhenEmpty) {
-        let local = match kind {
-            FrontendKind::ClusterIp => policy.internal_local,
-            // From inside the node, kube-proxy sends traffic for external
-            // addresses to the cluster-wide endpoints even with
-            // externalTrafficPolicy Local ("short-circuit"), unless the
-            // internal policy is Local too, which leaves no cluster chain.
-            _ => policy.external_local && policy.internal_local,
-        };
-        self.pick(local)
+        // From inside the node, kube-proxy sends traffic for external
+        // addresses (node ports, external and load-balancer IPs) to the
+        // cluster-wide endpoints whatever the policies ("short-circuit"; it
+        // keeps cluster endpoints for externally reachable services even
+        // with internalTrafficPolicy Local).
+        self.pick(kind == FrontendKind::ClusterIp && policy.internal_local)
     }
 
     /// The backends for traffic from outside the node (XDP):
@@ -652,14 +686,23 @@ const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
 
 /// spec.externalIPs and status.loadBalancer.ingress IPs (ipMode VIP or
 /// unset; with Proxy the load balancer delivers to the node, not the VIP).
+/// Addresses of a family the Service has no cluster IP of are ignored with
+/// a warning, as kube-proxy does (it has no endpoints of that family).
 fn external_ips(
     svc: &Service,
+    cluster_ips: &[IpAddr],
     object: &str,
     warn: &mut Vec<ModelError>,
 ) -> Vec<(IpAddr, FrontendKind)> {
     let mut out = Vec::new();
     let mut add = |text: &str, kind: FrontendKind, what: &str| match text.parse::<IpAddr>() {
-        Ok(ip) => out.push((ip, kind)),
+        Ok(ip) if cluster_ips.iter().any(|c| is_v4(c) == is_v4(&ip)) => out.push((ip, kind)),
+        Ok(ip) => {
+            let family = if is_v4(&ip) { "IPv4" } else { "IPv6" };
+            let reason =
+                format!("{what} {ip} is {family}, a family the Service does not have; ignored");
+            warn.push(invalid(SERVICE, object, reason));
+        }
         Err(_) => {
             let reason = format!("{what} {text:?} is not an IP address; skipped");
             warn.push(invalid(SERVICE, object, reason));

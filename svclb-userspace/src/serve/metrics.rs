@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{Response, ServeError, Server, TEXT};
+use crate::dataplane::drift::Published;
 
 mod process;
 
@@ -73,6 +74,8 @@ struct Inner {
     maps: BTreeMap<String, (usize, usize)>,
     translation_errors: BTreeMap<String, u64>,
     sync_errors: BTreeMap<String, u64>,
+    /// Differences found between the maps and the desired state, by map.
+    map_drift: BTreeMap<String, u64>,
     /// None until the first sync.
     retries_pending: Option<usize>,
     external: Option<crate::dataplane::ExternalStats>,
@@ -99,6 +102,7 @@ impl Metrics {
                 maps: BTreeMap::new(),
                 translation_errors: BTreeMap::new(),
                 sync_errors: BTreeMap::new(),
+                map_drift: BTreeMap::new(),
                 retries_pending: None,
                 external: None,
             }),
@@ -122,6 +126,12 @@ impl Metrics {
     /// must be a short fixed word (it becomes a label value).
     pub fn sync_error(&self, reason: &str) {
         count(&mut self.inner().sync_errors, reason);
+    }
+
+    /// A difference between a BPF map and the desired state, found by the
+    /// periodic check (and repaired).
+    pub fn map_drift(&self, map: &str) {
+        count(&mut self.inner().map_drift, map);
     }
 
     /// Services (and other work) waiting to be retried.
@@ -215,6 +225,14 @@ impl Metrics {
         if let Some(x) = &m.external {
             external_series(&mut out, x);
         }
+        labelled(
+            &mut out,
+            "svclb_map_drift_total",
+            "Differences between a BPF map and the desired state found by the periodic check (entries changed outside the agent), by map; each is repaired",
+            "counter",
+            "map",
+            m.map_drift.iter().map(|(k, n)| (k.clone(), *n as f64)),
+        );
         labelled(
             &mut out,
             "svclb_sync_errors_total",
@@ -378,6 +396,10 @@ fn external_series(out: &mut String, x: &crate::dataplane::ExternalStats) {
     );
 }
 
+/// Where the metrics server serves the agent's desired state.
+pub const DESIRED_PATH: &str = "/debug/svclb/desired";
+const JSON: &str = "application/json";
+
 /// Serve /metrics, /proxyMode and /healthz on `addr` until the task is dropped.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(), ServeError> {
     serve_on(Server::bind(addr).await?, metrics).await;
@@ -386,10 +408,17 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(), ServeE
 
 /// Serve on an already bound server (bind first to fail early, or to use port 0).
 pub async fn serve_on(server: Server, metrics: Arc<Metrics>) {
+    serve_with_desired(server, metrics, Arc::default()).await
+}
+
+/// [`serve_on`], and the agent's desired state on /debug/svclb/desired
+/// (for `svclb verify`).
+pub async fn serve_with_desired(server: Server, metrics: Arc<Metrics>, desired: Arc<Published>) {
     tracing::info!(addr = %server.local_addr(), "serving /metrics and /proxyMode");
     server
         .run(move |path| match path {
             "/metrics" => Response::new(200, CONTENT_TYPE, metrics.scrape()),
+            DESIRED_PATH => Response::new(200, JSON, desired.json()),
             "/proxyMode" => Response::new(200, TEXT, PROXY_MODE),
             // kube-proxy's metrics port has the apiserver's plain healthz too.
             "/healthz" => Response::new(200, TEXT, "ok"),

@@ -306,12 +306,10 @@ fn run(args: Args) -> Result<bool> {
         .map(|s| SocketAddr::from((s.cluster_ip, 80)).to_string())
         .collect();
 
-    let agent_args = vec![
-        "--inject-map-faults".to_string(),
-        args.fault_rate.to_string(),
-    ];
+    let fault_rate = args.fault_rate.to_string();
+    let agent_args = ["--inject-map-faults", fault_rate.as_str()];
     let t0 = Instant::now();
-    let mut agent = node.start_agent_with_args(cluster.manifests().dir(), &[], &agent_args)?;
+    let mut agent = node.start_agent_with(cluster.manifests().dir(), &[], &agent_args)?;
     println!(
         "soak: set up; first agent synced after {:.1} s",
         t0.elapsed().as_secs_f64()
