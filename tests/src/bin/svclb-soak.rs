@@ -590,7 +590,17 @@ fn settle_and_verify(node: &Node, run: usize, start: Instant) -> Option<usize> {
                 "soak: [{t:>6.1} s] run {run}: settled in {settle:.1} s, svclb verify: {} differences",
                 differences.len()
             );
-            for d in differences.iter().take(10) {
+            let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
+            for d in &differences {
+                let field = |k: &str| d[k].as_str().unwrap_or("?").to_string();
+                *by_kind
+                    .entry(format!("{} {}", field("map"), field("kind")))
+                    .or_default() += 1;
+            }
+            if !by_kind.is_empty() {
+                println!("soak:     by map and kind: {by_kind:?}");
+            }
+            for d in differences.iter().take(3) {
                 println!("soak:     {d}");
             }
             Some(differences.len())
