@@ -196,17 +196,11 @@ impl SyncLoop {
                 tracing::error!(error = %e, "removing stale map entries; will retry");
             }
         }
-        if repair {
-            // Frontends added behind the agent's back have no owner.
-            if let Err(e) = self.dataplane.prune_unclaimed() {
-                self.retries.fail(&Work::StaleEntries, pass);
-                self.metrics.sync_error("flush");
-                tracing::error!(error = %e, "removing frontends no service owns; will retry");
-            }
-        }
         let (checks, warnings) = self.store.health_checks(&self.node);
         self.health_checks.sync(checks, warnings);
-        if !self.dataplane.initial_sync_done() || prune_due {
+        // After a repair too: frontends added behind the agent's back have
+        // no owner.
+        if !self.dataplane.initial_sync_done() || prune_due || repair {
             self.remove_unclaimed(pass);
         }
         self.publish();
@@ -317,14 +311,19 @@ impl SyncLoop {
         }
     }
 
-    /// Every service has been applied once: only now can entries left by
-    /// an earlier agent for services that no longer exist be told apart
-    /// from ones not yet synced. Retried until it succeeds: a failure must
-    /// not leave deleted services' frontends in the maps until the next
-    /// restart.
+    /// Every service has been applied once (after start-up or a drift
+    /// repair): only now can entries left by an earlier agent for services
+    /// that no longer exist be told apart from ones not yet synced. Retried
+    /// until it succeeds: a failure must not leave deleted services'
+    /// frontends in the maps until the next restart.
     fn remove_unclaimed(&mut self, now: Instant) {
         let first = !self.dataplane.initial_sync_done();
-        match self.dataplane.finish_initial_sync() {
+        let pruned = if first {
+            self.dataplane.finish_initial_sync()
+        } else {
+            self.dataplane.prune_unclaimed()
+        };
+        match pruned {
             Ok(_) => self.retries.succeed(&Work::UnclaimedFrontends),
             Err(e) => {
                 let delay = self.retries.fail(&Work::UnclaimedFrontends, now);

@@ -491,8 +491,15 @@ fn report_loop(
         if let Some(m) = &metrics {
             lock(&shared.sync_errors).insert(run, m.sync_errors);
         }
-        // try_lock: a paused churn (verify running) must not stall the report.
-        let changes = churn.try_lock().map(|c| c.changes.to_string());
+        // try_lock: a paused churn (verify running) must not stall the
+        // report; a change in progress holds the lock only briefly.
+        let changes = (0..20).find_map(|_| match churn.try_lock() {
+            Ok(c) => Some(c.changes.to_string()),
+            Err(_) => {
+                thread::sleep(Duration::from_millis(5));
+                None
+            }
+        });
         let (attempted, failed) = {
             let c = lock(&shared.conns);
             (c.attempted, c.failed)
@@ -502,7 +509,7 @@ fn report_loop(
             rss.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
             pending.map_or("?".into(), |p| p.to_string()),
             metrics.map_or("?".into(), |m| m.sync_errors.to_string()),
-            changes.unwrap_or_else(|_| "(paused)".into()),
+            changes.unwrap_or_else(|| "(paused)".into()),
         );
     }
     Ok(())
