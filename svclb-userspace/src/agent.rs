@@ -44,6 +44,12 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     // Before the programs load, so a taken port fails the start-up.
     serve_endpoints(&args, &health, &metrics, &desired).await?;
     raise_memlock_rlimit();
+    if args.inject_map_faults > 0.0 {
+        tracing::warn!(
+            rate = args.inject_map_faults,
+            "injecting BPF map write faults (--inject-map-faults): for tests only"
+        );
+    }
     let dataplane = Dataplane::start(&DataplaneConfig {
         bpffs: args.bpffs.clone(),
         cgroup: cgroup.clone(),
@@ -52,6 +58,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         maglev_table_size: args.maglev_table_size,
         conntrack_size: args.conntrack_size,
         snat_ports: args.snat_ports,
+        inject_map_faults: args.inject_map_faults,
     })
     .context("starting the dataplane")?;
     tracing::info!(cgroup = %cgroup.display(), bpffs = %args.bpffs.display(), node = %args.node_name, "programs attached");

@@ -98,6 +98,10 @@ pub struct RunArgs {
     /// started again. At least 1s.
     #[arg(long, default_value = "290s", value_parser = parse_duration)]
     pub watch_timeout: std::time::Duration,
+    /// Testing only: make each BPF map write or delete fail with this
+    /// probability (0..1), to exercise the retries.
+    #[arg(long, hide = true, default_value_t = 0.0, value_parser = parse_fault_rate)]
+    pub inject_map_faults: f64,
 }
 
 /// A positive duration such as 30s, 1m or 1h30m (Go's spelling, as
@@ -108,6 +112,14 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         Ok(d) if !d.is_zero() => Ok(d),
         _ => Err("must be positive".into()),
     }
+}
+
+fn parse_fault_rate(s: &str) -> Result<f64, String> {
+    let rate: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if !(0.0..=1.0).contains(&rate) {
+        return Err("must be between 0 and 1".into());
+    }
+    Ok(rate)
 }
 
 fn parse_maglev_size(s: &str) -> Result<u32, String> {
@@ -171,5 +183,28 @@ mod tests {
         for bad in ["0s", "-5s", "soon", "30"] {
             assert!(parse(&["--sync-period", bad]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn inject_map_faults_is_hidden_and_a_probability() {
+        let parse = |args: &[&str]| {
+            let argv = ["svclb", "run", "--node-name", "n1"].iter().chain(args);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Run(a)) => Ok(a.inject_map_faults),
+                Ok(_) => unreachable!(),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(parse(&[]), Ok(0.0));
+        assert_eq!(parse(&["--inject-map-faults", "0.01"]), Ok(0.01));
+        for bad in ["-0.1", "1.5", "often"] {
+            assert!(parse(&["--inject-map-faults", bad]).is_err(), "{bad}");
+        }
+        let help = match Cli::try_parse_from(["svclb", "run", "--help"]) {
+            Err(e) => e.to_string(),
+            Ok(_) => unreachable!("--help exits"),
+        };
+        assert!(help.contains("--sync-period"), "{help}");
+        assert!(!help.contains("inject"), "{help}");
     }
 }

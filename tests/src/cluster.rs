@@ -880,12 +880,18 @@ impl Node {
     }
 
     /// Stop the current agent (SIGTERM) and start a new one on the same
-    /// source and devices.
+    /// source, devices and flags.
     pub fn restart_agent(&self) -> Result<Agent> {
         let old = self
             .agent()
             .ok_or_else(|| anyhow!("node {} has no agent to restart", self.name()))?;
         old.stop()?;
+        self.start_agent_like(&old)
+    }
+
+    /// Start an agent with the same source, devices and flags as
+    /// `old` (which must have stopped, e.g. killed).
+    pub fn start_agent_like(&self, old: &Agent) -> Result<Agent> {
         let devices: Vec<&str> = old.devices().iter().map(String::as_str).collect();
         let args: Vec<&str> = old.extra_args().iter().map(String::as_str).collect();
         self.start_agent_from(old.source().clone(), &devices, &args)

@@ -47,6 +47,18 @@ enum Cmd {
     },
     /// The demo: a simulated cluster in namespaces, traffic to a ClusterIP, maps dump, scaling.
     Demo,
+    /// The soak: 1,000 services under endpoint churn, agent SIGKILLs and
+    /// injected map faults while a client connects; ends with
+    /// `soak: N connections, F failed, D verify differences` and fails
+    /// unless F and D are 0. About 10 minutes.
+    Soak {
+        /// The CI form: fewer services, kills and seconds (under 3 minutes).
+        #[arg(long)]
+        short: bool,
+        /// Passed to svclb-soak (--duration-secs, --kills, --seed, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Benchmarks; prints rates and ratios against a baseline measured in the same run.
     Bench {
         /// Which benchmark: sock, control-plane, xdp
@@ -77,6 +89,18 @@ fn main() -> Result<()> {
             setup::run()?;
             build(true)?;
             run_tool("svclb-demo", &[])
+        }
+        Cmd::Soak { short, args } => {
+            setup::run()?;
+            // The debug build `test` makes: CI runs the soak right after it.
+            build(false)?;
+            let mut all: Vec<String> = if short {
+                SOAK_SHORT.iter().map(|s| s.to_string()).collect()
+            } else {
+                Vec::new()
+            };
+            all.extend(args);
+            run_tool_from(false, "svclb-soak", &all)
         }
         Cmd::Bench { which, args } => {
             setup::run()?;
@@ -156,9 +180,24 @@ fn bench_xdp(args: &[String]) -> Result<()> {
     run_tool("svclb-bench-xdp-e2e", &[])
 }
 
+/// `svclb-soak` arguments of `cargo xtask soak --short` (later ones win).
+const SOAK_SHORT: &[&str] = &[
+    "--services",
+    "400",
+    "--duration-secs",
+    "100",
+    "--kills",
+    "3",
+];
+
 /// Run a tool binary of the tests crate (demo, benchmarks) built in release.
 fn run_tool(name: &str, args: &[String]) -> Result<()> {
-    let dir = profile_dir(true);
+    run_tool_from(true, name, args)
+}
+
+/// Run a tool binary of the tests crate from the release or debug build.
+fn run_tool_from(release: bool, name: &str, args: &[String]) -> Result<()> {
+    let dir = profile_dir(release);
     status(
         Command::new(dir.join(name))
             .args(args)

@@ -34,6 +34,9 @@ enum Work {
     Service(ServiceId),
     /// Deleting stale entries after a batch ([`Dataplane::flush`]).
     StaleEntries,
+    /// Removing what no service claimed in the initial sync
+    /// ([`Dataplane::finish_initial_sync`]).
+    UnclaimedFrontends,
 }
 
 pub struct SyncLoop {
@@ -161,10 +164,15 @@ impl SyncLoop {
             repair = self.check_drift();
             self.pending.extend(self.store.service_ids().cloned());
         }
+        let mut prune_due = false;
         for work in self.retries.due(pass) {
-            // StaleEntries: the dataplane flush below runs every pass.
-            if let Work::Service(id) = work {
-                self.pending.insert(id);
+            match work {
+                Work::Service(id) => {
+                    self.pending.insert(id);
+                }
+                // The dataplane flush below runs every pass.
+                Work::StaleEntries => {}
+                Work::UnclaimedFrontends => prune_due = true,
             }
         }
         self.pending.extend(self.conflicts.due(pass));
@@ -188,18 +196,12 @@ impl SyncLoop {
                 tracing::error!(error = %e, "removing stale map entries; will retry");
             }
         }
-        if repair {
-            // Frontends added behind the agent's back have no owner.
-            if let Err(e) = self.dataplane.prune_unclaimed() {
-                self.retries.fail(&Work::StaleEntries, pass);
-                self.metrics.sync_error("flush");
-                tracing::error!(error = %e, "removing frontends no service owns; will retry");
-            }
-        }
         let (checks, warnings) = self.store.health_checks(&self.node);
         self.health_checks.sync(checks, warnings);
-        if !self.dataplane.initial_sync_done() {
-            self.finish_initial_sync();
+        // After a repair too: frontends added behind the agent's back have
+        // no owner.
+        if !self.dataplane.initial_sync_done() || prune_due || repair {
+            self.remove_unclaimed(pass);
         }
         self.publish();
         self.record_sync(pass.elapsed());
@@ -309,12 +311,28 @@ impl SyncLoop {
         }
     }
 
-    /// Every service has been applied once: only now can entries left by
-    /// an earlier agent for services that no longer exist be told apart
-    /// from ones not yet synced.
-    fn finish_initial_sync(&mut self) {
-        if let Err(e) = self.dataplane.finish_initial_sync() {
-            tracing::error!(error = %e, "removing stale frontends");
+    /// Every service has been applied once (after start-up or a drift
+    /// repair): only now can entries left by an earlier agent for services
+    /// that no longer exist be told apart from ones not yet synced. Retried
+    /// until it succeeds: a failure must not leave deleted services'
+    /// frontends in the maps until the next restart.
+    fn remove_unclaimed(&mut self, now: Instant) {
+        let first = !self.dataplane.initial_sync_done();
+        let pruned = if first {
+            self.dataplane.finish_initial_sync()
+        } else {
+            self.dataplane.prune_unclaimed()
+        };
+        match pruned {
+            Ok(_) => self.retries.succeed(&Work::UnclaimedFrontends),
+            Err(e) => {
+                let delay = self.retries.fail(&Work::UnclaimedFrontends, now);
+                self.metrics.sync_error("prune");
+                tracing::error!(error = %e, retry_in = ?delay, "removing stale frontends");
+            }
+        }
+        if !first {
+            return;
         }
         let (entries, backends) = self.dataplane.usage();
         tracing::info!(

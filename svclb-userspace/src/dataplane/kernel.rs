@@ -1,5 +1,8 @@
 //! `MapOps` on the real, pinned BPF maps.
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use svclb_common::{
     AffinityMatchKey, Backend, MaglevChunk, MaglevKey, RevNat, ServiceKey, ServiceValue,
@@ -25,6 +28,11 @@ pub struct KernelMaps {
     /// the next barrier or backend deletion, so the bump is never lost.
     epoch_behind: bool,
     barrier: RcuBarrier,
+    /// `svclb run --inject-map-faults`: the share of writes and deletes
+    /// that fail on purpose (0: none), for soak tests of the retry paths.
+    fault_rate: f64,
+    fault_draws: u64,
+    fault_seed: RandomState,
 }
 
 /// The maps the writer owns, as taken from the loaded object.
@@ -58,7 +66,34 @@ impl KernelMaps {
                 .map_err(map_err(BACKENDS_EPOCH, "open"))?,
             epoch_behind: false,
             barrier: RcuBarrier::new().map_err(DataplaneError::Barrier)?,
+            fault_rate: 0.0,
+            fault_draws: 0,
+            fault_seed: RandomState::new(),
         })
+    }
+
+    /// Make each later write or delete fail with probability `rate`.
+    pub fn inject_faults(&mut self, rate: f64) {
+        self.fault_rate = rate;
+    }
+
+    /// An injected failure of `op` on `map`, drawn with the fault rate.
+    fn injected_fault(
+        &mut self,
+        map: &'static str,
+        op: &'static str,
+    ) -> Result<(), DataplaneError> {
+        if self.fault_rate <= 0.0 {
+            return Ok(());
+        }
+        self.fault_draws += 1;
+        let bits = self.fault_seed.hash_one(self.fault_draws);
+        let unit = (bits >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+        if unit >= self.fault_rate {
+            return Ok(());
+        }
+        let fault = std::io::Error::other("injected fault");
+        Err(map_err(map, op)(MapError::IoError(fault)))
     }
 }
 
@@ -99,16 +134,19 @@ impl MapOps for KernelMaps {
         key: &ServiceKey,
         value: &ServiceValue,
     ) -> Result<(), DataplaneError> {
+        self.injected_fault(svclb_common::maps::SERVICES, "update")?;
         self.services
             .insert(key, value, 0)
             .map_err(map_err(svclb_common::maps::SERVICES, "update"))
     }
     fn del_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        self.injected_fault(svclb_common::maps::SERVICES, "delete")?;
         self.services
             .remove(key)
             .map_err(map_err(svclb_common::maps::SERVICES, "delete"))
     }
     fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
+        self.injected_fault(svclb_common::maps::BACKENDS, "update")?;
         self.backends
             .insert(id, backend, 0)
             .map_err(map_err(svclb_common::maps::BACKENDS, "update"))
@@ -117,6 +155,7 @@ impl MapOps for KernelMaps {
     /// exists until the epoch moves: bump it once the backend is gone.
     fn del_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
         use svclb_common::maps::BACKENDS;
+        self.injected_fault(BACKENDS, "delete")?;
         self.backends
             .remove(&id)
             .map_err(map_err(BACKENDS, "delete"))?;
@@ -124,41 +163,49 @@ impl MapOps for KernelMaps {
         self.bump_backends_epoch()
     }
     fn put_rev_nat(&mut self, id: u32, rev_nat: &RevNat) -> Result<(), DataplaneError> {
+        self.injected_fault(svclb_common::maps::REV_NAT, "update")?;
         self.rev_nat
             .insert(id, rev_nat, 0)
             .map_err(map_err(svclb_common::maps::REV_NAT, "update"))
     }
     fn del_rev_nat(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.injected_fault(svclb_common::maps::REV_NAT, "delete")?;
         self.rev_nat
             .remove(&id)
             .map_err(map_err(svclb_common::maps::REV_NAT, "delete"))
     }
     fn put_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DataplaneError> {
+        self.injected_fault(svclb_common::maps::AFFINITY_MATCH, "update")?;
         self.affinity_match
             .insert(key, 1, 0)
             .map_err(map_err(svclb_common::maps::AFFINITY_MATCH, "update"))
     }
     fn del_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DataplaneError> {
+        self.injected_fault(svclb_common::maps::AFFINITY_MATCH, "delete")?;
         self.affinity_match
             .remove(key)
             .map_err(map_err(svclb_common::maps::AFFINITY_MATCH, "delete"))
     }
     fn put_maglev(&mut self, key: &MaglevKey, chunk: &MaglevChunk) -> Result<(), DataplaneError> {
+        self.injected_fault(svclb_common::maps::MAGLEV, "update")?;
         self.maglev
             .insert(key, chunk, 0)
             .map_err(map_err(svclb_common::maps::MAGLEV, "update"))
     }
     fn del_maglev(&mut self, key: &MaglevKey) -> Result<(), DataplaneError> {
+        self.injected_fault(svclb_common::maps::MAGLEV, "delete")?;
         self.maglev
             .remove(key)
             .map_err(map_err(svclb_common::maps::MAGLEV, "delete"))
     }
     fn put_source_range(&mut self, key: &SourceRange) -> Result<(), DataplaneError> {
+        self.injected_fault(svclb_common::maps::SOURCE_RANGES, "update")?;
         self.source_ranges
             .insert(&LpmKey::new(key.prefix_len, key.abi()), 1, 0)
             .map_err(map_err(svclb_common::maps::SOURCE_RANGES, "update"))
     }
     fn del_source_range(&mut self, key: &SourceRange) -> Result<(), DataplaneError> {
+        self.injected_fault(svclb_common::maps::SOURCE_RANGES, "delete")?;
         self.source_ranges
             .remove(&LpmKey::new(key.prefix_len, key.abi()))
             .map_err(map_err(svclb_common::maps::SOURCE_RANGES, "delete"))

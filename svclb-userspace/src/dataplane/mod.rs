@@ -90,6 +90,8 @@ pub struct DataplaneConfig {
     pub conntrack_size: u32,
     /// SNAT source ports for remote backends, inclusive.
     pub snat_ports: (u16, u16),
+    /// Share of map writes and deletes to fail on purpose (soak tests).
+    pub inject_map_faults: f64,
 }
 
 impl DataplaneConfig {
@@ -103,6 +105,7 @@ impl DataplaneConfig {
             maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
             conntrack_size: svclb_common::maps::CONNTRACK_MAX_ENTRIES,
             snat_ports: (61000, 65535),
+            inject_map_faults: 0.0,
         }
     }
 }
@@ -117,6 +120,9 @@ impl Dataplane {
             mut tx_devices,
         } = loader::load_unattached(&config.bpffs, config.conntrack_size)?;
         writer.set_maglev_size(config.maglev_table_size);
+        // Only after adopting: a failed start is a crash loop, not the
+        // retries the faults are there to exercise.
+        writer.maps_mut().inject_faults(config.inject_map_faults);
         loader::attach(&mut ebpf, &config.cgroup, &config.bpffs)?;
         let modes =
             loader::attach_external(&mut ebpf, &config.devices, config.xdp_mode, &config.bpffs)?;

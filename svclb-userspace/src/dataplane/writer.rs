@@ -1092,6 +1092,12 @@ impl<M: MapOps> Writer<M> {
         &self.maps
     }
 
+    /// For settings of the maps themselves (fault injection); writing
+    /// entries through it would bypass the bookkeeping.
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
     /// Step 4: delete slot 0 now (new readers stop finding the frontend) and
     /// its source ranges; the rest goes after the barrier.
     fn remove_frontend(

@@ -107,6 +107,10 @@ enum Cmd {
         /// Receive timeout per reply (a lost datagram costs this much).
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
+        /// At most this many requests per second over all targets (0: back
+        /// to back), for a steady background load rather than a maximum.
+        #[arg(long, default_value_t = 0)]
+        per_sec: u32,
     },
     /// One GET PATH; prints {"ok":true,"status","headers":{lower-case
     /// name: value},"body"} or {"ok":false,"error","stage","detail"}.
@@ -176,11 +180,13 @@ fn main() -> ExitCode {
             proto,
             duration_ms,
             timeout_ms,
+            per_sec,
         } => rate(
             &targets,
             proto,
             Duration::from_millis(duration_ms),
             Duration::from_millis(timeout_ms),
+            per_sec,
         ),
         Cmd::HttpGet {
             addr,
@@ -639,6 +645,7 @@ fn rate(
     proto: Proto,
     duration: Duration,
     timeout: Duration,
+    per_sec: u32,
 ) -> Result<(), String> {
     // UDP: a socket per target, so that state one target leaves on a
     // socket (svclb's reverse translation entry) never affects another.
@@ -658,11 +665,17 @@ fn rate(
     let mut tallies: Vec<Tally> = targets.iter().map(|_| Tally::default()).collect();
     let mut buf = [0u8; 256];
     let start = Instant::now();
+    let mut started = 0u64;
     // Targets take turns request by request, so whatever else loads the
     // machine hits them alike. Two clock reads per request: the same
     // overhead for every target.
     'run: loop {
         for (i, &target) in targets.iter().enumerate() {
+            if per_sec > 0 {
+                let due = start + Duration::from_secs_f64(started as f64 / f64::from(per_sec));
+                thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+            started += 1;
             let t0 = Instant::now();
             if t0 - start >= duration {
                 break 'run;
