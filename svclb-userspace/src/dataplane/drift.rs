@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use svclb_common::{maps, MaglevChunk, MaglevKey, MAGLEV_CHUNK};
 
 use super::abi::{
-    backend_state, maglev_chunk_to_abi, rev_nat_to_abi, service_entry, BackendRecord,
-    FrontendRecord, ServiceEntry, Settings,
+    maglev_chunk_to_abi, rev_nat_to_abi, service_entry, BackendRecord, FrontendRecord,
+    ServiceEntry, Settings,
 };
 use super::maglev;
 use super::writer::{MapContents, MapOps};
@@ -526,15 +526,14 @@ fn unreachable_entries(d: &Decoded, observed: &Observed, diff: &mut Report) {
     }
 }
 
+/// A backend entry is right when it names the wanted address, port,
+/// protocol and locality. Its ready/terminating state is not compared: the
+/// entry is shared by every frontend naming that backend, services' slices
+/// may disagree about the state for a while, and no program reads it (it
+/// is for `svclb maps dump`).
 fn backend_matches(b: &BackendRecord, w: &WantedFrontend, want: &Backend) -> bool {
-    (b.addr, b.port, b.protocol, b.state, b.local)
-        == (
-            want.addr,
-            want.port,
-            Some(w.key.protocol),
-            backend_state(want.terminating),
-            want.local,
-        )
+    (b.addr, b.port, b.protocol, b.local)
+        == (want.addr, want.port, Some(w.key.protocol), want.local)
 }
 
 fn backend_text(b: &Backend) -> String {
