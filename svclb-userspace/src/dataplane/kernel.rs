@@ -27,7 +27,9 @@ pub struct KernelMaps {
     /// A backend was deleted but bumping the epoch failed: retried before
     /// the next barrier or backend deletion, so the bump is never lost.
     epoch_behind: bool,
-    barrier: RcuBarrier,
+    /// None when opened only to read (`open_pinned`): creating it makes a
+    /// map, which kernels before 5.11 charge to RLIMIT_MEMLOCK.
+    barrier: Option<RcuBarrier>,
     /// `svclb run --inject-map-faults`: the share of writes and deletes
     /// that fail on purpose (0: none), for soak tests of the retry paths.
     fault_rate: f64,
@@ -52,6 +54,11 @@ fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Data
 
 impl KernelMaps {
     pub fn new(m: WriterMaps) -> Result<Self, DataplaneError> {
+        let barrier = RcuBarrier::new().map_err(DataplaneError::Barrier)?;
+        Self::with_barrier(m, Some(barrier))
+    }
+
+    fn with_barrier(m: WriterMaps, barrier: Option<RcuBarrier>) -> Result<Self, DataplaneError> {
         use svclb_common::maps::*;
         Ok(KernelMaps {
             services: HashMap::try_from(m.services).map_err(map_err(SERVICES, "open"))?,
@@ -65,7 +72,7 @@ impl KernelMaps {
             backends_epoch: Array::try_from(m.backends_epoch)
                 .map_err(map_err(BACKENDS_EPOCH, "open"))?,
             epoch_behind: false,
-            barrier: RcuBarrier::new().map_err(DataplaneError::Barrier)?,
+            barrier,
             fault_rate: 0.0,
             fault_draws: 0,
             fault_seed: RandomState::new(),
@@ -214,7 +221,12 @@ impl MapOps for KernelMaps {
         if self.epoch_behind {
             self.bump_backends_epoch()?;
         }
-        self.barrier.wait().map_err(DataplaneError::Barrier)
+        let Some(barrier) = &self.barrier else {
+            return Err(DataplaneError::Barrier(std::io::Error::other(
+                "maps opened read-only",
+            )));
+        };
+        barrier.wait().map_err(DataplaneError::Barrier)
     }
     fn read_all(&self) -> Result<MapContents, DataplaneError> {
         use svclb_common::maps::*;
@@ -256,20 +268,23 @@ impl MapOps for KernelMaps {
     }
 }
 
-/// The writer's maps as another process pinned them in `bpffs` (for
-/// `svclb verify`; no programs are loaded).
+/// The writer's maps as another process pinned them in `bpffs`, to read
+/// (for `svclb verify`; no programs are loaded, no barrier is made).
 pub fn open_pinned(bpffs: &std::path::Path) -> Result<KernelMaps, DataplaneError> {
     use svclb_common::maps::*;
     let open = |name: &'static str| {
         MapData::from_pin(super::map_path(bpffs, name)).map_err(map_err(name, "open"))
     };
-    KernelMaps::new(WriterMaps {
-        services: Map::HashMap(open(SERVICES)?),
-        backends: Map::HashMap(open(BACKENDS)?),
-        rev_nat: Map::HashMap(open(REV_NAT)?),
-        affinity_match: Map::HashMap(open(AFFINITY_MATCH)?),
-        maglev: Map::HashMap(open(MAGLEV)?),
-        source_ranges: Map::LpmTrie(open(SOURCE_RANGES)?),
-        backends_epoch: Map::Array(open(BACKENDS_EPOCH)?),
-    })
+    KernelMaps::with_barrier(
+        WriterMaps {
+            services: Map::HashMap(open(SERVICES)?),
+            backends: Map::HashMap(open(BACKENDS)?),
+            rev_nat: Map::HashMap(open(REV_NAT)?),
+            affinity_match: Map::HashMap(open(AFFINITY_MATCH)?),
+            maglev: Map::HashMap(open(MAGLEV)?),
+            source_ranges: Map::LpmTrie(open(SOURCE_RANGES)?),
+            backends_epoch: Map::Array(open(BACKENDS_EPOCH)?),
+        },
+        None,
+    )
 }
