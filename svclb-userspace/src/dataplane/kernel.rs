@@ -1,8 +1,8 @@
 //! `MapOps` on the real, pinned BPF maps.
-use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use svclb_common::{
     AffinityMatchKey, Backend, MaglevChunk, MaglevKey, RevNat, ServiceKey, ServiceValue,
