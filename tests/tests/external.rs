@@ -712,3 +712,43 @@ fn rolling_update_keeps_established_external_flows() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// The SNAT source follows the route, not the Node object: n1's Node lists
+/// an ExternalIP that no device of n1 has (a NAT'd public address, here
+/// the lowest address, which svclb used to take) and its bridge address as
+/// InternalIP. Cluster-policy traffic through n1 to the remote backend
+/// works, and the backend sees the source of n1's route toward it (its
+/// ext0 address).
+#[test]
+fn snat_source_is_the_route_source() -> Result<()> {
+    let Some(env) = setup("extsrc")? else {
+        return Ok(());
+    };
+    let n1 = &env.nodes[0];
+    let not_on_node = "198.18.0.0";
+    let mut node = n1.node_object(&[]);
+    node["status"]["addresses"] = json!([
+        {"type": "InternalIP", "address": n1.bridge_ipv4().to_string()},
+        {"type": "ExternalIP", "address": not_on_node},
+    ]);
+    env.cluster
+        .manifests()
+        .write(&format!("node-{}.yaml", n1.name()), &to_yaml(&node))?;
+    env.service(json!({}))?;
+    // Only the backend on n2: every flow through n1 is SNATed.
+    env.slice(&[1])?;
+    env.start_agents()?;
+    // The node ports are on the Node's addresses now; the load-balancer IP
+    // is routed to n1.
+    env.client.route_via(&format!("{LB_IP}/32"), n1)?;
+    let c = Connect::tcp(ip(LB_IP), 80).count(20).timeout_ms(1000);
+    let r = env.converge("the LB IP via n1 reaches b2", &c, all_ok)?;
+    assert_eq!(
+        clients_seen(&r)["b2"],
+        BTreeSet::from([n1.ext_ipv4().to_string()]),
+        "b2 sees the source of n1's route toward it"
+    );
+    let u = Connect::udp(ip(LB_IP), 80).count(20).timeout_ms(1000);
+    env.converge("UDP too", &u, all_ok)?;
+    Ok(())
+}

@@ -1227,6 +1227,20 @@ impl<M: MapOps> Writer<M> {
         (self.service_entries, self.backends.len())
     }
 
+    /// The addresses of the backends on other nodes (reached through SNAT
+    /// from the external path), sorted.
+    pub fn remote_backend_addrs(&self) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = self
+            .by_addr
+            .keys()
+            .filter(|(_, _, _, local)| !local)
+            .map(|(addr, ..)| *addr)
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// The service whose frontend `key` is in the maps.
     pub fn owner(&self, key: &FrontendKey) -> Option<&ServiceId> {
         self.frontends.get(key).and_then(|f| f.owner.as_ref())
