@@ -325,6 +325,15 @@ mod tests {
         }
     }
 
+    /// A row: name, route answers, IPv4 and IPv6 source wanted, warnings.
+    type Case = (
+        &'static str,
+        Vec<RouteAnswer>,
+        Option<&'static str>,
+        Option<&'static str>,
+        usize,
+    );
+
     /// One row: route answers, local addresses, Node addresses -> the
     /// sources chosen and how many warnings.
     #[test]
@@ -336,7 +345,7 @@ mod tests {
             ip("127.0.0.1"),
         ];
         let node = [ip("10.0.0.5"), ip("203.0.113.7"), ip("fd00::5")];
-        let cases: Vec<(&str, Vec<RouteAnswer>, Option<&str>, Option<&str>, usize)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "the route's source, not the Node's lowest or its ExternalIP",
                 vec![answer("10.244.1.2", Some("10.1.0.5"))],

@@ -651,14 +651,23 @@ impl<M: MapOps> Writer<M> {
             let kept = ids.into_iter().filter(|id| keep(self, *id)).collect();
             self.frontends.get_mut(&fk).expect("listed above").draining = kept;
         }
+        // Those of frontends dropped as half-written are kept like
+        // unclaimed ones: the frontend's next apply takes them back.
+        let orphaned: BTreeSet<u32> = known
+            .draining
+            .iter()
+            .filter(|(fk, _)| !self.frontends.contains_key(fk))
+            .flat_map(|(_, ids)| ids.iter().copied())
+            .collect();
         let mut unclaimed: Vec<u32> = found
             .iter()
             .filter(|(id, (_, state))| {
-                *state == BACKEND_DRAINING
-                    && known
-                        .unclaimed_draining
-                        .as_ref()
-                        .is_none_or(|u| u.contains(id))
+                orphaned.contains(id)
+                    || *state == BACKEND_DRAINING
+                        && known
+                            .unclaimed_draining
+                            .as_ref()
+                            .is_none_or(|u| u.contains(id))
             })
             .map(|(id, _)| *id)
             .collect();
