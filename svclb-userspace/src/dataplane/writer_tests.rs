@@ -1437,5 +1437,6 @@ proptest! {
         prop_assert_eq!(drift(&w, &desired), vec![]);
         prop_assert_eq!(observed(w.maps()), expected(&desired));
         assert_no_garbage(w.maps());
+        prop_assert_eq!(draining(w.maps()), expected_draining(&desired));
     }
 }
