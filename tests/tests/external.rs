@@ -616,9 +616,10 @@ fn draining(node: &Node) -> Result<BTreeSet<String>> {
 /// TCP connections (echoing every 50 ms) and a stream of new ones through
 /// n1's NodePort, over a local (b1) and a remote (b2, SNAT) backend. Every
 /// backend turns terminating (still serving), new ones (b3 on n1, b4 on n2)
-/// become ready, later the old ones go. No connection is reset, no new one
-/// fails; the long-lived ones stay on their backend (new ones move to the
-/// new backends), which stays in the maps as draining until it is removed.
+/// become ready, n1's agent restarts, later the old ones go. No connection
+/// is reset, no new one fails; the long-lived ones stay on their backend
+/// (new ones move to the new backends), which stays in the maps as draining
+/// until it is removed.
 #[test]
 fn rolling_update_keeps_established_external_flows() -> Result<()> {
     let Some(env) = setup("extroll")? else {
@@ -678,7 +679,11 @@ fn rolling_update_keeps_established_external_flows() -> Result<()> {
         Ok((last == old).then_some(()))
     })?;
     assert!(drained.is_some(), "n1 drains {last:?}, want {old:?}");
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(700));
+    // A restarted agent keeps the draining backends (with their ids).
+    n1.restart_agent()?;
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(draining(n1)?, old, "after a restart");
     let s = hold.finish_hold()?;
     eprintln!("rolling update: {s:?}");
     assert_eq!(
