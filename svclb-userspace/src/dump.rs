@@ -16,6 +16,9 @@ use crate::model::{FrontendKey, Scope};
 #[derive(Debug, Serialize)]
 pub struct Dump {
     pub frontends: Vec<FrontendDump>,
+    /// Backends no frontend's slots name, kept while established external
+    /// flows may still use them (terminating endpoints that still serve).
+    pub draining: Vec<BackendDump>,
     /// The external path's conntrack map, when the agent used --devices.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conntrack: Option<ConntrackDump>,
@@ -49,7 +52,8 @@ pub struct BackendDump {
     pub id: u32,
     pub address: String,
     pub port: u16,
-    /// "active", "terminating", or "missing" (a slot naming no backend: a bug).
+    /// "active", "terminating", "draining" (established flows only), or
+    /// "missing" (a slot naming no backend: a bug).
     pub state: &'static str,
     /// On this node (external traffic reaches it without SNAT).
     pub local: bool,
@@ -106,6 +110,13 @@ pub fn read(bpffs: &Path) -> anyhow::Result<Dump> {
             frontend_dump(fk, record, backends.collect())
         })
         .collect();
+    let named: std::collections::HashSet<u32> = slots.values().copied().collect();
+    let mut draining: Vec<BackendDump> = backends
+        .iter()
+        .filter(|(id, b)| !named.contains(id) && b.state == svclb_common::BACKEND_DRAINING)
+        .map(|(id, b)| backend_dump(*id, Some(b)))
+        .collect();
+    draining.sort_by_key(|b| b.id);
     // Only agents with --devices use the conntrack map.
     let conntrack = frontends_have_external(&frontends)
         .then(|| crate::dataplane::read_external_stats(bpffs).ok())
@@ -118,6 +129,7 @@ pub fn read(bpffs: &Path) -> anyhow::Result<Dump> {
         });
     Ok(Dump {
         frontends,
+        draining,
         conntrack,
     })
 }
@@ -150,11 +162,7 @@ fn backend_dump(id: u32, backend: Option<&BackendRecord>) -> BackendDump {
             id,
             address: b.addr.to_string(),
             port: b.port,
-            state: if b.terminating() {
-                "terminating"
-            } else {
-                "active"
-            },
+            state: b.state_name(),
             local: b.local,
         },
         None => BackendDump {
@@ -209,6 +217,14 @@ fn table(dump: &Dump) -> String {
             let _ = writeln!(out, "{:<40} {:<22} {:<8} {}", "", "", "", b);
         }
     }
+    if !dump.draining.is_empty() {
+        let draining: Vec<String> = dump.draining.iter().map(draining_cell).collect();
+        let _ = writeln!(
+            out,
+            "draining (established external flows only): {}",
+            draining.join(", ")
+        );
+    }
     if let Some(ct) = &dump.conntrack {
         let _ = writeln!(
             out,
@@ -229,6 +245,12 @@ fn frontend_cell(f: &FrontendDump) -> String {
         frontend.push_str(" ext");
     }
     frontend
+}
+
+fn draining_cell(b: &BackendDump) -> String {
+    let local = if b.local { ", local" } else { "" };
+    let addr = std::net::SocketAddr::new(b.address.parse().unwrap_or([0; 4].into()), b.port);
+    format!("{addr} (id {}{local})", b.id)
 }
 
 fn backend_cell(f: &FrontendDump, b: &BackendDump) -> String {

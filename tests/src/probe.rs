@@ -83,6 +83,9 @@ pub struct HoldSummary {
     /// Server names seen on the long-lived and short connections.
     #[serde(default)]
     pub servers: BTreeMap<String, u64>,
+    /// The server each long-lived connection reached first.
+    #[serde(default)]
+    pub long_servers: Vec<String>,
 }
 
 /// Successful results per server name.
@@ -195,6 +198,8 @@ pub struct Hold {
     /// Also stop when stdin is closed ([`crate::Client::finish`] closes it),
     /// so a test can end the run at the right moment.
     pub until_eof: bool,
+    /// Long-lived connections (1 unless set).
+    pub connections: usize,
 }
 
 impl Hold {
@@ -206,7 +211,13 @@ impl Hold {
             interval_ms,
             timeout_ms: 1000,
             until_eof: false,
+            connections: 1,
         }
+    }
+
+    pub fn connections(mut self, n: usize) -> Self {
+        self.connections = n;
+        self
     }
 
     pub fn until_eof(mut self) -> Self {
@@ -230,6 +241,10 @@ impl Hold {
         ];
         if self.until_eof {
             a.push("--until-eof".into());
+        }
+        if self.connections != 1 {
+            a.push("--connections".into());
+            a.push(self.connections.to_string());
         }
         a
     }

@@ -600,3 +600,160 @@ fn ipv6_node_port() -> Result<()> {
     assert_eq!(seen["b2"], BTreeSet::from([n1.ext_ipv6().to_string()]));
     Ok(())
 }
+
+/// The addresses `svclb maps dump` lists as draining (kept for established
+/// external flows only).
+fn draining(node: &Node) -> Result<BTreeSet<String>> {
+    let dump = node.dump_json()?;
+    let list = dump["draining"].as_array().context("draining")?;
+    Ok(list
+        .iter()
+        .map(|b| b["address"].as_str().unwrap_or_default().to_string())
+        .collect())
+}
+
+/// Graceful termination during a rolling update: 20 long-lived external
+/// TCP connections (echoing every 50 ms) and a stream of new ones through
+/// n1's NodePort, over a local (b1) and a remote (b2, SNAT) backend. Every
+/// backend turns terminating (still serving), new ones (b3 on n1, b4 on n2)
+/// become ready, n1's agent restarts, later the old ones go. No connection
+/// is reset, no new one fails; the long-lived ones stay on their backend
+/// (new ones move to the new backends), which stays in the maps as draining
+/// until it is removed.
+#[test]
+fn rolling_update_keeps_established_external_flows() -> Result<()> {
+    let Some(env) = setup("extroll")? else {
+        return Ok(());
+    };
+    let (n1, n2) = (&env.nodes[0], &env.nodes[1]);
+    let b3 = n1.add_pod("b3")?;
+    b3.spawn_server("b3", &[8080])?;
+    let b4 = n2.add_pod("b4")?;
+    b4.spawn_server("b4", &[8080])?;
+    let on = |pod: &Pod, node: &Node, spec: fn(IpAddr) -> EndpointSpec| EndpointSpec {
+        node_name: Some(node.name().to_string()),
+        ..spec(pod.ipv4().into())
+    };
+    let write = |eps: Vec<EndpointSpec>| -> Result<()> {
+        let ports = vec![
+            PortSpec::tcp("http", 8080),
+            PortSpec::new("dns", 8080, Proto::Udp),
+        ];
+        let slice = SliceSpec::new("web-1", "web", ports, eps);
+        env.cluster.manifests().write_slice(&slice).map(drop)
+    };
+    let (b1, b2) = (&env.backends[0], &env.backends[1]);
+    env.service(json!({}))?;
+    env.slice(&[0, 1])?;
+    env.start_agents()?;
+    let c = Connect::tcp(n1.ext_ipv4(), NODE_PORT)
+        .count(20)
+        .timeout_ms(1000);
+    env.converge("n1 reaches b1 and b2", &c, |r| {
+        all_ok(r) && by_server(r).len() == 2
+    })?;
+    let hold = env.client.spawn_hold(
+        &Hold::new(IpAddr::V4(n1.ext_ipv4()), NODE_PORT, 120_000, 50)
+            .connections(20)
+            .until_eof(),
+    )?;
+    std::thread::sleep(Duration::from_millis(1000));
+
+    // Every backend terminating, none ready yet: they still take new flows.
+    write(vec![
+        on(b1, n1, EndpointSpec::terminating),
+        on(b2, n2, EndpointSpec::terminating),
+    ])?;
+    std::thread::sleep(Duration::from_millis(1000));
+    // New ones ready: new flows go there, the old ones drain.
+    write(vec![
+        on(b1, n1, EndpointSpec::terminating),
+        on(b2, n2, EndpointSpec::terminating),
+        on(&b3, n1, EndpointSpec::ready),
+        on(&b4, n2, EndpointSpec::ready),
+    ])?;
+    let old = BTreeSet::from([b1.ipv4().to_string(), b2.ipv4().to_string()]);
+    let mut last = BTreeSet::new();
+    let drained = poll_until(DEADLINE, || {
+        last = draining(n1)?;
+        Ok((last == old).then_some(()))
+    })?;
+    assert!(drained.is_some(), "n1 drains {last:?}, want {old:?}");
+    std::thread::sleep(Duration::from_millis(700));
+    // A restarted agent keeps the draining backends (with their ids).
+    n1.restart_agent()?;
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(draining(n1)?, old, "after a restart");
+    let s = hold.finish_hold()?;
+    eprintln!("rolling update: {s:?}");
+    assert_eq!(
+        (s.failures, s.new_connection_failures),
+        (0, 0),
+        "no reset, no failed new connection: {s:?}"
+    );
+    let first: BTreeSet<&str> = s.long_servers.iter().map(String::as_str).collect();
+    assert_eq!(
+        first,
+        BTreeSet::from(["b1", "b2"]),
+        "the long-lived connections were on the old backends, local and remote: {s:?}"
+    );
+    assert!(
+        s.servers.contains_key("b3") && s.servers.contains_key("b4"),
+        "new connections moved to the new backends: {s:?}"
+    );
+
+    // The old ones go: no longer kept, new connections unaffected.
+    write(vec![
+        on(&b3, n1, EndpointSpec::ready),
+        on(&b4, n2, EndpointSpec::ready),
+    ])?;
+    let gone = poll_until(DEADLINE, || {
+        last = draining(n1)?;
+        Ok(last.is_empty().then_some(()))
+    })?;
+    assert!(gone.is_some(), "still draining {last:?}");
+    env.converge("n1 reaches b3 and b4 only", &c, |r| {
+        all_ok(r) && by_server(r).keys().eq(["b3", "b4"].iter())
+    })?;
+    Ok(())
+}
+
+/// The SNAT source follows the route, not the Node object: n1's Node lists
+/// an ExternalIP that no device of n1 has (a NAT'd public address, here
+/// the lowest address, which svclb used to take) and its bridge address as
+/// InternalIP. Cluster-policy traffic through n1 to the remote backend
+/// works, and the backend sees the source of n1's route toward it (its
+/// ext0 address).
+#[test]
+fn snat_source_is_the_route_source() -> Result<()> {
+    let Some(env) = setup("extsrc")? else {
+        return Ok(());
+    };
+    let n1 = &env.nodes[0];
+    let not_on_node = "198.18.0.0";
+    let mut node = n1.node_object(&[]);
+    node["status"]["addresses"] = json!([
+        {"type": "InternalIP", "address": n1.bridge_ipv4().to_string()},
+        {"type": "ExternalIP", "address": not_on_node},
+    ]);
+    env.cluster
+        .manifests()
+        .write(&format!("node-{}.yaml", n1.name()), &to_yaml(&node))?;
+    env.service(json!({}))?;
+    // Only the backend on n2: every flow through n1 is SNATed.
+    env.slice(&[1])?;
+    env.start_agents()?;
+    // The node ports are on the Node's addresses now; the load-balancer IP
+    // is routed to n1.
+    env.client.route_via(&format!("{LB_IP}/32"), n1)?;
+    let c = Connect::tcp(ip(LB_IP), 80).count(20).timeout_ms(1000);
+    let r = env.converge("the LB IP via n1 reaches b2", &c, all_ok)?;
+    assert_eq!(
+        clients_seen(&r)["b2"],
+        BTreeSet::from([n1.ext_ipv4().to_string()]),
+        "b2 sees the source of n1's route toward it"
+    );
+    let u = Connect::udp(ip(LB_IP), 80).count(20).timeout_ms(1000);
+    env.converge("UDP too", &u, all_ok)?;
+    Ok(())
+}

@@ -81,6 +81,7 @@ fn frontend(kind: FrontendKind, at: SocketAddr, proto: Protocol, backends: &[Bac
         when_empty: WhenEmpty::Refuse,
         affinity_timeout: None,
         source_ranges: Vec::new(),
+        draining: Vec::new(),
     }
 }
 

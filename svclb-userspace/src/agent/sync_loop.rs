@@ -70,6 +70,9 @@ pub struct SyncLoop {
     /// Where /debug/svclb/desired finds the last desired state.
     published: Arc<Published>,
     last_published: Option<Arc<crate::dataplane::drift::Wanted>>,
+    /// The SNAT sources must be chosen again (at start, when the Node
+    /// changed, every sync period: routes and addresses change unseen).
+    snat_due: bool,
 }
 
 impl SyncLoop {
@@ -103,6 +106,7 @@ impl SyncLoop {
             next_resync: Instant::now() + sync_period,
             published,
             last_published: None,
+            snat_due: true,
         }
     }
 
@@ -163,6 +167,7 @@ impl SyncLoop {
         if resync {
             repair = self.check_drift();
             self.pending.extend(self.store.service_ids().cloned());
+            self.snat_due = true;
         }
         let mut prune_due = false;
         for work in self.retries.due(pass) {
@@ -195,6 +200,9 @@ impl SyncLoop {
                 self.metrics.sync_error("flush");
                 tracing::error!(error = %e, "removing stale map entries; will retry");
             }
+        }
+        if self.snat_due {
+            self.update_snat_sources();
         }
         let (checks, warnings) = self.store.health_checks(&self.node);
         self.health_checks.sync(checks, warnings);
@@ -248,12 +256,31 @@ impl SyncLoop {
             return;
         }
         tracing::info!(zone = ?current.zone, addresses = ?current.addresses, "node changed");
-        if let Err(e) = self.dataplane.set_node_addresses(&current.addresses) {
-            tracing::error!(error = %e, "setting the node's SNAT addresses");
-        }
+        self.snat_due = true;
         self.store.set_node(&current);
         self.node = current;
         self.pending.extend(self.store.service_ids().cloned());
+    }
+
+    /// Choose the SNAT sources from the routes toward the remote backends
+    /// now in the maps; logged when they change. Tried again next pass if
+    /// the routing table could not be read.
+    fn update_snat_sources(&mut self) {
+        match self.dataplane.update_snat_sources(&self.node.addresses) {
+            Ok(changed) => {
+                self.snat_due = false;
+                if let Some(choice) = changed {
+                    tracing::info!(ipv4 = ?choice.v4, ipv6 = ?choice.v6, "SNAT sources for remote backends");
+                    for w in &choice.warnings {
+                        tracing::warn!("SNAT source: {w}");
+                    }
+                }
+            }
+            Err(e) => {
+                self.metrics.sync_error("snat");
+                tracing::error!(error = %e, "choosing the SNAT sources; will retry");
+            }
+        }
     }
 
     /// Translate one service and make the maps match. Problems are logged

@@ -5,8 +5,8 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use svclb_common::{
     Backend as AbiBackend, MaglevChunk, MaglevKey, RevNat, ServiceKey, ServiceValue,
-    SourceRangeKey, XdpConfig, BACKEND_ACTIVE, BACKEND_TERMINATING, MAGLEV_CHUNK, PROTO_TCP,
-    PROTO_UDP, SCOPE_EXTERNAL, SCOPE_SOCKET, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
+    SourceRangeKey, XdpConfig, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TERMINATING, MAGLEV_CHUNK,
+    PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_SOCKET, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
     SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
     SVC_FLAG_SOURCE_RANGES,
 };
@@ -301,6 +301,16 @@ impl BackendRecord {
 
     pub fn terminating(&self) -> bool {
         self.state == BACKEND_TERMINATING
+    }
+
+    /// "active", "terminating" or "draining" (kept for established flows
+    /// only), for people.
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            BACKEND_TERMINATING => "terminating",
+            BACKEND_DRAINING => "draining",
+            _ => "active",
+        }
     }
 }
 

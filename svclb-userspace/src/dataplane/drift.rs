@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use svclb_common::{maps, MaglevChunk, MaglevKey, MAGLEV_CHUNK};
 
 use super::abi::{
-    maglev_chunk_to_abi, rev_nat_to_abi, service_entry, BackendRecord, FrontendRecord,
+    maglev_chunk_to_abi, rev_nat_to_abi, service_entry, BackendAddr, BackendRecord, FrontendRecord,
     ServiceEntry, Settings,
 };
 use super::maglev;
@@ -32,6 +32,10 @@ pub struct WantedFrontend {
     /// In slot order.
     pub backends: Vec<Backend>,
     pub source_ranges: Vec<Cidr>,
+    /// Backends kept for established flows only: an entry must exist (no
+    /// slot names it).
+    #[serde(default)]
+    pub draining: Vec<Backend>,
 }
 
 impl WantedFrontend {
@@ -44,6 +48,7 @@ impl WantedFrontend {
             affinity_timeout: settings.affinity_timeout,
             backends: f.backends.clone(),
             source_ranges: f.source_ranges.clone(),
+            draining: f.draining.clone(),
         }
     }
 
@@ -185,6 +190,8 @@ struct Decoded<'a> {
     records: BTreeMap<FrontendKey, FrontendRecord>,
     slots: BTreeMap<(FrontendKey, u16), u32>,
     backends: HashMap<u32, BackendRecord>,
+    /// What the backends are, for draining backends (named by no slot).
+    backend_addrs: BTreeSet<BackendAddr>,
     rev_nat: HashMap<u32, &'a svclb_common::RevNat>,
 }
 
@@ -227,7 +234,11 @@ pub fn differences(wanted: &[WantedFrontend], observed: &Observed) -> Vec<Differ
             diff(maps::SERVICES, Kind::Extra, Some(*key), detail);
         }
     }
-    unreachable_entries(&decoded, observed, &mut diff);
+    let draining: BTreeSet<BackendAddr> = wanted
+        .iter()
+        .flat_map(|w| w.draining.iter().map(|b| wanted_addr(w, b)))
+        .collect();
+    unreachable_entries(&decoded, observed, &draining, &mut diff);
     out.sort();
     out
 }
@@ -237,6 +248,7 @@ fn decode<'a>(observed: &'a Observed, out: &mut Vec<Difference>) -> Decoded<'a> 
         records: BTreeMap::new(),
         slots: BTreeMap::new(),
         backends: HashMap::new(),
+        backend_addrs: BTreeSet::new(),
         rev_nat: observed
             .contents
             .rev_nat
@@ -262,7 +274,9 @@ fn decode<'a>(observed: &'a Observed, out: &mut Vec<Difference>) -> Decoded<'a> 
         }
     }
     for (id, b) in &observed.contents.backends {
-        d.backends.insert(*id, BackendRecord::from_abi(b));
+        let record = BackendRecord::from_abi(b);
+        d.backend_addrs.extend(record.backend_addr());
+        d.backends.insert(*id, record);
     }
     d
 }
@@ -336,6 +350,12 @@ fn compare_frontend(
             format!("rev-NAT {} names another address", record.rev_nat_id),
         ),
         Some(_) => {}
+    }
+    for want in &w.draining {
+        if !d.backend_addrs.contains(&wanted_addr(w, want)) {
+            let detail = format!("draining backend {}", backend_text(want));
+            diff(maps::BACKENDS, Kind::Missing, key, detail);
+        }
     }
     compare_table(w, record, &ids, observed, diff);
     compare_source_ranges(w, record, observed, diff);
@@ -449,9 +469,14 @@ fn compare_source_ranges(
 }
 
 /// Entries no frontend's slot 0 leads to: slots past a count, backends no
-/// slot or table names, rev-NAT entries, Maglev chunks, source ranges and
-/// affinity members of no frontend.
-fn unreachable_entries(d: &Decoded, observed: &Observed, diff: &mut Report) {
+/// slot or table names and no frontend keeps draining, rev-NAT entries,
+/// Maglev chunks, source ranges and affinity members of no frontend.
+fn unreachable_entries(
+    d: &Decoded,
+    observed: &Observed,
+    draining: &BTreeSet<BackendAddr>,
+    diff: &mut Report,
+) {
     let mut named = BTreeSet::new();
     let mut live_chunks = BTreeSet::new();
     let mut members = BTreeSet::new();
@@ -484,7 +509,8 @@ fn unreachable_entries(d: &Decoded, observed: &Observed, diff: &mut Report) {
         }
     }
     for (id, b) in &d.backends {
-        if !named.contains(id) {
+        let kept = b.backend_addr().is_some_and(|a| draining.contains(&a));
+        if !named.contains(id) && !kept {
             diff(
                 maps::BACKENDS,
                 Kind::Extra,
@@ -536,6 +562,11 @@ fn backend_matches(b: &BackendRecord, w: &WantedFrontend, want: &Backend) -> boo
         == (want.addr, want.port, Some(w.key.protocol), want.local)
 }
 
+/// A wanted backend as the maps identify it.
+fn wanted_addr(w: &WantedFrontend, b: &Backend) -> BackendAddr {
+    (b.addr, b.port, w.key.protocol, b.local)
+}
+
 fn backend_text(b: &Backend) -> String {
     let state = if b.terminating {
         "terminating"
@@ -547,11 +578,7 @@ fn backend_text(b: &Backend) -> String {
 }
 
 fn record_text(b: &BackendRecord) -> String {
-    let state = if b.terminating() {
-        "terminating"
-    } else {
-        "active"
-    };
+    let state = b.state_name();
     let local = if b.local { ", local" } else { "" };
     let proto = b.protocol.map_or("?".to_string(), |p| p.to_string());
     format!("{}/{proto} ({state}{local})", socket_text(b.addr, b.port))

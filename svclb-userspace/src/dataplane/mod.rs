@@ -1,5 +1,6 @@
 //! The dataplane: loads and attaches the eBPF programs and keeps their maps
 //! equal to the model's desired state.
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ mod kernel;
 pub mod loader;
 pub mod maglev;
 pub mod mounts;
+pub mod snat;
 mod writer;
 
 pub use kernel::{entries, open_pinned, KernelMaps, WriterMaps};
@@ -44,6 +46,8 @@ pub enum DataplaneError {
     },
     #[error("RCU barrier (map-of-maps update) failed: {0}")]
     Barrier(std::io::Error),
+    #[error("asking the routing table for the SNAT source: {0}")]
+    Routes(std::io::Error),
     #[error(
         "service {service}: maps full, not applied (services map {services_needed}/{services_capacity} entries, backends map {backends_needed}/{backends_capacity}, Maglev map {maglev_needed}/{maglev_capacity})"
     )]
@@ -69,6 +73,8 @@ pub struct Dataplane {
     pub writer: Writer<KernelMaps>,
     xdp_config: aya::maps::Array<aya::maps::MapData, svclb_common::XdpConfig>,
     snat_ports: (u16, u16),
+    /// The SNAT sources last written (IPv4, IPv6).
+    snat_sources: Option<(Option<IpAddr>, Option<IpAddr>)>,
     /// --devices given: external frontends are served.
     external: bool,
     initial_sync_done: bool,
@@ -155,6 +161,7 @@ impl Dataplane {
             writer,
             xdp_config,
             snat_ports: config.snat_ports,
+            snat_sources: None,
             external: !config.devices.is_empty(),
             initial_sync_done: false,
             wanted: Arc::default(),
@@ -162,13 +169,30 @@ impl Dataplane {
         })
     }
 
-    /// Tell the external path this node's addresses (the SNAT source for
-    /// remote backends): the first IPv4 and IPv6 address of the node.
-    pub fn set_node_addresses(
+    /// Choose the SNAT sources again (see `snat.rs`): per family, the
+    /// source of the route toward the remote backends; without remote
+    /// backends, the first of the Node's `node_addresses` that is on this
+    /// node. Written when it changed; returns the choice when it did
+    /// (with its warnings), for the log.
+    pub fn update_snat_sources(
         &mut self,
-        addresses: &[std::net::IpAddr],
-    ) -> Result<(), DataplaneError> {
-        write_xdp_config(&mut self.xdp_config, addresses, self.snat_ports)
+        node_addresses: &[IpAddr],
+    ) -> Result<Option<snat::Choice>, DataplaneError> {
+        if !self.external {
+            return Ok(None);
+        }
+        let probes = snat::probes(&self.writer.remote_backend_addrs());
+        let answers = snat::route_answers(&probes).map_err(DataplaneError::Routes)?;
+        let local = snat::local_addresses().map_err(DataplaneError::Routes)?;
+        let choice = snat::choose(&answers, &local, node_addresses);
+        let sources = (choice.v4, choice.v6);
+        if self.snat_sources == Some(sources) {
+            return Ok(None);
+        }
+        let addresses: Vec<IpAddr> = [choice.v4, choice.v6].into_iter().flatten().collect();
+        write_xdp_config(&mut self.xdp_config, &addresses, self.snat_ports)?;
+        self.snat_sources = Some(sources);
+        Ok(Some(choice))
     }
 
     /// Every service has been applied once: remove what nobody claimed.

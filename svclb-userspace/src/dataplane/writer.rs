@@ -51,7 +51,7 @@ use std::net::IpAddr;
 
 use svclb_common::{
     maps, AffinityMatchKey, Backend as AbiBackend, MaglevChunk, MaglevKey, RevNat, ServiceKey,
-    ServiceValue, MAGLEV_CHUNK,
+    ServiceValue, BACKEND_DRAINING, MAGLEV_CHUNK,
 };
 
 use super::abi::{
@@ -106,6 +106,16 @@ struct BackendEntry {
     state: u8,
     /// How many frontends name this backend (in slots or Maglev table).
     refs: u32,
+    /// How many frontends keep it for their established flows only (see
+    /// `Frontend::draining`), counting the writer itself for draining
+    /// backends found at start-up and not claimed yet.
+    drains: u32,
+}
+
+impl BackendEntry {
+    fn unused(&self) -> bool {
+        self.refs == 0 && self.drains == 0
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -123,6 +133,8 @@ struct AppliedFrontend {
     /// and slot 0: the old table is still live and names the old backends.
     table_slots: Vec<u32>,
     source_ranges: BTreeSet<Cidr>,
+    /// Backends kept for established flows only (no slot names them).
+    draining: Vec<u32>,
 }
 
 impl AppliedFrontend {
@@ -136,6 +148,7 @@ impl AppliedFrontend {
             table: record.table,
             table_slots: Vec::new(),
             source_ranges: BTreeSet::new(),
+            draining: Vec::new(),
         }
     }
 
@@ -202,6 +215,10 @@ pub struct Writer<M: MapOps> {
     /// Set when a map operation failed: the bookkeeping is rebuilt from the
     /// maps, with what they can't tell, before the next operation.
     stale: Option<Known>,
+    /// Draining backends found at start-up that no service has claimed
+    /// (each holds one of its `drains`): kept until `prune_unclaimed`, so
+    /// a restart moves no established flow.
+    unclaimed_draining: BTreeSet<u32>,
 }
 
 /// What the maps can't tell about frontends, carried over a rebuild.
@@ -213,6 +230,11 @@ struct Known {
     /// Frontends whose Maglev table's contents were found wrong (reading the
     /// maps back only sees a table's keys): dropped and written again.
     distrusted: BTreeSet<FrontendKey>,
+    /// Each frontend's draining backends (no map entry names them).
+    draining: HashMap<FrontendKey, Vec<u32>>,
+    /// Which draining backends in the maps nobody claimed yet. None at
+    /// start-up: every one (nobody has claimed anything).
+    unclaimed_draining: Option<BTreeSet<u32>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -372,6 +394,7 @@ impl<M: MapOps> Writer<M> {
             maglev_size: maglev::DEFAULT_TABLE_SIZE,
             pending: Deferred::default(),
             stale: None,
+            unclaimed_draining: BTreeSet::new(),
         }
     }
 
@@ -382,7 +405,10 @@ impl<M: MapOps> Writer<M> {
     /// resync to write again.
     pub fn adopt(maps: M, capacity: Capacity) -> Result<Self, DataplaneError> {
         let mut w = Writer::new(maps, capacity);
-        w.load(&Known::default())?;
+        w.load(&Known {
+            unclaimed_draining: None,
+            ..Known::default()
+        })?;
         Ok(w)
     }
 
@@ -396,6 +422,7 @@ impl<M: MapOps> Writer<M> {
         self.by_addr.clear();
         self.service_entries = 0;
         self.maglev_chunks = 0;
+        self.unclaimed_draining.clear();
         // Whatever waited for a flush is found again as unreachable.
         self.pending = Deferred::default();
         let mut unreachable = Unreachable::default();
@@ -405,6 +432,7 @@ impl<M: MapOps> Writer<M> {
         let present: HashSet<ServiceKey> = contents.services.iter().map(|(k, _)| *k).collect();
         self.drop_half_written(&found, &chunks, &present, known, &mut unreachable)?;
         self.count_backend_refs(&found);
+        self.adopt_draining(&found, known);
         unreachable.maglev = self.adopt_maglev_tables(&chunks);
         unreachable.source_ranges = self.adopt_source_ranges(&contents.source_ranges);
         unreachable.affinity_match = self.repair_affinity_members(&contents.affinity_match)?;
@@ -446,8 +474,14 @@ impl<M: MapOps> Writer<M> {
     /// including the frontends `claim` was writing, and the slots of live
     /// Maglev tables) for `resync`.
     fn lost_sync(&mut self, claim: Option<(&ServiceId, &[&Frontend])>) {
-        let mut known = Known::default();
+        let mut known = Known {
+            unclaimed_draining: Some(self.unclaimed_draining.clone()),
+            ..Known::default()
+        };
         for (key, f) in &self.frontends {
+            if !f.draining.is_empty() {
+                known.draining.insert(*key, f.draining.clone());
+            }
             if let Some(owner) = &f.owner {
                 known.owners.insert(*key, owner.clone());
             }
@@ -580,8 +614,73 @@ impl<M: MapOps> Writer<M> {
                         addr,
                         state,
                         refs: 0,
+                        drains: 0,
                     })
                     .refs += 1;
+            }
+        }
+    }
+
+    /// Backends no slot names that established flows may still use: the
+    /// frontends' draining backends the bookkeeping knew (after a failed
+    /// operation), and draining ones nobody claimed yet (all of them at
+    /// start-up). The others are unreachable.
+    fn adopt_draining(&mut self, found: &FoundBackends, known: &Known) {
+        let keep = |w: &mut Self, id: u32| -> bool {
+            let Some(&(addr, state)) = found.get(&id) else {
+                return false;
+            };
+            if w.by_addr.get(&addr).is_some_and(|other| *other != id) {
+                return false; // A duplicate: slots name the other one.
+            }
+            w.by_addr.insert(addr, id);
+            w.backends
+                .entry(id)
+                .or_insert(BackendEntry {
+                    addr,
+                    state,
+                    refs: 0,
+                    drains: 0,
+                })
+                .drains += 1;
+            true
+        };
+        let keys: Vec<FrontendKey> = self.frontends.keys().copied().collect();
+        for fk in keys {
+            let ids = known.draining.get(&fk).cloned().unwrap_or_default();
+            let kept = ids.into_iter().filter(|id| keep(self, *id)).collect();
+            self.frontends.get_mut(&fk).expect("listed above").draining = kept;
+        }
+        // Those of frontends dropped as half-written are kept like
+        // unclaimed ones: the frontend's next apply takes them back.
+        let orphaned: BTreeSet<u32> = known
+            .draining
+            .iter()
+            .filter(|(fk, _)| !self.frontends.contains_key(fk))
+            .flat_map(|(_, ids)| ids.iter().copied())
+            .collect();
+        let mut unclaimed: Vec<u32> = found
+            .iter()
+            .filter(|(id, (_, state))| {
+                orphaned.contains(id)
+                    || *state == BACKEND_DRAINING
+                        && known
+                            .unclaimed_draining
+                            .as_ref()
+                            .is_none_or(|u| u.contains(id))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        unclaimed.sort_unstable();
+        for id in unclaimed {
+            if keep(self, id) {
+                self.unclaimed_draining.insert(id);
+            }
+        }
+        // A failed operation may have kept the flush from marking them.
+        for (id, e) in &self.backends {
+            if e.refs == 0 && e.state != BACKEND_DRAINING {
+                self.pending.released.push(*id);
             }
         }
     }
@@ -763,7 +862,9 @@ impl<M: MapOps> Writer<M> {
     }
 
     /// Step 1: write new backends and changed backend states; returns the
-    /// number of writes.
+    /// number of writes. Draining backends come after the others: a backend
+    /// some slot names shows that slot's state, and an existing one keeps
+    /// its entry (and id, which established flows hold).
     fn upsert_backends(&mut self, wanted: &[&Frontend]) -> Result<usize, DataplaneError> {
         let mut writes = 0;
         for f in wanted {
@@ -773,20 +874,53 @@ impl<M: MapOps> Writer<M> {
                 let id = match self.by_addr.get(&addr) {
                     Some(id) if self.backends[id].state == state => continue,
                     Some(id) => *id,
-                    None => {
-                        let id = self.next_backend_id;
-                        self.next_backend_id += 1;
-                        id
-                    }
+                    None => self.new_backend_id(),
                 };
-                self.maps.put_backend(id, &backend_to_abi(&addr, state))?;
-                writes += 1;
-                self.by_addr.insert(addr, id);
-                let refs = self.backends.get(&id).map_or(0, |e| e.refs);
-                self.backends.insert(id, BackendEntry { addr, state, refs });
+                writes += self.put_backend(id, addr, state)?;
+            }
+        }
+        for f in wanted {
+            for b in &f.draining {
+                let addr = backend_addr(f, b);
+                if !self.by_addr.contains_key(&addr) {
+                    let id = self.new_backend_id();
+                    writes += self.put_backend(id, addr, BACKEND_DRAINING)?;
+                }
             }
         }
         Ok(writes)
+    }
+
+    fn new_backend_id(&mut self) -> u32 {
+        let id = self.next_backend_id;
+        self.next_backend_id += 1;
+        id
+    }
+
+    /// Write a backend entry and its bookkeeping (references unchanged);
+    /// returns the number of writes.
+    fn put_backend(
+        &mut self,
+        id: u32,
+        addr: BackendAddr,
+        state: u8,
+    ) -> Result<usize, DataplaneError> {
+        self.maps.put_backend(id, &backend_to_abi(&addr, state))?;
+        self.by_addr.insert(addr, id);
+        let (refs, drains) = self
+            .backends
+            .get(&id)
+            .map_or((0, 0), |e| (e.refs, e.drains));
+        self.backends.insert(
+            id,
+            BackendEntry {
+                addr,
+                state,
+                refs,
+                drains,
+            },
+        );
+        Ok(1)
     }
 
     /// Steps 2 and 3 for one frontend: everything slot 0 will point at, then
@@ -873,6 +1007,11 @@ impl<M: MapOps> Writer<M> {
             table: None,
             table_slots: Vec::new(),
             source_ranges: f.source_ranges.iter().copied().collect(),
+            draining: f
+                .draining
+                .iter()
+                .map(|b| self.by_addr[&backend_addr(f, b)])
+                .collect(),
         }
     }
 
@@ -1037,11 +1176,19 @@ impl<M: MapOps> Writer<M> {
         for id in new.named() {
             self.backend_refs(id, 1);
         }
+        for id in &new.draining {
+            self.backend_drains(*id, 1);
+        }
         let old_named = old.map(AppliedFrontend::named).unwrap_or_default();
         for id in &old_named {
             self.backend_refs(*id, -1);
         }
         deferred.released.extend(old_named);
+        let old_draining = old.map_or(&[][..], |a| &a.draining[..]);
+        for id in old_draining {
+            self.backend_drains(*id, -1);
+        }
+        deferred.released.extend(old_draining);
         let old_entries = old.map_or(0, |a| 1 + a.slots.len());
         self.service_entries = self.service_entries + 1 + new.slots.len() - old_entries;
         self.by_owner.entry(owner.clone()).or_default().insert(key);
@@ -1071,6 +1218,12 @@ impl<M: MapOps> Writer<M> {
         let removed = unclaimed
             .into_iter()
             .try_for_each(|key| self.remove_frontend(key, &mut deferred));
+        // Draining backends found at start-up: kept from here only if a
+        // frontend keeps them.
+        for id in std::mem::take(&mut self.unclaimed_draining) {
+            self.backend_drains(id, -1);
+            deferred.released.push(id);
+        }
         self.pending = deferred;
         removed?;
         stats.deletes += self.flush_pending()?;
@@ -1081,6 +1234,20 @@ impl<M: MapOps> Writer<M> {
     /// by the next operation after a failed one.
     pub fn usage(&self) -> (usize, usize) {
         (self.service_entries, self.backends.len())
+    }
+
+    /// The addresses of the backends on other nodes (reached through SNAT
+    /// from the external path), sorted.
+    pub fn remote_backend_addrs(&self) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = self
+            .by_addr
+            .keys()
+            .filter(|(_, _, _, local)| !local)
+            .map(|(addr, ..)| *addr)
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// The service whose frontend `key` is in the maps.
@@ -1135,6 +1302,10 @@ impl<M: MapOps> Writer<M> {
             self.backend_refs(*id, -1);
         }
         deferred.released.extend(named);
+        for id in &a.draining {
+            self.backend_drains(*id, -1);
+        }
+        deferred.released.extend(&a.draining);
         self.service_entries -= 1 + a.slots.len();
         Ok(())
     }
@@ -1151,6 +1322,12 @@ impl<M: MapOps> Writer<M> {
     fn backend_refs(&mut self, id: u32, delta: i32) {
         if let Some(e) = self.backends.get_mut(&id) {
             e.refs = e.refs.saturating_add_signed(delta);
+        }
+    }
+
+    fn backend_drains(&mut self, id: u32, delta: i32) {
+        if let Some(e) = self.backends.get_mut(&id) {
+            e.drains = e.drains.saturating_add_signed(delta);
         }
     }
 
@@ -1171,6 +1348,7 @@ impl<M: MapOps> Writer<M> {
         let mut d = std::mem::take(&mut self.pending);
         d.retain_stale(&self.frontends);
         let orphans = self.orphan_backends(&d.released);
+        self.mark_draining(&d.released)?;
         if d.is_empty() && orphans.is_empty() {
             return Ok(0);
         }
@@ -1181,16 +1359,36 @@ impl<M: MapOps> Writer<M> {
         Ok(deletes + self.delete_orphan_backends(orphans)?)
     }
 
-    /// Released backends no slot names any more, sorted.
+    /// Released backends no frontend names or keeps any more, sorted.
     fn orphan_backends(&self, released: &[u32]) -> Vec<u32> {
         let mut orphans: Vec<u32> = released
             .iter()
             .copied()
-            .filter(|id| self.backends.get(id).is_some_and(|e| e.refs == 0))
+            .filter(|id| self.backends.get(id).is_some_and(BackendEntry::unused))
             .collect();
         orphans.sort_unstable();
         orphans.dedup();
         orphans
+    }
+
+    /// Released backends that only draining frontends keep get the
+    /// draining state (for `svclb maps dump`, and so that a restarted agent
+    /// keeps them).
+    fn mark_draining(&mut self, released: &[u32]) -> Result<(), DataplaneError> {
+        let mut marked: Vec<(u32, BackendAddr)> = released
+            .iter()
+            .filter_map(|id| {
+                let e = self.backends.get(id)?;
+                (e.refs == 0 && e.drains > 0 && e.state != BACKEND_DRAINING)
+                    .then_some((*id, e.addr))
+            })
+            .collect();
+        marked.sort_unstable();
+        marked.dedup();
+        for (id, addr) in marked {
+            self.put_backend(id, addr, BACKEND_DRAINING)?;
+        }
+        Ok(())
     }
 
     /// Step 6, last: backends; returns the number of deletes.
@@ -1225,7 +1423,12 @@ impl<M: MapOps> Writer<M> {
         let services = self.service_entries + self.pending.service_keys.len() + added;
         let new_backends: BTreeSet<BackendAddr> = wanted
             .iter()
-            .flat_map(|f| f.backends.iter().map(|b| backend_addr(f, b)))
+            .flat_map(|f| {
+                f.backends
+                    .iter()
+                    .chain(&f.draining)
+                    .map(|b| backend_addr(f, b))
+            })
             .filter(|a| !self.by_addr.contains_key(a))
             .collect();
         let backends = self.backends.len() + new_backends.len();

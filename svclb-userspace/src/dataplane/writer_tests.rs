@@ -5,10 +5,10 @@ use std::net::IpAddr;
 
 use proptest::prelude::*;
 
-use svclb_common::{BACKEND_TERMINATING, SVC_FLAG_AFFINITY};
+use svclb_common::{BACKEND_DRAINING, BACKEND_TERMINATING, SVC_FLAG_AFFINITY};
 
 use super::*;
-use crate::dataplane::abi::addr_from_abi;
+use crate::dataplane::abi::{addr_from_abi, proto_to_abi};
 use crate::model::{
     Backend, Cidr, Frontend, FrontendKey, FrontendKind, Protocol, Scope, ServiceId, WhenEmpty,
 };
@@ -276,8 +276,19 @@ fn assert_no_garbage(m: &FakeMaps) {
             referenced.insert(v.backend_id);
         }
     }
+    // Backends no slot names are kept only as draining.
+    let draining: BTreeSet<u32> = m
+        .backends
+        .iter()
+        .filter(|(_, b)| b.state == BACKEND_DRAINING)
+        .map(|(id, _)| *id)
+        .collect();
+    assert!(
+        referenced.is_disjoint(&draining),
+        "a slot names a draining backend"
+    );
     assert_eq!(
-        referenced,
+        &referenced | &draining,
         m.backends.keys().copied().collect(),
         "unreferenced backends"
     );
@@ -339,6 +350,39 @@ fn assert_no_garbage(m: &FakeMaps) {
         m.source_ranges.iter().all(|r| live.contains(&r.rev_nat_id)),
         "stale source ranges"
     );
+}
+
+/// A backend as the maps identify it: address, port, protocol, locality.
+type Identity = (IpAddr, u16, u8, bool);
+
+/// The backends no slot names (after a flush: the draining ones).
+fn draining(m: &FakeMaps) -> BTreeSet<Identity> {
+    let named: BTreeSet<u32> = m
+        .services
+        .iter()
+        .filter(|(k, _)| k.slot != 0)
+        .map(|(_, v)| v.backend_id)
+        .collect();
+    m.backends
+        .iter()
+        .filter(|(id, _)| !named.contains(id))
+        .map(|(_, b)| (addr_from_abi(b.addr), b.port, b.proto, b.local != 0))
+        .collect()
+}
+
+/// The draining backends `desired` keeps: those of some frontend's
+/// `draining` that no frontend has as a backend.
+fn expected_draining(desired: &BTreeMap<ServiceId, Vec<Frontend>>) -> BTreeSet<Identity> {
+    let identity =
+        |f: &Frontend, b: &Backend| (b.addr, b.port, proto_to_abi(f.key.protocol), b.local);
+    let all = desired.values().flatten();
+    let named: BTreeSet<Identity> = all
+        .clone()
+        .flat_map(|f| f.backends.iter().map(move |b| identity(f, b)))
+        .collect();
+    all.flat_map(|f| f.draining.iter().map(move |b| identity(f, b)))
+        .filter(|i| !named.contains(i))
+        .collect()
 }
 
 fn expected(desired: &BTreeMap<ServiceId, Vec<Frontend>>) -> Observed {
@@ -435,6 +479,81 @@ fn creates_updates_and_removes_a_service() {
     assert!(
         w.maps().services.is_empty() && w.maps().backends.is_empty() && w.maps().rev_nat.is_empty()
     );
+}
+
+/// Graceful termination: a backend that leaves the slots of an external
+/// frontend but still serves keeps its entry and id (established flows
+/// hold the id; no deletion, so no epoch bump) for as long as the frontend
+/// lists it as draining, also across a restart; it goes once the
+/// frontend lets go of it.
+#[test]
+fn a_draining_backend_keeps_its_entry_until_let_go() {
+    let external = |backends: &[(&str, u16)], draining: &[(&str, u16)]| {
+        let mut f = fe("198.19.0.1", 80, Protocol::Tcp, backends);
+        f.key.scope = Scope::External;
+        f.draining = fe("198.19.0.1", 80, Protocol::Tcp, draining).backends;
+        f
+    };
+    let id_of = |m: &FakeMaps, host: [u8; 4]| -> Option<(u32, u8)> {
+        m.backends
+            .iter()
+            .find(|(_, b)| addr_from_abi(b.addr) == IpAddr::from(host))
+            .map(|(id, b)| (*id, b.state))
+    };
+    let a = sid("a");
+    let mut w = writer();
+    w.apply(&a, &[external(&[("198.18.1.1", 80)], &[])])
+        .unwrap();
+    let (old_id, _) = id_of(w.maps(), [198, 18, 1, 1]).unwrap();
+    // Rolled: a new backend serves new flows, the old one drains.
+    let rolled = vec![external(&[("198.18.1.2", 80)], &[("198.18.1.1", 80)])];
+    w.apply(&a, &rolled).unwrap();
+    w.flush().unwrap();
+    assert_eq!(
+        id_of(w.maps(), [198, 18, 1, 1]),
+        Some((old_id, BACKEND_DRAINING)),
+        "same entry, marked draining"
+    );
+    assert_no_garbage(w.maps());
+    // A restart keeps it (the maps alone say it drains) with its id.
+    let mut restarted = adopt(w.maps().clone());
+    let ops = restarted.maps().ops;
+    restarted.apply(&a, &rolled).unwrap();
+    assert_eq!(restarted.maps().ops, ops, "nothing to rewrite");
+    restarted.prune_unclaimed().unwrap();
+    restarted.flush().unwrap();
+    assert_eq!(
+        id_of(restarted.maps(), [198, 18, 1, 1]),
+        Some((old_id, BACKEND_DRAINING))
+    );
+    // A restart into a state that no longer drains it: gone after the prune.
+    let mut again = adopt(restarted.maps().clone());
+    assert!(id_of(again.maps(), [198, 18, 1, 1]).is_some());
+    again
+        .apply(&a, &[external(&[("198.18.1.2", 80)], &[])])
+        .unwrap();
+    again.prune_unclaimed().unwrap();
+    assert_eq!(id_of(again.maps(), [198, 18, 1, 1]), None);
+    assert_no_garbage(again.maps());
+    // Ready again: back in the slots with the same entry.
+    restarted
+        .apply(
+            &a,
+            &[external(&[("198.18.1.1", 80), ("198.18.1.2", 80)], &[])],
+        )
+        .unwrap();
+    restarted.flush().unwrap();
+    assert_eq!(
+        id_of(restarted.maps(), [198, 18, 1, 1]),
+        Some((old_id, svclb_common::BACKEND_ACTIVE))
+    );
+    // Let go of (stopped serving): deleted.
+    restarted
+        .apply(&a, &[external(&[("198.18.1.2", 80)], &[])])
+        .unwrap();
+    restarted.flush().unwrap();
+    assert_eq!(id_of(restarted.maps(), [198, 18, 1, 1]), None);
+    assert_no_garbage(restarted.maps());
 }
 
 #[test]
@@ -672,50 +791,67 @@ fn arb_frontends() -> impl Strategy<Value = Vec<Frontend>> {
         any::<bool>(),
         any::<bool>(),
         prop::collection::btree_set(prop::sample::select(vec![15u8, 16, 24]), 0..3),
+        prop::collection::btree_set((0u8..6, prop::sample::select(vec![80u16, 8080])), 0..3),
     )
         .prop_map(
-            |(h, protocol, backends, affinity_timeout, drop, external, ranges)| Frontend {
-                key: FrontendKey {
-                    addr: IpAddr::from([198, 19, 0, h]),
-                    port: 80,
-                    protocol,
-                    scope: if external {
-                        Scope::External
-                    } else {
-                        Scope::Socket
-                    },
-                },
-                source_ranges: if external {
-                    ranges
-                        .into_iter()
-                        .map(|prefix| Cidr {
-                            addr: IpAddr::from([198, 18, 0, 0]),
-                            prefix,
-                        })
-                        .collect()
-                } else {
-                    Vec::new()
-                },
-                kind: if h == 2 {
-                    FrontendKind::ExternalIp
-                } else {
-                    FrontendKind::ClusterIp
-                },
-                backends: backends
+            |(h, protocol, backends, affinity_timeout, drop, external, ranges, draining)| {
+                // As the model: external frontends only, none a backend.
+                let draining: Vec<(u8, u16)> = draining
                     .into_iter()
-                    .map(|(b, port)| Backend {
-                        addr: IpAddr::from([198, 18, 1, b]),
-                        port,
-                        terminating: b >= 4,
-                        local: b % 2 == 0,
-                    })
-                    .collect(),
-                when_empty: if drop {
-                    WhenEmpty::Drop
-                } else {
-                    WhenEmpty::Refuse
-                },
-                affinity_timeout,
+                    .filter(|d| external && !backends.contains(d))
+                    .collect();
+                Frontend {
+                    key: FrontendKey {
+                        addr: IpAddr::from([198, 19, 0, h]),
+                        port: 80,
+                        protocol,
+                        scope: if external {
+                            Scope::External
+                        } else {
+                            Scope::Socket
+                        },
+                    },
+                    source_ranges: if external {
+                        ranges
+                            .into_iter()
+                            .map(|prefix| Cidr {
+                                addr: IpAddr::from([198, 18, 0, 0]),
+                                prefix,
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
+                    kind: if h == 2 {
+                        FrontendKind::ExternalIp
+                    } else {
+                        FrontendKind::ClusterIp
+                    },
+                    backends: backends
+                        .into_iter()
+                        .map(|(b, port)| Backend {
+                            addr: IpAddr::from([198, 18, 1, b]),
+                            port,
+                            terminating: b >= 4,
+                            local: b % 2 == 0,
+                        })
+                        .collect(),
+                    when_empty: if drop {
+                        WhenEmpty::Drop
+                    } else {
+                        WhenEmpty::Refuse
+                    },
+                    affinity_timeout,
+                    draining: draining
+                        .into_iter()
+                        .map(|(b, port)| Backend {
+                            addr: IpAddr::from([198, 18, 1, b]),
+                            port,
+                            terminating: b >= 4,
+                            local: b % 2 == 0,
+                        })
+                        .collect(),
+                }
             },
         );
     prop::collection::vec(frontend, 0..4).prop_map(|mut v| {
@@ -749,10 +885,12 @@ proptest! {
             if flush {
                 w.flush().unwrap();
                 assert_no_garbage(w.maps());
+                prop_assert_eq!(draining(w.maps()), expected_draining(&desired));
             }
         }
         w.flush().unwrap();
         assert_no_garbage(w.maps());
+        prop_assert_eq!(draining(w.maps()), expected_draining(&desired));
         let maps = w.maps().clone();
         let mut restarted = adopt(maps);
         let ops = restarted.maps().ops;
@@ -923,6 +1061,7 @@ impl<M: MapOps> MapOps for FaultyMaps<M> {
 fn assert_exact<M: MapOps>(w: &Writer<FaultyMaps<M>>, m: &FakeMaps, desired: &Desired) {
     assert_eq!(observed(m), expected(desired));
     assert_no_garbage(m);
+    assert_eq!(draining(m), expected_draining(desired), "draining backends");
     assert_eq!(
         w.usage(),
         (m.services.len(), m.backends.len()),
@@ -1032,7 +1171,7 @@ fn restart_survives_a_fault_at_any_operation() {
         ),
         external("198.19.0.1", &[("198.18.1.1", 80), ("198.18.1.2", 80)]),
     ];
-    let a_new = vec![
+    let mut a_new = vec![
         fe(
             "198.19.0.1",
             80,
@@ -1041,6 +1180,8 @@ fn restart_survives_a_fault_at_any_operation() {
         ),
         external("198.19.0.1", &[("198.18.1.3", 80)]),
     ];
+    // The external frontend drains a backend only the pruned service named.
+    a_new[1].draining = fe("198.19.0.1", 80, Protocol::Tcp, &[("198.18.1.4", 80)]).backends;
     let b = vec![external(
         "198.19.0.2",
         &[("198.18.1.1", 80), ("198.18.1.4", 80)],
@@ -1296,5 +1437,6 @@ proptest! {
         prop_assert_eq!(drift(&w, &desired), vec![]);
         prop_assert_eq!(observed(w.maps()), expected(&desired));
         assert_no_garbage(w.maps());
+        prop_assert_eq!(draining(w.maps()), expected_draining(&desired));
     }
 }

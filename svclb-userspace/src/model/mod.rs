@@ -218,6 +218,11 @@ pub struct Frontend {
     /// External load-balancer frontends only: the clients allowed in
     /// (loadBalancerSourceRanges); empty allows everyone.
     pub source_ranges: Vec<Cidr>,
+    /// External frontends only: serving endpoints that new flows do not use
+    /// (terminating while others are ready, or left out by a traffic policy
+    /// or topology) but established flows keep, as kube-proxy's conntrack
+    /// keeps them (graceful termination). Sorted, none in `backends`.
+    pub draining: Vec<Backend>,
 }
 
 impl Frontend {
@@ -230,6 +235,7 @@ impl Frontend {
             when_empty: WhenEmpty::Refuse,
             affinity_timeout: None,
             source_ranges: Vec::new(),
+            draining: Vec::new(),
         }
     }
 }

@@ -1325,6 +1325,14 @@ fn render_scope(t: &Translation, scope: Scope) -> Vec<String> {
                 let ranges: Vec<String> = f.source_ranges.iter().map(ToString::to_string).collect();
                 line.push_str(&format!(" [from {}]", ranges.join(" ")));
             }
+            if !f.draining.is_empty() {
+                let draining: Vec<String> = f
+                    .draining
+                    .iter()
+                    .map(|b| SocketAddr::new(b.addr, b.port).to_string())
+                    .collect();
+                line.push_str(&format!(" [draining {}]", draining.join(", ")));
+            }
             line
         })
         .collect()
@@ -1532,12 +1540,12 @@ fn external_frontends_follow_the_external_traffic_policy() {
             ],
         ),
         (
-            "Local: only this node's endpoints",
+            "Local: only this node's endpoints (others kept for established flows)",
             lb(json!({"externalTrafficPolicy": "Local"})),
             json!([local("198.18.1.2"), remote("198.18.2.2")]),
             vec![
-                "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.1.2:8080 (l)",
-                "LoadBalancer 198.19.5.5:80/TCP (external) -> 198.18.1.2:8080 (l)",
+                "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.1.2:8080 (l) [draining 198.18.2.2:8080]",
+                "LoadBalancer 198.19.5.5:80/TCP (external) -> 198.18.1.2:8080 (l) [draining 198.18.2.2:8080]",
             ],
         ),
         (
@@ -1545,8 +1553,8 @@ fn external_frontends_follow_the_external_traffic_policy() {
             lb(json!({"externalTrafficPolicy": "Local"})),
             json!([remote("198.18.2.2")]),
             vec![
-                "NodePort 198.18.9.1:30080/TCP (external) ->  [drop]",
-                "LoadBalancer 198.19.5.5:80/TCP (external) ->  [drop]",
+                "NodePort 198.18.9.1:30080/TCP (external) ->  [drop] [draining 198.18.2.2:8080]",
+                "LoadBalancer 198.19.5.5:80/TCP (external) ->  [drop] [draining 198.18.2.2:8080]",
             ],
         ),
         (
@@ -1554,8 +1562,8 @@ fn external_frontends_follow_the_external_traffic_policy() {
             lb(json!({"externalTrafficPolicy": "Local"})),
             json!([ep("198.18.1.2", "n1", false, true, &[]), remote("198.18.2.2")]),
             vec![
-                "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.1.2:8080 (t) (l)",
-                "LoadBalancer 198.19.5.5:80/TCP (external) -> 198.18.1.2:8080 (t) (l)",
+                "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.1.2:8080 (t) (l) [draining 198.18.2.2:8080]",
+                "LoadBalancer 198.19.5.5:80/TCP (external) -> 198.18.1.2:8080 (t) (l) [draining 198.18.2.2:8080]",
             ],
         ),
         (
@@ -1599,6 +1607,89 @@ fn external_frontends_follow_the_external_traffic_policy() {
     );
     assert!(render_scope(&t, Scope::External)[1].ends_with("[from 198.18.0.0/15]"));
     assert!(warnings(&t)[0].contains("demo/web") && warnings(&t)[0].contains("not-a-cidr"));
+}
+
+/// Graceful termination: a rolling update, step by step. External
+/// frontends keep every endpoint that still serves for established flows
+/// ("draining"); new flows use the ready ones (else the serving and
+/// terminating ones). An endpoint leaves once it stops serving or is gone.
+/// Socket frontends need no draining set.
+#[test]
+fn external_flows_keep_serving_terminating_endpoints() {
+    let node = node_n1();
+    let np = |extra: Value| {
+        let mut spec = json!({"type": "NodePort", "clusterIP": "198.18.0.10",
+            "ports": [{"port": 80, "nodePort": 30080}]});
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        web(spec)
+    };
+    let ready = |a: &str, n: &str| ep(a, n, true, false, &[]);
+    let terminating = |a: &str, n: &str| ep(a, n, false, true, &[]);
+    let gone = |a: &str, n: &str| {
+        let mut e = ep(a, n, false, true, &[]);
+        e["conditions"]["serving"] = json!(false);
+        e
+    };
+    let cases: Vec<(&str, Value, Value, &str)> = vec![
+        (
+            "before: two ready endpoints, nothing draining",
+            np(json!({})),
+            json!([ready("198.18.1.2", "n1"), ready("198.18.2.2", "n2")]),
+            "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.1.2:8080 (l), 198.18.2.2:8080",
+        ),
+        (
+            "all terminating, none ready: they serve new flows too",
+            np(json!({})),
+            json!([terminating("198.18.1.2", "n1"), terminating("198.18.2.2", "n2")]),
+            "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.1.2:8080 (t) (l), 198.18.2.2:8080 (t)",
+        ),
+        (
+            "new ones ready: old ones drain",
+            np(json!({})),
+            json!([terminating("198.18.1.2", "n1"), terminating("198.18.2.2", "n2"),
+                   ready("198.18.1.3", "n1"), ready("198.18.2.3", "n2")]),
+            "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.1.3:8080 (l), 198.18.2.3:8080 [draining 198.18.1.2:8080, 198.18.2.2:8080]",
+        ),
+        (
+            "one stops serving: it no longer drains",
+            np(json!({})),
+            json!([gone("198.18.1.2", "n1"), terminating("198.18.2.2", "n2"),
+                   ready("198.18.1.3", "n1"), ready("198.18.2.3", "n2")]),
+            "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.1.3:8080 (l), 198.18.2.3:8080 [draining 198.18.2.2:8080]",
+        ),
+        (
+            "old ones deleted: nothing draining",
+            np(json!({})),
+            json!([ready("198.18.1.3", "n1"), ready("198.18.2.3", "n2")]),
+            "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.1.3:8080 (l), 198.18.2.3:8080",
+        ),
+        (
+            "Local policy: remote endpoints still serving are kept for flows made under Cluster",
+            np(json!({"externalTrafficPolicy": "Local"})),
+            json!([ready("198.18.1.2", "n1"), ready("198.18.2.2", "n2"), terminating("198.18.1.4", "n1")]),
+            "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.1.2:8080 (l) [draining 198.18.1.4:8080, 198.18.2.2:8080]",
+        ),
+        (
+            "topology: endpoints of other zones are kept for existing flows",
+            np(json!({})),
+            json!([ep("198.18.1.2", "n1", true, false, &["zone-a"]), ep("198.18.2.2", "n2", true, false, &["zone-b"])]),
+            "NodePort 198.18.9.1:30080/TCP (external) -> 198.18.1.2:8080 (l) [draining 198.18.2.2:8080]",
+        ),
+    ];
+    for (name, svc, endpoints, want) in cases {
+        let t = run_on(&node, svc, endpoints);
+        let external = render_scope(&t, Scope::External);
+        assert_eq!(external, vec![want], "case {name:?}");
+        assert!(
+            t.frontends
+                .iter()
+                .filter(|f| f.key.scope == Scope::Socket)
+                .all(|f| f.draining.is_empty()),
+            "case {name:?}: socket frontends drain nothing"
+        );
+    }
 }
 
 #[test]

@@ -113,6 +113,13 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
                 warn.push(invalid(SERVICE, object.clone(), reason));
                 backends.truncate(usize::from(MAX_BACKENDS_PER_FRONTEND));
             }
+            // Established external flows stay on any endpoint that still
+            // serves; the socket path needs nothing (a connected socket is
+            // already on its backend).
+            let draining = match scope {
+                Scope::Socket => Vec::new(),
+                Scope::External => sets.draining(&backends),
+            };
             out.frontends.push(Frontend {
                 key,
                 kind,
@@ -120,6 +127,7 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
                 when_empty,
                 affinity_timeout,
                 source_ranges,
+                draining,
             });
         };
         for &addr in &ips {
@@ -510,6 +518,9 @@ struct EndpointSets {
     /// Some endpoint anywhere is usable: an empty set under a Local policy
     /// then drops instead of refusing.
     any: bool,
+    /// Every serving endpoint (ready, or serving and terminating), whatever
+    /// the policies and topology.
+    serving: Vec<Backend>,
 }
 
 impl EndpointSets {
@@ -568,11 +579,30 @@ impl EndpointSets {
             local = pick(&|e| terminating(e) && e.local, true);
         }
         let any = endpoints.iter().any(|(_, e)| ready(e) || terminating(e));
+        let mut serving = pick(&ready, false);
+        serving.extend(pick(&terminating, true));
+        serving.sort();
         EndpointSets {
             cluster,
             local,
             any,
+            serving,
         }
+    }
+
+    /// The serving endpoints an external frontend with `backends` keeps
+    /// for its established flows only. An endpoint is listed once whatever
+    /// its state, so compared by address and port.
+    fn draining(&self, backends: &[Backend]) -> Vec<Backend> {
+        self.serving
+            .iter()
+            .filter(|s| {
+                !backends
+                    .iter()
+                    .any(|b| (b.addr, b.port) == (s.addr, s.port))
+            })
+            .copied()
+            .collect()
     }
 
     /// The backends for a frontend of `kind` reached through the socket hooks

@@ -329,6 +329,7 @@ fn nodeport(i: usize, backends: usize) -> Frontend {
         when_empty: Default::default(),
         affinity_timeout: None,
         source_ranges: Vec::new(),
+        draining: Vec::new(),
     }
 }
 

@@ -88,6 +88,9 @@ enum Cmd {
         /// Also stop as soon as stdin reaches EOF.
         #[arg(long)]
         until_eof: bool,
+        /// Long-lived connections, each sent one request per interval.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
     },
     /// Back-to-back request/replies for DURATION, taking the targets in
     /// turn (one request each), then one JSON line: {"proto","seconds",
@@ -165,6 +168,7 @@ fn main() -> ExitCode {
             interval_ms,
             timeout_ms,
             until_eof,
+            connections,
         } => {
             hold(
                 SocketAddr::new(addr, port),
@@ -172,6 +176,7 @@ fn main() -> ExitCode {
                 Duration::from_millis(interval_ms),
                 Duration::from_millis(timeout_ms),
                 until_eof,
+                connections,
             );
             Ok(())
         }
@@ -509,6 +514,7 @@ fn hold(
     interval: Duration,
     timeout: Duration,
     until_eof: bool,
+    connections: usize,
 ) {
     let stop = Arc::new(AtomicBool::new(false));
     if until_eof {
@@ -532,27 +538,34 @@ fn hold(
             ));
         }
     };
-    let mut long: Option<TcpStream> = None;
+    let mut long: Vec<Option<TcpStream>> = (0..connections).map(|_| None).collect();
+    // The server each long-lived connection reached first.
+    let mut long_servers: Vec<String> = vec![String::new(); connections];
     let mut tick = start;
     while start.elapsed() < duration && !stop.load(Ordering::Relaxed) {
-        // The long-lived connection: (re)opened when missing; an open or
+        // The long-lived connections: (re)opened when missing; an open or
         // request failure counts as a failed request.
-        requests += 1;
-        let r = match long.take() {
-            Some(s) => Ok(s),
-            None => tcp_open(target, timeout),
-        }
-        .and_then(|s| request(&s).map(|reply| (s, reply)));
-        match r {
-            Ok((s, reply)) => {
-                if let Some(name) = reply.split_whitespace().next() {
-                    *servers.entry(name.to_string()).or_default() += 1;
-                }
-                long = Some(s);
+        for (conn, first) in long.iter_mut().zip(&mut long_servers) {
+            requests += 1;
+            let r = match conn.take() {
+                Some(s) => Ok(s),
+                None => tcp_open(target, timeout),
             }
-            Err(f) => {
-                failures += 1;
-                note(&mut errors, "long", &f);
+            .and_then(|s| request(&s).map(|reply| (s, reply)));
+            match r {
+                Ok((s, reply)) => {
+                    if let Some(name) = reply.split_whitespace().next() {
+                        *servers.entry(name.to_string()).or_default() += 1;
+                        if first.is_empty() {
+                            *first = name.to_string();
+                        }
+                    }
+                    *conn = Some(s);
+                }
+                Err(f) => {
+                    failures += 1;
+                    note(&mut errors, "long", &f);
+                }
             }
         }
         new_conns += 1;
@@ -583,6 +596,7 @@ fn hold(
             "new_connection_failures": new_failures,
             "errors": errors,
             "servers": servers,
+            "long_servers": long_servers,
         })
     );
 }
