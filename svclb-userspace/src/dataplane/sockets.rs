@@ -103,7 +103,10 @@ impl Terminator {
         let counter = destroyed.clone();
         let spawned = std::thread::Builder::new()
             .name("svclb-sockets".into())
-            .spawn(move || Worker::new(sock_rnat_pin, counter).run(rx));
+            .spawn(move || match File::open("/proc/thread-self/ns/net") {
+                Ok(home) => Worker::new(sock_rnat_pin, home, counter).run(rx),
+                Err(e) => tracing::warn!(error = %e, "opening the agent's network namespace; connected UDP sockets will not leave removed backends"),
+            });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "starting the socket thread; connected UDP sockets will not leave removed backends");
         }
@@ -125,6 +128,8 @@ impl Terminator {
 
 struct Worker {
     pin: PathBuf,
+    /// The agent's network namespace, where the thread returns after a pass.
+    home: File,
     map: Option<aya::maps::HashMap<aya::maps::MapData, SockRevNatKey, SockRevNat>>,
     destroyed: Arc<AtomicU64>,
     /// Failure kinds already warned about (each is warned once).
@@ -132,9 +137,10 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(pin: PathBuf, destroyed: Arc<AtomicU64>) -> Self {
+    fn new(pin: PathBuf, home: File, destroyed: Arc<AtomicU64>) -> Self {
         Worker {
             pin,
+            home,
             map: None,
             destroyed,
             warned: HashSet::new(),
@@ -142,13 +148,6 @@ impl Worker {
     }
 
     fn run(mut self, rx: mpsc::Receiver<Vec<Gone>>) {
-        let home = match File::open("/proc/thread-self/ns/net") {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(error = %e, "opening this thread's network namespace; connected UDP sockets will not leave removed backends");
-                return;
-            }
-        };
         while let Ok(mut gone) = rx.recv() {
             // Everything queued meanwhile in one pass over the namespaces.
             while let Ok(more) = rx.try_recv() {
@@ -157,7 +156,7 @@ impl Worker {
             let started = Instant::now();
             let (namespaces, destroyed) = self.pass(&gone);
             // Back home: holding a pod's namespace would keep it alive.
-            if let Err(e) = setns(&home) {
+            if let Err(e) = setns(&self.home) {
                 self.warn_once(
                     "setns",
                     format!("returning to the agent's network namespace: {e}"),
@@ -224,7 +223,14 @@ impl Worker {
         by_backend: &BTreeMap<(IpAddr, u16), BTreeSet<(IpAddr, u16)>>,
     ) -> Result<u64, SocketsError> {
         let ns = File::open(path).map_err(os("opening the namespace"))?;
-        setns(&ns).map_err(os("setns"))?;
+        // Entering a namespace needs CAP_SYS_ADMIN; the one the thread is
+        // in needs no setns (the agent's own, visited first: the host's,
+        // where hostNetwork pods' sockets are).
+        let current =
+            File::open("/proc/thread-self/ns/net").map_err(os("opening the thread's namespace"))?;
+        if !same_file(&ns, &current)? {
+            setns(&ns).map_err(os("setns (needs CAP_SYS_ADMIN)"))?;
+        }
         let diag = SockDiag::open()?;
         let mut destroyed = 0;
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
@@ -287,6 +293,14 @@ fn open_map(
     aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(err)
 }
 
+fn same_file(a: &File, b: &File) -> Result<bool, SocketsError> {
+    let (a, b) = (
+        a.metadata().map_err(os("stat"))?,
+        b.metadata().map_err(os("stat"))?,
+    );
+    Ok((a.dev(), a.ino()) == (b.dev(), b.ino()))
+}
+
 fn setns(ns: &File) -> io::Result<()> {
     // SAFETY: a valid descriptor; changes only this thread's namespace.
     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -295,8 +309,9 @@ fn setns(ns: &File) -> io::Result<()> {
     Ok(())
 }
 
-/// One path per network namespace: every process's and every named one
-/// (`ip netns add`, container runtimes' pins), distinct by inode.
+/// One path per network namespace, distinct by inode: the thread's own
+/// first (entered without setns), then every named one (`ip netns add`,
+/// container runtimes' pins under /run/netns) and every process's.
 fn namespaces() -> Vec<PathBuf> {
     let mut seen = HashSet::new();
     let mut paths = Vec::new();
@@ -307,6 +322,7 @@ fn namespaces() -> Vec<PathBuf> {
             }
         }
     };
+    add(PathBuf::from("/proc/thread-self/ns/net"));
     for dir in ["/run/netns", "/var/run/netns"] {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
