@@ -17,8 +17,7 @@
 //! those whose peer is a gone backend and whose cookie `SVCLB_SOCK_RNAT`
 //! records as connected through that frontend, so a pod that connected to
 //! the backend's address itself is left alone. SOCK_DESTROY needs
-//! CONFIG_INET_DIAG_DESTROY (Debian's kernels have it since 4.5) and the
-//! udp_diag module.
+//! CONFIG_INET_DIAG_DESTROY (Debian's kernels set it) and udp_diag.
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::io;
@@ -196,6 +195,12 @@ impl Worker {
             }
         }
         let namespaces = namespaces();
+        if namespaces.len() == 1 {
+            self.warn_once(
+                "namespaces",
+                "only the agent's own network namespace is visible (no hostPID, no /run/netns): pods' sockets are not reached".into(),
+            );
+        }
         let mut destroyed = 0;
         for path in &namespaces {
             match self.visit(path, &by_backend) {
