@@ -876,6 +876,22 @@ mod tests {
     /// but leaves the last sync timestamp at the last success; errors by
     /// reason and the retries waiting show up.
     #[test]
+    fn destroyed_sockets_are_counted_by_mechanism() {
+        let m = Metrics::new();
+        let counter = Arc::new(AtomicU64::new(0));
+        m.watch_sockets_destroyed(counter.clone());
+        counter.fetch_add(3, Ordering::Relaxed);
+        let (types, samples) = parse(&m.render());
+        assert_eq!(types["svclb_sockets_destroyed_total"], "counter");
+        let n = value(
+            &samples,
+            "svclb_sockets_destroyed_total",
+            &[("mechanism", "sock_diag")],
+        );
+        assert_eq!(n, 3.0);
+    }
+
+    #[test]
     fn failed_syncs_and_retries() {
         let m = Metrics::new();
         m.observe_failed_sync(Duration::from_millis(3));
