@@ -62,6 +62,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     })
     .context("starting the dataplane")?;
     tracing::info!(cgroup = %cgroup.display(), bpffs = %args.bpffs.display(), node = %args.node_name, "programs attached");
+    metrics.watch_sockets_destroyed(dataplane.sockets_destroyed());
     if !args.devices.is_empty() {
         spawn_external_stats(args.bpffs.clone(), metrics.clone());
     }

@@ -1,7 +1,7 @@
 //! `cargo xtask vm-test`: the integration tests on the kernels users run,
 //! each booted with QEMU from Debian's cloud kernel package and an
 //! initramfs holding the test binaries, `svclb`, `svclb-probe`, busybox,
-//! iproute2's `ip` and the kernel's network modules.
+//! iproute2's `ip` and the kernel's network (and socket diagnostics) modules.
 //!
 //! The guest's /init (vm/init.sh) runs every test binary with libtest's JSON
 //! output on the serial console; this side streams it, attributes every
@@ -33,6 +33,9 @@ const MODULES: &[&str] = &[
     // tc egress on kernels before TCX (6.6): the clsact qdisc and cls_bpf.
     "sch_ingress",
     "cls_bpf",
+    // sock_diag for UDP: svclb destroys connected UDP sockets of removed
+    // backends with SOCK_DESTROY (inet_diag comes along).
+    "udp_diag",
 ];
 /// Every test spawns agents, servers and probes: give them room.
 const MEMORY: &str = "3G";

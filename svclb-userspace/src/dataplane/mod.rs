@@ -16,6 +16,7 @@ pub mod loader;
 pub mod maglev;
 pub mod mounts;
 pub mod snat;
+pub mod sockets;
 mod writer;
 
 pub use kernel::{entries, open_pinned, KernelMaps, WriterMaps};
@@ -81,6 +82,10 @@ pub struct Dataplane {
     /// What each service's last apply wanted in the maps (shared with
     /// /debug/svclb/desired: copied on write).
     wanted: Arc<drift::Wanted>,
+    /// Backends that left socket-scope UDP frontends in this batch: their
+    /// connected sockets are destroyed after the batch.
+    gone: Vec<sockets::Gone>,
+    terminator: sockets::Terminator,
     // Keeps the programs loaded while the agent runs (the pinned links keep
     // them attached after it exits).
     _ebpf: Ebpf,
@@ -165,6 +170,11 @@ impl Dataplane {
             external: !config.devices.is_empty(),
             initial_sync_done: false,
             wanted: Arc::default(),
+            gone: Vec::new(),
+            terminator: sockets::Terminator::start(map_path(
+                &config.bpffs,
+                svclb_common::maps::SOCK_REV_NAT,
+            )),
             _ebpf: ebpf,
         })
     }
@@ -207,8 +217,16 @@ impl Dataplane {
 
     /// Delete what the applies since the last flush left behind (after one
     /// RCU grace period: call once per batch).
+    /// Also hands the batch's gone backends to the socket thread (the
+    /// change is live already: a reconnect gets a remaining backend).
     pub fn flush(&mut self) -> Result<usize, DataplaneError> {
+        self.terminator.terminate(std::mem::take(&mut self.gone));
         self.writer.flush()
+    }
+
+    /// Connected UDP sockets destroyed so far (svclb_sockets_destroyed_total).
+    pub fn sockets_destroyed(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.terminator.destroyed()
     }
 
     /// (service map entries, backends) in use.
@@ -229,6 +247,9 @@ impl Dataplane {
             .cloned()
             .collect();
         let result = self.writer.apply(id, &frontends);
+        if let Some(old) = self.wanted.get(id) {
+            self.gone.extend(sockets::gone_backends(old, &frontends));
+        }
         self.record_wanted(id, frontends, &result);
         result
     }

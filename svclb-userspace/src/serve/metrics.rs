@@ -11,7 +11,8 @@
 //!
 //! svclb's own: `svclb_bpf_map_entries` / `svclb_bpf_map_capacity`
 //! {map}, `svclb_translation_errors_total` {reason},
-//! `svclb_sync_errors_total` {reason} and `svclb_sync_retries_pending`.
+//! `svclb_sync_errors_total` {reason}, `svclb_sync_retries_pending` and
+//! `svclb_sockets_destroyed_total` {mechanism}.
 //!
 //! Plus the `process_*` series Go's process collector adds to every
 //! kube-proxy ([`process`]).
@@ -23,6 +24,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -79,6 +81,8 @@ struct Inner {
     /// None until the first sync.
     retries_pending: Option<usize>,
     external: Option<crate::dataplane::ExternalStats>,
+    /// Connected UDP sockets destroyed because their backend went away.
+    sockets_destroyed: Option<Arc<AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -105,6 +109,7 @@ impl Metrics {
                 map_drift: BTreeMap::new(),
                 retries_pending: None,
                 external: None,
+                sockets_destroyed: None,
             }),
         }
     }
@@ -171,6 +176,12 @@ impl Metrics {
         self.inner().external = Some(stats);
     }
 
+    /// Report this count of destroyed sockets (the dataplane's socket
+    /// thread adds to it).
+    pub fn watch_sockets_destroyed(&self, counter: Arc<AtomicU64>) {
+        self.inner().sockets_destroyed = Some(counter);
+    }
+
     /// An object or service that could not be translated or applied.
     /// `reason` must be a short fixed word (it becomes a label value).
     pub fn translation_error(&self, reason: &str) {
@@ -233,6 +244,20 @@ impl Metrics {
             "map",
             m.map_drift.iter().map(|(k, n)| (k.clone(), *n as f64)),
         );
+        if let Some(n) = &m.sockets_destroyed {
+            labelled(
+                &mut out,
+                "svclb_sockets_destroyed_total",
+                "Connected UDP sockets failed (ECONNABORTED) because their backend left the frontend they connected to, by mechanism",
+                "counter",
+                "mechanism",
+                [(
+                    crate::dataplane::sockets::MECHANISM.to_string(),
+                    n.load(Ordering::Relaxed) as f64,
+                )]
+                .into_iter(),
+            );
+        }
         labelled(
             &mut out,
             "svclb_sync_errors_total",
@@ -850,6 +875,22 @@ mod tests {
     /// Like kube-proxy: a failed sync counts in the duration histogram
     /// but leaves the last sync timestamp at the last success; errors by
     /// reason and the retries waiting show up.
+    #[test]
+    fn destroyed_sockets_are_counted_by_mechanism() {
+        let m = Metrics::new();
+        let counter = Arc::new(AtomicU64::new(0));
+        m.watch_sockets_destroyed(counter.clone());
+        counter.fetch_add(3, Ordering::Relaxed);
+        let (types, samples) = parse(&m.render());
+        assert_eq!(types["svclb_sockets_destroyed_total"], "counter");
+        let n = value(
+            &samples,
+            "svclb_sockets_destroyed_total",
+            &[("mechanism", "sock_diag")],
+        );
+        assert_eq!(n, 3.0);
+    }
+
     #[test]
     fn failed_syncs_and_retries() {
         let m = Metrics::new();

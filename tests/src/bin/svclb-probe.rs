@@ -10,6 +10,10 @@
 //! - `rate`: as many request/replies as it can for a duration, taking
 //!   one or more targets in turn, then one JSON line with each target's
 //!   ops/s (the benchmarks' client).
+//! - `watch`: long-lived connected UDP sockets and TCP connections, one
+//!   request on each every interval until stdin closes, then one JSON line
+//!   per request with its wall-clock time (what an application holding
+//!   sockets sees while backends change).
 //! - `http-get`: one HTTP/1.1 GET, one JSON line with status, headers and
 //!   body (health check ports).
 //! - `whoami`: where the probe runs (cgroup, netns), for harness self-tests.
@@ -115,6 +119,22 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         per_sec: u32,
     },
+    /// One long-lived socket per --udp target (connect()ed UDP) and per
+    /// --tcp target (one connection); every INTERVAL one request on each,
+    /// until stdin reaches EOF; then one JSON line per request:
+    /// {"target":"udp ADDR:PORT","unix_ms","ok":true,"server"} or
+    /// {...,"ok":false,"error","stage"}. A failed socket is kept, as by an
+    /// application that does not reconnect.
+    Watch {
+        #[arg(long = "udp")]
+        udp: Vec<SocketAddr>,
+        #[arg(long = "tcp")]
+        tcp: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 300)]
+        timeout_ms: u64,
+    },
     /// One GET PATH; prints {"ok":true,"status","headers":{lower-case
     /// name: value},"body"} or {"ok":false,"error","stage","detail"}.
     HttpGet {
@@ -192,6 +212,17 @@ fn main() -> ExitCode {
             Duration::from_millis(duration_ms),
             Duration::from_millis(timeout_ms),
             per_sec,
+        ),
+        Cmd::Watch {
+            udp,
+            tcp,
+            interval_ms,
+            timeout_ms,
+        } => watch(
+            &udp,
+            &tcp,
+            Duration::from_millis(interval_ms),
+            Duration::from_millis(timeout_ms),
         ),
         Cmd::HttpGet {
             addr,
@@ -376,6 +407,7 @@ fn errno_name(e: &io::Error) -> String {
         (libc::ENOBUFS, "ENOBUFS"),
         (libc::EMSGSIZE, "EMSGSIZE"),
         (libc::EINTR, "EINTR"),
+        (libc::EDESTADDRREQ, "EDESTADDRREQ"),
     ];
     if let Some(code) = e.raw_os_error() {
         // A receive timeout is EAGAIN; report it as what it means.
@@ -599,6 +631,96 @@ fn hold(
             "long_servers": long_servers,
         })
     );
+}
+
+// ---- watch ----
+
+fn watch(
+    udp: &[SocketAddr],
+    tcp: &[SocketAddr],
+    interval: Duration,
+    timeout: Duration,
+) -> Result<(), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let _ = io::copy(&mut io::stdin(), &mut io::sink());
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    let mut sockets = Vec::new();
+    for &t in udp {
+        let any: SocketAddr = match t {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let s = UdpSocket::bind(any).map_err(|e| format!("udp socket: {e}"))?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| format!("udp socket: {e}"))?;
+        s.connect(t).map_err(|e| format!("udp connect {t}: {e}"))?;
+        sockets.push((format!("udp {t}"), s));
+    }
+    let mut conns: Vec<(String, Option<TcpStream>)> = tcp
+        .iter()
+        .map(|&t| (format!("tcp {t}"), tcp_open(t, timeout).ok()))
+        .collect();
+    let unix_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    let mut lines = Vec::new();
+    let mut record = |target: &str, at: u64, r: Result<String, Failure>| {
+        lines.push(match r {
+            Ok(reply) => {
+                let server = reply
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                json!({ "target": target, "unix_ms": at, "ok": true, "server": server })
+            }
+            Err(f) => json!({
+                "target": target, "unix_ms": at, "ok": false,
+                "error": errno_name(&f.err), "stage": f.stage,
+            }),
+        });
+    };
+    while !stop.load(Ordering::Relaxed) {
+        for (name, s) in &sockets {
+            let at = unix_ms();
+            let r = udp_request(s);
+            record(name, at, r);
+        }
+        for (name, conn) in &mut conns {
+            let at = unix_ms();
+            let r = match conn {
+                Some(s) => request(s),
+                None => Err(Failure::at("connect")(io::Error::from_raw_os_error(
+                    libc::ENOTCONN,
+                ))),
+            };
+            if r.is_err() {
+                *conn = None;
+            }
+            record(name, at, r);
+        }
+        thread::sleep(interval);
+    }
+    let mut out = io::stdout().lock();
+    for l in lines {
+        writeln!(out, "{l}").map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// One request on a connected UDP socket: the reply line.
+fn udp_request(s: &UdpSocket) -> Result<String, Failure> {
+    s.send(b"hi\n").map_err(Failure::at("send"))?;
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf).map_err(Failure::at("recv"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 // ---- rate ----
