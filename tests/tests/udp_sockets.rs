@@ -40,6 +40,9 @@ enum Change {
     Deleted,
     /// Still listed, with serving=false (and not ready).
     NotServing,
+    /// Terminating but still serving, while b2 is ready: kube-proxy keeps
+    /// its UDP conntrack, so the socket must stay on b1 (control case).
+    Terminating,
 }
 
 /// One node, a client pod, backends b1 and b2 (TCP and UDP on 8080); a
@@ -89,6 +92,10 @@ fn run(label: &str, change: Change) -> Result<()> {
             EndpointSpec::not_ready(pod.ip_like(ip(like))),
             ready(&b2, like),
         ],
+        Change::Terminating => vec![
+            EndpointSpec::terminating(pod.ip_like(ip(like))),
+            ready(&b2, like),
+        ],
     };
     slice("svc-v4", gone(&b1, SVC4))?;
     slice("svc-v6", gone(&b1, SVC6))?;
@@ -125,6 +132,18 @@ fn run(label: &str, change: Change) -> Result<()> {
     let at = |r: &Value| r["unix_ms"].as_u64().unwrap_or(0);
     let from_b1 = |r: &Value| r["ok"] == true && r["server"] == "b1";
 
+    if let Change::Terminating = change {
+        for t in udp_frontends {
+            let rs = of(format!("udp {t}"));
+            ensure!(
+                rs.iter().any(|r| at(r) >= changed + DEADLINE_MS) && rs.iter().all(|r| from_b1(r)),
+                "{t}: a socket connected to a terminating but serving backend must stay on it: {}\n{}",
+                show(&rs),
+                log()
+            );
+        }
+        return Ok(());
+    }
     for t in udp_frontends {
         let rs = of(format!("udp {t}"));
         let before: Vec<&Value> = rs.iter().copied().filter(|r| at(r) < changed).collect();
@@ -182,4 +201,9 @@ fn connected_udp_leaves_a_deleted_backend() -> Result<()> {
 #[test]
 fn connected_udp_leaves_a_backend_that_stops_serving() -> Result<()> {
     run("udpsrv", Change::NotServing)
+}
+
+#[test]
+fn connected_udp_stays_on_a_terminating_serving_backend() -> Result<()> {
+    run("udpterm", Change::Terminating)
 }

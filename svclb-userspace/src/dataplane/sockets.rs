@@ -64,7 +64,8 @@ pub struct Gone {
 }
 
 /// The backends of `old`'s socket-scope UDP frontends that `new` (the same
-/// service's next frontends) no longer lists under the same frontend.
+/// service's next frontends) no longer lists under the same frontend, as a
+/// backend or as a draining (still serving) endpoint.
 pub fn gone_backends(old: &[Frontend], new: &[Frontend]) -> Vec<Gone> {
     let mut gone = Vec::new();
     for f in old {
@@ -74,7 +75,8 @@ pub fn gone_backends(old: &[Frontend], new: &[Frontend]) -> Vec<Gone> {
         let kept: BTreeSet<(IpAddr, u16)> = new
             .iter()
             .filter(|n| n.key == f.key)
-            .flat_map(|n| n.backends.iter().map(|b| (b.addr, b.port)))
+            .flat_map(|n| n.backends.iter().chain(&n.draining))
+            .map(|b| (b.addr, b.port))
             .collect();
         for b in &f.backends {
             if !kept.contains(&(b.addr, b.port)) {
@@ -628,6 +630,15 @@ mod tests {
             vec![backend("198.18.1.2", 54), backend("198.18.1.3", 53)],
         )];
         assert_eq!(gone_backends(&old, &moved).len(), 1);
+    }
+
+    #[test]
+    fn a_draining_backend_is_not_gone() {
+        // Terminating but serving: kube-proxy keeps its UDP conntrack.
+        let old = [frontend(Protocol::Udp, vec![backend("198.18.1.2", 53)])];
+        let mut new = frontend(Protocol::Udp, vec![backend("198.18.1.3", 53)]);
+        new.draining = vec![backend("198.18.1.2", 53)];
+        assert!(gone_backends(&old, &[new]).is_empty());
     }
 
     #[test]

@@ -1613,7 +1613,8 @@ fn external_frontends_follow_the_external_traffic_policy() {
 /// frontends keep every endpoint that still serves for established flows
 /// ("draining"); new flows use the ready ones (else the serving and
 /// terminating ones). An endpoint leaves once it stops serving or is gone.
-/// Socket frontends need no draining set.
+/// TCP socket frontends need no draining set (a connected socket is on its
+/// backend); UDP ones have one, see the next test.
 #[test]
 fn external_flows_keep_serving_terminating_endpoints() {
     let node = node_n1();
@@ -1687,9 +1688,38 @@ fn external_flows_keep_serving_terminating_endpoints() {
                 .iter()
                 .filter(|f| f.key.scope == Scope::Socket)
                 .all(|f| f.draining.is_empty()),
-            "case {name:?}: socket frontends drain nothing"
+            "case {name:?}: TCP socket frontends drain nothing"
         );
     }
+}
+
+/// A UDP socket connected through a ClusterIP to an endpoint that turns
+/// terminating but still serves keeps it (kube-proxy keeps UDP conntrack to
+/// serving endpoints): the draining set tells the dataplane not to destroy
+/// it. Once the endpoint stops serving, it is no longer listed.
+#[test]
+fn udp_socket_frontends_drain_serving_endpoints() {
+    let svc = web(json!({"clusterIP": "198.18.0.10",
+        "ports": [{"port": 53, "protocol": "UDP"}]}));
+    let endpoints = |serving: bool| {
+        let mut old = ep("198.18.1.2", "n1", false, true, &[]);
+        old["conditions"]["serving"] = json!(serving);
+        json!([old, ep("198.18.1.3", "n1", true, false, &[])])
+    };
+    let draining = |serving: bool| {
+        let slices = [self::slice(web_slice(
+            "a",
+            json!([{"port": 5353, "protocol": "UDP"}]),
+            endpoints(serving),
+        ))];
+        let refs: Vec<&EndpointSlice> = slices.iter().collect();
+        let t = translate(&service(svc.clone()), &refs, &node_n1());
+        let f = t.frontends.iter().find(|f| f.key.scope == Scope::Socket).unwrap();
+        let addrs: Vec<String> = f.draining.iter().map(|b| b.addr.to_string()).collect();
+        (f.backends.len(), addrs)
+    };
+    assert_eq!(draining(true), (1, vec!["198.18.1.2".to_string()]));
+    assert_eq!(draining(false), (1, vec![]));
 }
 
 #[test]

@@ -114,11 +114,12 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
                 backends.truncate(usize::from(MAX_BACKENDS_PER_FRONTEND));
             }
             // Established external flows stay on any endpoint that still
-            // serves; the socket path needs nothing (a connected socket is
-            // already on its backend).
+            // serves, and so do UDP sockets connected to one through a
+            // socket frontend (kube-proxy keeps UDP conntrack to serving
+            // endpoints); a connected TCP socket needs nothing.
             let draining = match scope {
-                Scope::Socket => Vec::new(),
-                Scope::External => sets.draining(&backends),
+                Scope::Socket if key.protocol != Protocol::Udp => Vec::new(),
+                _ => sets.draining(&backends),
             };
             out.frontends.push(Frontend {
                 key,
