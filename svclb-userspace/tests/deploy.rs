@@ -189,7 +189,7 @@ fn daemonset_runs_unprivileged_with_what_svclb_needs() {
     let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
     assert_eq!(
         added,
-        BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]),
+        BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"]),
         "capabilities changed: update deploy/README.md and this test together"
     );
 
@@ -227,6 +227,12 @@ fn daemonset_runs_unprivileged_with_what_svclb_needs() {
     assert_eq!(bpffs.mount_propagation.as_deref(), Some("HostToContainer"));
     assert_ne!(bpffs.read_only, Some(true), "pins are written to bpffs");
     assert_eq!(cgroup.mount_propagation.as_deref(), Some("HostToContainer"));
+    // Pods' network namespaces, where the agent looks for them (pods
+    // started later appear through the propagation).
+    let netns = mount("/run/netns");
+    assert_eq!(netns.mount_path, "/run/netns");
+    assert_eq!(netns.mount_propagation.as_deref(), Some("HostToContainer"));
+    assert_eq!(netns.read_only, Some(true));
 
     // The agent is pointed at those mounts, and its flags exist.
     let args = expanded_args(c);
