@@ -33,6 +33,8 @@ const MODULES: &[&str] = &[
     // tc egress on kernels before TCX (6.6): the clsact qdisc and cls_bpf.
     "sch_ingress",
     "cls_bpf",
+    // SCTP Services (tests/tests/udp_flows.rs); the host kernel may lack it.
+    "sctp",
 ];
 /// Every test spawns agents, servers and probes: give them room.
 const MEMORY: &str = "3G";

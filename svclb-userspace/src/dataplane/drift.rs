@@ -339,7 +339,7 @@ fn compare_frontend(
     }
     compare_table(w, record, &ids, observed, diff);
     compare_source_ranges(w, record, observed, diff);
-    if record.settings.affinity() {
+    if record.settings.members() {
         let present: BTreeSet<_> = observed.contents.affinity_match.iter().collect();
         for id in &ids {
             let k = svclb_common::AffinityMatchKey {
@@ -459,7 +459,7 @@ fn unreachable_entries(d: &Decoded, observed: &Observed, diff: &mut Report) {
         for slot in 1..=r.count {
             if let Some(id) = d.slots.get(&(*fk, slot)) {
                 named.insert(*id);
-                if r.settings.affinity() {
+                if r.settings.members() {
                     members.insert((r.rev_nat_id, *id));
                 }
             }

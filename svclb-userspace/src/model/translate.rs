@@ -78,8 +78,15 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
     let external_ips = external_ips(svc, &ips, &object, warn);
     let source_ranges = source_ranges(spec, &object, warn);
 
+    // XDP passes SCTP untouched (it parses TCP and UDP only), so SCTP ports
+    // get socket frontends only; the Service is warned about once.
+    let mut sctp_not_external = false;
     for port in &ports {
         let mut push = |addr: IpAddr, kind: FrontendKind, scope: Scope| {
+            if scope == Scope::External && port.protocol == Protocol::Sctp {
+                sctp_not_external = true;
+                return;
+            }
             let key = FrontendKey {
                 addr,
                 port: if kind == FrontendKind::NodePort {
@@ -138,6 +145,12 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
             push(addr, kind, Scope::Socket);
             push(addr, kind, Scope::External);
         }
+    }
+    if sctp_not_external {
+        let reason = "SCTP ports are served to connections made on the nodes only: SCTP arriving \
+                      from outside at a node port, external IP or load-balancer IP is not \
+                      translated";
+        out.warnings.push(invalid(SERVICE, object.clone(), reason));
     }
     // The same address can be both an external IP and a load-balancer IP;
     // keep one frontend per key (the first, after sorting by kind).
@@ -281,7 +294,7 @@ fn parse_protocol(protocol: Option<&str>) -> Result<Protocol, String> {
     match protocol {
         None | Some("TCP") => Ok(Protocol::Tcp),
         Some("UDP") => Ok(Protocol::Udp),
-        Some("SCTP") => Err("protocol SCTP is not supported".to_string()),
+        Some("SCTP") => Ok(Protocol::Sctp),
         Some(other) => Err(format!("unknown protocol {other:?}")),
     }
 }
