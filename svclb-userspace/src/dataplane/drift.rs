@@ -186,6 +186,9 @@ struct Decoded<'a> {
     slots: BTreeMap<(FrontendKey, u16), u32>,
     backends: HashMap<u32, BackendRecord>,
     rev_nat: HashMap<u32, &'a svclb_common::RevNat>,
+    /// The affinity-match entries, as a set once (not per frontend: UDP
+    /// socket frontends make them 100,000s).
+    members: BTreeSet<&'a svclb_common::AffinityMatchKey>,
 }
 
 /// Every difference between `observed` and `wanted` (sorted by key), plus
@@ -243,6 +246,7 @@ fn decode<'a>(observed: &'a Observed, out: &mut Vec<Difference>) -> Decoded<'a> 
             .iter()
             .map(|(id, r)| (*id, r))
             .collect(),
+        members: observed.contents.affinity_match.iter().collect(),
     };
     for (key, value) in &observed.contents.services {
         match service_entry(key, value) {
@@ -340,7 +344,7 @@ fn compare_frontend(
     compare_table(w, record, &ids, observed, diff);
     compare_source_ranges(w, record, observed, diff);
     if record.settings.members() {
-        let present: BTreeSet<_> = observed.contents.affinity_match.iter().collect();
+        let present = &d.members;
         for id in &ids {
             let k = svclb_common::AffinityMatchKey {
                 rev_nat_id: record.rev_nat_id,
