@@ -585,7 +585,14 @@ fn sctp_open(target: SocketAddr, timeout: Duration) -> Result<TcpStream, Failure
     // SAFETY: `sa` is a sockaddr_storage holding a sockaddr of `len` bytes.
     let rc = unsafe { libc::connect(fd, (&sa as *const libc::sockaddr_storage).cast(), len) };
     if rc != 0 {
-        return Err(Failure::at("connect")(io::Error::last_os_error()));
+        let e = io::Error::last_os_error();
+        // A blocking SCTP connect whose SO_SNDTIMEO ran out before the
+        // association came up returns EINPROGRESS: a timeout.
+        let e = match e.raw_os_error() {
+            Some(libc::EINPROGRESS) => io::Error::from_raw_os_error(libc::ETIMEDOUT),
+            _ => e,
+        };
+        return Err(Failure::at("connect")(e));
     }
     Ok(s)
 }
