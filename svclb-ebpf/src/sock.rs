@@ -2,11 +2,10 @@
 //! backend once per connection (or datagram); recvmsg and getpeername
 //! translate the backend back so the application only ever sees the service.
 //!
-//! TCP, UDP and SCTP sockets come through connect (SCTP: connect() and
-//! sctp_connectx(), which run the same cgroup hook). sendmsg runs for UDP
-//! only: the kernel has no sendmsg hook for SCTP, so an SCTP one-to-many
-//! socket that sets up its association implicitly by sending to a service
-//! address is not translated (documented in the README).
+//! Protocol 132 (SCTP) is accepted too, for kernels that run the connect
+//! hook for SCTP sockets; Linux 5.10 to 6.12 do not (net/sctp/socket.c
+//! connects without it, and sctp_sendmsg runs no sendmsg hook), so there
+//! SCTP Services are not translated (README).
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use svclb_common::{is_loopback, is_v4_mapped, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 

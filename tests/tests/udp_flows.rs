@@ -294,6 +294,14 @@ fn sctp_connects_through_a_cluster_ip() -> Result<()> {
     let c = Connect::new(Proto::Sctp, ip(SVC4_EMPTY), 53).timeout_ms(500);
     let r = env.client.connect(&env.node, &c)?;
     println!("sctp connect to a service without endpoints: {r:?}");
+    // svclb's part is there: the frontend, in the socket scope.
+    let dump = env.node.dump_json()?;
+    let written = dump["frontends"].as_array().is_some_and(|fs| {
+        fs.iter().any(|f| {
+            f["address"] == SVC4_EMPTY && f["protocol"] == "SCTP" && f["scope"] == "socket"
+        })
+    });
+    assert!(written, "no SCTP socket frontend in {dump}");
     if r.iter().all(|x| x.error.as_deref() == Some("ETIMEDOUT")) {
         // Seen on 5.10 and 6.12: net/sctp/socket.c runs no cgroup connect
         // hook (SCTP's proto has no pre_connect), so nothing translates.

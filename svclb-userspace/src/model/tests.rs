@@ -423,7 +423,7 @@ fn sctp_ports_get_socket_frontends() {
             "198.18.0.10:80/SCTP -> 198.19.0.1:3868",
             "198.18.0.10:81/TCP -> 198.19.0.1:8080",
         ],
-        warnings: &[],
+        warnings: &["Service demo/web: SCTP ports get socket frontends only"],
     }]);
 }
 

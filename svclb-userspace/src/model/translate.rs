@@ -80,11 +80,9 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
 
     // XDP passes SCTP untouched (it parses TCP and UDP only), so SCTP ports
     // get socket frontends only; the Service is warned about once.
-    let mut sctp_not_external = false;
     for port in &ports {
         let mut push = |addr: IpAddr, kind: FrontendKind, scope: Scope| {
             if scope == Scope::External && port.protocol == Protocol::Sctp {
-                sctp_not_external = true;
                 return;
             }
             let key = FrontendKey {
@@ -146,10 +144,12 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
             push(addr, kind, Scope::External);
         }
     }
-    if sctp_not_external {
-        let reason = "SCTP ports are served to connections made on the nodes only: SCTP arriving \
-                      from outside at a node port, external IP or load-balancer IP is not \
-                      translated";
+    if ports.iter().any(|p| p.protocol == Protocol::Sctp) {
+        // Said once per Service, whatever its types of address.
+        let reason = "SCTP ports get socket frontends only, which take effect where the kernel \
+                      runs the cgroup connect hook for SCTP (Linux 5.10 to 6.12 do not: connects \
+                      stay untranslated); SCTP arriving from outside at a node port, external IP \
+                      or load-balancer IP is never translated";
         out.warnings.push(invalid(SERVICE, object.clone(), reason));
     }
     // The same address can be both an external IP and a load-balancer IP;
