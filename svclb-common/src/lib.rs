@@ -27,9 +27,16 @@ pub mod maps {
     /// [`crate::AffinityKey`] -> [`crate::Affinity`] (LRU): the backend a
     /// client (network namespace) was last sent to, per frontend.
     pub const AFFINITY: &str = "SVCLB_AFFINITY";
-    /// [`crate::AffinityMatchKey`] -> u8: the backends of each affinity
-    /// frontend, so a remembered backend that left the service is not reused.
+    /// [`crate::AffinityMatchKey`] -> u8: the backends of each frontend
+    /// with [`crate::SVC_FLAG_MEMBERS`] (session affinity, UDP socket
+    /// frontends), so a remembered backend that left the service is not
+    /// reused.
     pub const AFFINITY_MATCH: &str = "SVCLB_AFF_MATCH";
+    /// [`crate::UdpFlowKey`] -> [`crate::UdpFlow`] (LRU): the backend each
+    /// UDP socket was last sent to, per frontend, so one socket's datagrams
+    /// stay on one backend (as conntrack keeps a UDP flow). Runtime state
+    /// of the programs, like [`SOCK_REV_NAT`]: the agent never writes it.
+    pub const UDP_FLOWS: &str = "SVCLB_UDP_FLOWS";
     /// [`crate::MaglevKey`] -> [`crate::MaglevChunk`]: the Maglev lookup
     /// tables of external frontends, in chunks, two generations at most.
     pub const MAGLEV: &str = "SVCLB_MAGLEV";
@@ -58,7 +65,13 @@ pub mod maps {
     pub const REV_NAT_MAX_ENTRIES: u32 = 65_536;
     pub const SOCK_REV_NAT_MAX_ENTRIES: u32 = 262_144;
     pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
-    pub const AFFINITY_MATCH_MAX_ENTRIES: u32 = 131_072;
+    /// One entry per backend slot of a frontend with members at most, so
+    /// as many as the services map can hold.
+    pub const AFFINITY_MATCH_MAX_ENTRIES: u32 = SERVICES_MAX_ENTRIES;
+    /// Concurrent (socket, frontend) UDP flows remembered; when full the
+    /// least recently used flow is forgotten and picks anew on its next
+    /// datagram.
+    pub const UDP_FLOWS_MAX_ENTRIES: u32 = 65_536;
     /// 16 chunks per table at the default table size: 16k tables.
     pub const MAGLEV_MAX_ENTRIES: u32 = 262_144;
     /// Default, per family; the agent sets it from --conntrack-size.
@@ -79,6 +92,13 @@ pub mod globals {
     /// ports on 127.0.0.1 and ::1 are translated only there. 0: unknown
     /// (kernel < 5.14): translated in every namespace.
     pub const HOST_NETNS_COOKIE: &str = "SVCLB_HOST_NETNS_COOKIE";
+    /// u64 nanoseconds: a UDP flow with no reply seen is forgotten after
+    /// this long without a datagram (netfilter's nf_conntrack_udp_timeout,
+    /// kube-proxy's conntrack.udpTimeout).
+    pub const UDP_TIMEOUT_NS: &str = "SVCLB_UDP_TIMEOUT_NS";
+    /// u64 nanoseconds: the same once a reply was seen
+    /// (nf_conntrack_udp_timeout_stream, conntrack.udpStreamTimeout).
+    pub const UDP_STREAM_TIMEOUT_NS: &str = "SVCLB_UDP_STREAM_TIMEOUT_NS";
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -121,6 +141,11 @@ pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 6;
 /// External scope: externalTrafficPolicy Local (informational; the backend
 /// set already holds only local endpoints).
 pub const SVC_FLAG_LOCAL: u16 = 1 << 7;
+/// The frontend's backends are listed in [`maps::AFFINITY_MATCH`]: it has
+/// session affinity, or it is a UDP socket frontend (whose unconnected
+/// flows stay on their backend while it is a member). Slots can't tell:
+/// they move when another backend leaves.
+pub const SVC_FLAG_MEMBERS: u16 = 1 << 8;
 
 /// Key of the services map. Slot 0 holds the frontend record; slots
 /// 1..=count hold the backend ids the frontend load-balances over.
@@ -214,6 +239,30 @@ pub struct Affinity {
     pub last_used_ns: u64,
     pub backend_id: u32,
     pub _pad: u32,
+}
+
+/// A UDP socket (by cookie) sending to a frontend (by rev-NAT id: at the
+/// socket hooks one id stands for one address, port and protocol, and
+/// 16 bytes hash faster than the address would).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct UdpFlowKey {
+    pub cookie: u64,
+    pub rev_nat_id: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct UdpFlow {
+    /// bpf_ktime_get_ns() of the last datagram sent or reply received.
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    /// 1 once the application received a reply from the backend (recvmsg
+    /// with an address): the flow then lasts the stream timeout.
+    pub replied: u8,
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 
 #[repr(C)]
@@ -480,6 +529,8 @@ mod user {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::Affinity {}
     unsafe impl aya::Pod for super::AffinityMatchKey {}
+    unsafe impl aya::Pod for super::UdpFlowKey {}
+    unsafe impl aya::Pod for super::UdpFlow {}
     unsafe impl aya::Pod for super::MaglevKey {}
     unsafe impl aya::Pod for super::MaglevChunk {}
     unsafe impl aya::Pod for super::FlowKey {}

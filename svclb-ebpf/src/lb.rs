@@ -1,15 +1,18 @@
 //! Service lookup and backend selection: the socket hooks' (random choice,
-//! session affinity, the socket's reverse translation) and the Maglev table
+//! session affinity, UDP flows, the socket's reverse translation) and the Maglev table
 //! reads of the external path.
 use svclb_common::{
     Affinity, AffinityKey, AffinityMatchKey, Backend, MaglevKey, ServiceKey, ServiceValue,
-    SockRevNat, SockRevNatKey, BACKEND_ID_NONE, SCOPE_SOCKET, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_EMPTY,
+    SockRevNat, SockRevNatKey, UdpFlow, UdpFlowKey, BACKEND_ID_NONE, SCOPE_SOCKET,
+    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_MEMBERS,
 };
 
 use crate::{
     helpers::{self, SockAddr},
-    maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, MAGLEV, SERVICES, SOCK_REV_NAT},
+    maps::{
+        AFFINITY, AFFINITY_MATCH, BACKENDS, MAGLEV, SERVICES, SOCK_REV_NAT,
+        SVCLB_UDP_STREAM_TIMEOUT_NS, SVCLB_UDP_TIMEOUT_NS, UDP_FLOWS,
+    },
 };
 
 /// The outcome of looking a destination up.
@@ -25,15 +28,22 @@ pub enum Verdict {
 }
 
 /// Pick a backend of the frontend `dst`/`proto`: the one this client used
-/// last if the frontend has session affinity and it is still a backend,
-/// else one uniformly at random.
+/// last if the frontend has session affinity and it is still a backend;
+/// else, for a UDP datagram (`udp_socket`: the sending socket's cookie),
+/// the one this socket's flow to the frontend went to if the flow is fresh
+/// and the backend still a member; else one uniformly at random.
 ///
 /// Reads slot 0 (the frontend record with the backend count), then one
 /// backend slot, then the backend. The writer (userspace dataplane) orders
 /// its updates so that every slot within the count read here, and every
 /// backend a slot names, exists for as long as this program can be running.
 #[inline(always)]
-pub fn select_backend(dst: &SockAddr, proto: u8, client: impl Fn() -> u64) -> Verdict {
+pub fn select_backend(
+    dst: &SockAddr,
+    proto: u8,
+    client: impl Fn() -> u64,
+    udp_socket: Option<u64>,
+) -> Verdict {
     let mut key = ServiceKey {
         addr: dst.addr,
         port: dst.port,
@@ -51,6 +61,8 @@ pub fn select_backend(dst: &SockAddr, proto: u8, client: impl Fn() -> u64) -> Ve
         }
         return Verdict::Refuse;
     }
+    // Session affinity takes precedence: it already keeps every socket of
+    // the client on one backend, for longer.
     let affinity = if frontend.flags & SVC_FLAG_AFFINITY != 0 {
         Some(AffinityKey {
             client: client(),
@@ -60,12 +72,25 @@ pub fn select_backend(dst: &SockAddr, proto: u8, client: impl Fn() -> u64) -> Ve
     } else {
         None
     };
-    let now = helpers::now_ns();
-    let remembered = match &affinity {
-        Some(akey) => affine_backend(akey, &frontend, now),
-        None => None,
+    // Without the members flag the writer lists no members to check a
+    // remembered backend against (a frontend written by an older agent).
+    let flow = match udp_socket {
+        Some(cookie) if affinity.is_none() && frontend.flags & SVC_FLAG_MEMBERS != 0 => {
+            Some(UdpFlowKey {
+                cookie,
+                rev_nat_id: frontend.rev_nat_id,
+                _pad: 0,
+            })
+        }
+        _ => None,
     };
-    let (backend_id, backend) = match remembered {
+    let now = helpers::now_ns();
+    let remembered = match (&affinity, &flow) {
+        (Some(akey), _) => affine_backend(akey, &frontend, now),
+        (None, Some(fkey)) => flow_backend(fkey, &frontend, now),
+        (None, None) => None,
+    };
+    let (backend_id, backend, replied) = match remembered {
         Some(found) => found,
         None => {
             key.slot = (helpers::random() % frontend.count as u32) as u16 + 1;
@@ -79,7 +104,7 @@ pub fn select_backend(dst: &SockAddr, proto: u8, client: impl Fn() -> u64) -> Ve
             let Some(backend) = helpers::lookup(&BACKENDS, &backend_id) else {
                 return Verdict::Refuse;
             };
-            (backend_id, backend)
+            (backend_id, backend, 0)
         }
     };
     if let Some(akey) = affinity {
@@ -90,6 +115,18 @@ pub fn select_backend(dst: &SockAddr, proto: u8, client: impl Fn() -> u64) -> Ve
         };
         let _ = AFFINITY.insert(akey, value, 0);
     }
+    if let Some(fkey) = flow {
+        let value = UdpFlow {
+            last_used_ns: now,
+            backend_id,
+            replied,
+            _pad: 0,
+            _pad2: 0,
+        };
+        // Best effort, as for the reverse translation: on failure the
+        // next datagram picks anew.
+        let _ = UDP_FLOWS.insert(fkey, value, 0);
+    }
     Verdict::Translate {
         backend: SockAddr {
             addr: backend.addr,
@@ -99,21 +136,80 @@ pub fn select_backend(dst: &SockAddr, proto: u8, client: impl Fn() -> u64) -> Ve
     }
 }
 
+/// Whether `backend_id` is still one of the frontend's backends (the
+/// frontend has [`SVC_FLAG_MEMBERS`] or session affinity). Not whether the
+/// backends map has it: backend entries are shared between services.
+#[inline(always)]
+fn is_member(frontend: &ServiceValue, backend_id: u32) -> Option<Backend> {
+    let member = AffinityMatchKey {
+        rev_nat_id: frontend.rev_nat_id,
+        backend_id,
+    };
+    helpers::lookup(&AFFINITY_MATCH, &member)?;
+    helpers::lookup(&BACKENDS, &backend_id)
+}
+
 /// The backend this client was sent to within the affinity timeout, if it
 /// still belongs to the frontend.
 #[inline(always)]
-fn affine_backend(akey: &AffinityKey, frontend: &ServiceValue, now: u64) -> Option<(u32, Backend)> {
+fn affine_backend(
+    akey: &AffinityKey,
+    frontend: &ServiceValue,
+    now: u64,
+) -> Option<(u32, Backend, u8)> {
     let last = helpers::lookup_lru(&AFFINITY, akey)?;
     if now.wrapping_sub(last.last_used_ns) > frontend.affinity_timeout as u64 * 1_000_000_000 {
         return None;
     }
-    let member = AffinityMatchKey {
-        rev_nat_id: frontend.rev_nat_id,
-        backend_id: last.backend_id,
+    let backend = is_member(frontend, last.backend_id)?;
+    Some((last.backend_id, backend, 0))
+}
+
+/// The backend of this socket's UDP flow to the frontend, if the flow was
+/// used within its timeout (the stream timeout once a reply was seen, as
+/// netfilter's) and the backend still belongs to the frontend; with the
+/// flow's replied flag, which the flow keeps.
+#[inline(always)]
+fn flow_backend(
+    fkey: &UdpFlowKey,
+    frontend: &ServiceValue,
+    now: u64,
+) -> Option<(u32, Backend, u8)> {
+    let last = helpers::lookup_lru(&UDP_FLOWS, fkey)?;
+    let timeout = if last.replied != 0 {
+        SVCLB_UDP_STREAM_TIMEOUT_NS.load()
+    } else {
+        SVCLB_UDP_TIMEOUT_NS.load()
     };
-    helpers::lookup(&AFFINITY_MATCH, &member)?;
-    let backend = helpers::lookup(&BACKENDS, &last.backend_id)?;
-    Some((last.backend_id, backend))
+    if now.wrapping_sub(last.last_used_ns) > timeout {
+        return None;
+    }
+    let backend = is_member(frontend, last.backend_id)?;
+    Some((last.backend_id, backend, last.replied))
+}
+
+/// A reply from `backend` reached this socket's application: its flow to
+/// the frontend (`rev_nat_id`) is refreshed and lasts the stream timeout
+/// from now on. Replies from a backend the flow has left change nothing.
+#[inline(always)]
+pub fn mark_replied(cookie: u64, rev_nat_id: u32, backend: &SockAddr) {
+    let fkey = UdpFlowKey {
+        cookie,
+        rev_nat_id,
+        _pad: 0,
+    };
+    let Some(mut flow) = helpers::lookup_lru(&UDP_FLOWS, &fkey) else {
+        return;
+    };
+    let Some(b) = helpers::lookup(&BACKENDS, &flow.backend_id) else {
+        return;
+    };
+    if b.addr != backend.addr || b.port != backend.port {
+        return;
+    }
+    flow.last_used_ns = helpers::now_ns();
+    flow.replied = 1;
+    let _ = UDP_FLOWS.insert(fkey, flow, 0);
 }
 
 /// Remember that this socket's `backend` stands for `frontend`, for
@@ -137,18 +233,22 @@ pub fn remember(cookie: u64, backend: &SockAddr, frontend: &SockAddr, rev_nat_id
     let _ = SOCK_REV_NAT.insert(key, value, 0);
 }
 
-/// The frontend this socket's peer `backend` stands for, if any.
+/// The frontend this socket's peer `backend` stands for, if any, and its
+/// rev-NAT id.
 #[inline(always)]
-pub fn recall(cookie: u64, backend: &SockAddr) -> Option<SockAddr> {
+pub fn recall(cookie: u64, backend: &SockAddr) -> Option<(SockAddr, u32)> {
     let key = SockRevNatKey {
         cookie,
         addr: backend.addr,
         port: backend.port,
         _pad: [0; 6],
     };
-    helpers::lookup_lru(&SOCK_REV_NAT, &key).map(|v| SockAddr {
-        addr: v.addr,
-        port: v.port,
+    helpers::lookup_lru(&SOCK_REV_NAT, &key).map(|v| {
+        let frontend = SockAddr {
+            addr: v.addr,
+            port: v.port,
+        };
+        (frontend, v.rev_nat_id)
     })
 }
 

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use svclb_common::{
     maps::*, stats, Affinity, AffinityKey, AffinityMatchKey, Backend, Flow, FlowKey, FlowKey4,
     MaglevChunk, MaglevKey, RevNat, ServiceKey, ServiceValue, SockRevNat, SockRevNatKey,
-    SourceRangeKey, XdpConfig,
+    SourceRangeKey, UdpFlow, UdpFlowKey, XdpConfig,
 };
 
 use crate::scratch::Scratch;
@@ -35,6 +35,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, Affinity> =
 #[map(name = "SVCLB_AFF_MATCH")]
 pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> =
     HashMap::pinned(AFFINITY_MATCH_MAX_ENTRIES, NO_PREALLOC);
+
+#[map(name = "SVCLB_UDP_FLOWS")]
+pub static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlow> =
+    LruHashMap::pinned(UDP_FLOWS_MAX_ENTRIES, 0);
 
 #[map(name = "SVCLB_MAGLEV")]
 pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> =
@@ -73,3 +77,11 @@ pub static SVCLB_HAS_SET_RETVAL: Global<u8> = Global::new(0);
 /// Set by the loader (svclb_common::globals::HOST_NETNS_COOKIE).
 #[unsafe(no_mangle)]
 pub static SVCLB_HOST_NETNS_COOKIE: Global<u64> = Global::new(0);
+
+/// Set by the loader (svclb_common::globals::UDP_TIMEOUT_NS).
+#[unsafe(no_mangle)]
+pub static SVCLB_UDP_TIMEOUT_NS: Global<u64> = Global::new(30_000_000_000);
+
+/// Set by the loader (svclb_common::globals::UDP_STREAM_TIMEOUT_NS).
+#[unsafe(no_mangle)]
+pub static SVCLB_UDP_STREAM_TIMEOUT_NS: Global<u64> = Global::new(120_000_000_000);

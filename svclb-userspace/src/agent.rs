@@ -57,6 +57,10 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         xdp_mode: args.xdp_mode,
         maglev_table_size: args.maglev_table_size,
         conntrack_size: args.conntrack_size,
+        udp_timeouts: crate::dataplane::loader::UdpTimeouts {
+            idle: args.udp_timeout,
+            stream: args.udp_stream_timeout,
+        },
         snat_ports: args.snat_ports,
         inject_map_faults: args.inject_map_faults,
     })

@@ -83,6 +83,14 @@ pub struct RunArgs {
     /// svclb_conntrack_evictions_total).
     #[arg(long, default_value_t = svclb_common::maps::CONNTRACK_MAX_ENTRIES)]
     pub conntrack_size: u32,
+    /// How long an unconnected UDP socket's datagrams to a service keep
+    /// going to the same backend after the last one, until a reply is
+    /// received (kube-proxy's conntrack.udpTimeout; netfilter's default).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub udp_timeout: std::time::Duration,
+    /// The same once a reply was received (conntrack.udpStreamTimeout).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub udp_stream_timeout: std::time::Duration,
     /// Source ports for SNAT to remote backends, MIN-MAX. Keep it outside
     /// net.ipv4.ip_local_port_range (32768-60999 by default).
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Context;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use serde::Serialize;
-use svclb_common::{maps, Backend, ServiceKey, ServiceValue};
+use svclb_common::{maps, Backend, ServiceKey, ServiceValue, UdpFlow, UdpFlowKey};
 
 use crate::cli::Output;
 use crate::dataplane::abi::{service_entry, BackendRecord, FrontendRecord, ServiceEntry};
@@ -22,6 +22,18 @@ pub struct Dump {
     /// The external path's conntrack map, when the agent used --devices.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conntrack: Option<ConntrackDump>,
+    /// Unconnected UDP flows the socket programs remember (none when the
+    /// map is missing: an agent of an older version).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp_flows: Option<UdpFlowsDump>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UdpFlowsDump {
+    /// Entries, expired ones included: the programs check their age when
+    /// they use them, and the LRU map reuses the oldest when full.
+    pub entries: usize,
+    pub capacity: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -131,6 +143,17 @@ pub fn read(bpffs: &Path) -> anyhow::Result<Dump> {
         frontends,
         draining,
         conntrack,
+        udp_flows: udp_flows(bpffs),
+    })
+}
+
+fn udp_flows(bpffs: &Path) -> Option<UdpFlowsDump> {
+    let data = MapData::from_pin(map_path(bpffs, maps::UDP_FLOWS)).ok()?;
+    let map: BpfHashMap<MapData, UdpFlowKey, UdpFlow> =
+        BpfHashMap::try_from(Map::LruHashMap(data)).ok()?;
+    Some(UdpFlowsDump {
+        entries: map.keys().filter(Result::is_ok).count(),
+        capacity: maps::UDP_FLOWS_MAX_ENTRIES,
     })
 }
 
@@ -230,6 +253,13 @@ fn table(dump: &Dump) -> String {
             out,
             "conntrack: {} of {} entries, {} flows created, {} entries evicted",
             ct.entries, ct.capacity, ct.flows_created, ct.evictions
+        );
+    }
+    if let Some(u) = &dump.udp_flows {
+        let _ = writeln!(
+            out,
+            "udp flows: {} of {} entries (expired ones included)",
+            u.entries, u.capacity
         );
     }
     out

@@ -1230,10 +1230,24 @@ fn spawn_probe<S: AsRef<OsStr>>(
             s
         })
     };
+    // stdout line by line, so a test can look at it while the client runs.
+    let seen = Arc::new(Mutex::new(String::new()));
+    let lines = seen.clone();
+    let stdout = thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let mut all = lines.lock().unwrap_or_else(|e| e.into_inner());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    });
     Ok(Client {
         proc,
         desc,
-        stdout: read(Box::new(stdout)),
+        stdout,
+        seen,
         stderr: read(Box::new(stderr)),
     })
 }
@@ -1267,12 +1281,20 @@ pub struct Client {
     proc: Arc<Proc>,
     desc: String,
     stdout: thread::JoinHandle<String>,
+    /// The whole lines it printed so far.
+    seen: Arc<Mutex<String>>,
     stderr: thread::JoinHandle<String>,
 }
 
 impl Client {
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    /// The lines it printed so far, parsed.
+    pub fn so_far<T: DeserializeOwned>(&self) -> Result<Vec<T>> {
+        let text = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        parse_lines(&text).with_context(|| format!("output of `{}`", self.desc))
     }
 
     /// Close its stdin (ends `hold --until-eof`), wait for it to exit and

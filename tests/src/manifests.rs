@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 pub enum Proto {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Proto {
@@ -22,6 +23,7 @@ impl Proto {
         match self {
             Proto::Tcp => "TCP",
             Proto::Udp => "UDP",
+            Proto::Sctp => "SCTP",
         }
     }
 
@@ -30,6 +32,7 @@ impl Proto {
         match self {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
+            Proto::Sctp => "sctp",
         }
     }
 }
@@ -57,6 +60,10 @@ impl PortSpec {
 
     pub fn udp(name: &str, port: u16) -> Self {
         Self::new(name, port, Proto::Udp)
+    }
+
+    pub fn sctp(name: &str, port: u16) -> Self {
+        Self::new(name, port, Proto::Sctp)
     }
 
     pub fn new(name: &str, port: u16, protocol: Proto) -> Self {

@@ -36,6 +36,8 @@ const MODULES: &[&str] = &[
     // sock_diag for UDP: svclb destroys connected UDP sockets of removed
     // backends with SOCK_DESTROY (inet_diag comes along).
     "udp_diag",
+    // SCTP Services (tests/tests/udp_flows.rs); the host kernel may lack it.
+    "sctp",
 ];
 /// Every test spawns agents, servers and probes: give them room.
 const MEMORY: &str = "3G";

@@ -6,9 +6,9 @@ use std::net::{IpAddr, Ipv6Addr};
 use svclb_common::{
     Backend as AbiBackend, MaglevChunk, MaglevKey, RevNat, ServiceKey, ServiceValue,
     SourceRangeKey, XdpConfig, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TERMINATING, MAGLEV_CHUNK,
-    PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_SOCKET, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
-    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
-    SVC_FLAG_SOURCE_RANGES,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_SOCKET, SVC_FLAG_AFFINITY,
+    SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
+    SVC_FLAG_MEMBERS, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::model::{Cidr, Frontend, FrontendKey, FrontendKind, Protocol, Scope, WhenEmpty};
@@ -41,6 +41,7 @@ pub fn proto_to_abi(p: Protocol) -> u8 {
     match p {
         Protocol::Tcp => PROTO_TCP,
         Protocol::Udp => PROTO_UDP,
+        Protocol::Sctp => PROTO_SCTP,
     }
 }
 
@@ -48,6 +49,7 @@ pub fn proto_from_abi(p: u8) -> Option<Protocol> {
     match p {
         PROTO_TCP => Some(Protocol::Tcp),
         PROTO_UDP => Some(Protocol::Udp),
+        PROTO_SCTP => Some(Protocol::Sctp),
         _ => None,
     }
 }
@@ -177,14 +179,27 @@ impl Settings {
         } else {
             SVC_FLAG_SOURCE_RANGES
         };
+        // The programs check a remembered backend (affinity, a UDP socket's
+        // flow) against the frontend's members.
+        let udp_flows = f.key.protocol == Protocol::Udp && f.key.scope == Scope::Socket;
+        let members = if affinity != 0 || udp_flows {
+            SVC_FLAG_MEMBERS
+        } else {
+            0
+        };
         Settings {
-            flags: kind | drop | affinity | ranges,
+            flags: kind | drop | affinity | ranges | members,
             affinity_timeout: f.affinity_timeout.unwrap_or(0),
         }
     }
 
     pub fn affinity(&self) -> bool {
         self.flags & SVC_FLAG_AFFINITY != 0
+    }
+
+    /// Whether the affinity-match map lists the frontend's backends.
+    pub fn members(&self) -> bool {
+        self.flags & SVC_FLAG_MEMBERS != 0
     }
 
     /// The flags set, by name, for people.
@@ -197,6 +212,7 @@ impl Settings {
             (SVC_FLAG_DROP_EMPTY, "DropEmpty"),
             (SVC_FLAG_AFFINITY, "Affinity"),
             (SVC_FLAG_SOURCE_RANGES, "SourceRanges"),
+            (SVC_FLAG_MEMBERS, "Members"),
         ]
         .into_iter()
         .filter(|(bit, _)| self.flags & bit != 0)

@@ -193,6 +193,9 @@ struct Decoded<'a> {
     /// What the backends are, for draining backends (named by no slot).
     backend_addrs: BTreeSet<BackendAddr>,
     rev_nat: HashMap<u32, &'a svclb_common::RevNat>,
+    /// The affinity-match entries, as a set once (not per frontend: UDP
+    /// socket frontends make them 100,000s).
+    members: BTreeSet<&'a svclb_common::AffinityMatchKey>,
 }
 
 /// Every difference between `observed` and `wanted` (sorted by key), plus
@@ -255,6 +258,7 @@ fn decode<'a>(observed: &'a Observed, out: &mut Vec<Difference>) -> Decoded<'a> 
             .iter()
             .map(|(id, r)| (*id, r))
             .collect(),
+        members: observed.contents.affinity_match.iter().collect(),
     };
     for (key, value) in &observed.contents.services {
         match service_entry(key, value) {
@@ -359,8 +363,8 @@ fn compare_frontend(
     }
     compare_table(w, record, &ids, observed, diff);
     compare_source_ranges(w, record, observed, diff);
-    if record.settings.affinity() {
-        let present: BTreeSet<_> = observed.contents.affinity_match.iter().collect();
+    if record.settings.members() {
+        let present = &d.members;
         for id in &ids {
             let k = svclb_common::AffinityMatchKey {
                 rev_nat_id: record.rev_nat_id,
@@ -484,7 +488,7 @@ fn unreachable_entries(
         for slot in 1..=r.count {
             if let Some(id) = d.slots.get(&(*fk, slot)) {
                 named.insert(*id);
-                if r.settings.affinity() {
+                if r.settings.members() {
                     members.insert((r.rev_nat_id, *id));
                 }
             }

@@ -91,9 +91,37 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
     Ok(())
 }
 
+/// How long the socket programs keep an unconnected UDP socket's datagrams
+/// to a frontend on one backend after its last datagram: `idle` until a
+/// reply was received, `stream` after (netfilter's UDP conntrack timeouts,
+/// whose defaults these are).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpTimeouts {
+    pub idle: std::time::Duration,
+    pub stream: std::time::Duration,
+}
+
+impl Default for UdpTimeouts {
+    fn default() -> Self {
+        UdpTimeouts {
+            idle: std::time::Duration::from_secs(30),
+            stream: std::time::Duration::from_secs(120),
+        }
+    }
+}
+
 /// Load the object with its maps pinned in (or reused from) `bpffs`, each
-/// conntrack map (IPv4, IPv6) sized `conntrack_size`.
+/// conntrack map (IPv4, IPv6) sized `conntrack_size`, default UDP timeouts.
 pub fn load(bpffs: &Path, conntrack_size: u32) -> Result<Ebpf, DataplaneError> {
+    load_with(bpffs, conntrack_size, UdpTimeouts::default())
+}
+
+/// [`load`] with the given UDP flow timeouts.
+pub fn load_with(
+    bpffs: &Path,
+    conntrack_size: u32,
+    udp: UdpTimeouts,
+) -> Result<Ebpf, DataplaneError> {
     if OBJECT.is_empty() {
         return Err(DataplaneError::Load(
             "this svclb was built with AYA_BUILD_SKIP: no eBPF object".into(),
@@ -133,8 +161,14 @@ pub fn load(bpffs: &Path, conntrack_size: u32) -> Result<Ebpf, DataplaneError> {
         .map_max_entries(svclb_common::maps::CONNTRACK6, conntrack_size)
         .override_global(globals::HAS_SET_RETVAL, &has_set_retval, true)
         .override_global(globals::HOST_NETNS_COOKIE, &host_netns_cookie, true)
+        .override_global(globals::UDP_TIMEOUT_NS, &nanos(udp.idle), true)
+        .override_global(globals::UDP_STREAM_TIMEOUT_NS, &nanos(udp.stream), true)
         .load(OBJECT)
         .map_err(|e| DataplaneError::Load(chain(&e)))
+}
+
+fn nanos(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The cookie of this process's network namespace (the host's, for the
@@ -183,8 +217,17 @@ pub struct Unattached {
 
 /// [`load`], then take the maps userspace writes.
 pub fn load_unattached(bpffs: &Path, conntrack_size: u32) -> Result<Unattached, DataplaneError> {
+    load_unattached_with(bpffs, conntrack_size, UdpTimeouts::default())
+}
+
+/// [`load_with`], then take the maps userspace writes.
+pub fn load_unattached_with(
+    bpffs: &Path,
+    conntrack_size: u32,
+    udp: UdpTimeouts,
+) -> Result<Unattached, DataplaneError> {
     use svclb_common::maps::*;
-    let mut ebpf = load(bpffs, conntrack_size)?;
+    let mut ebpf = load_with(bpffs, conntrack_size, udp)?;
     let mut take = |name| take_map(&mut ebpf, name);
     let maps = KernelMaps::new(WriterMaps {
         services: take(SERVICES)?,
@@ -325,7 +368,7 @@ fn differences(pinned: &aya::maps::MapInfo, needed: &MapLayout) -> Vec<String> {
 /// Maps whose entries name backends or rev-NAT ids by number, and the
 /// maps those ids are defined in: when one of the latter is recreated the
 /// ids start over, so every map holding ids goes with it.
-const ID_HOLDERS: [&str; 9] = {
+const ID_HOLDERS: [&str; 10] = {
     use svclb_common::maps::*;
     [
         SERVICES,
@@ -334,6 +377,7 @@ const ID_HOLDERS: [&str; 9] = {
         AFFINITY_MATCH,
         MAGLEV,
         AFFINITY,
+        UDP_FLOWS,
         SOCK_REV_NAT,
         CONNTRACK4,
         CONNTRACK6,
@@ -350,6 +394,7 @@ fn what_is_lost(name: &str) -> &'static str {
         }
         SOCK_REV_NAT => "replies to UDP sockets opened before show the backend's address",
         AFFINITY => "session affinity starts over",
+        UDP_FLOWS => "unconnected UDP sockets pick their backends anew",
         STATS => "the external path's counters start from zero",
         _ => "the agent refills it on its first sync; until then new connections to the services it held are not translated",
     }

@@ -99,6 +99,7 @@ pub struct DataplaneConfig {
     pub xdp_mode: XdpModeChoice,
     pub maglev_table_size: u32,
     pub conntrack_size: u32,
+    pub udp_timeouts: loader::UdpTimeouts,
     /// SNAT source ports for remote backends, inclusive.
     pub snat_ports: (u16, u16),
     /// Share of map writes and deletes to fail on purpose (soak tests).
@@ -115,6 +116,7 @@ impl DataplaneConfig {
             xdp_mode: XdpModeChoice::Auto,
             maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
             conntrack_size: svclb_common::maps::CONNTRACK_MAX_ENTRIES,
+            udp_timeouts: loader::UdpTimeouts::default(),
             snat_ports: (61000, 65535),
             inject_map_faults: 0.0,
         }
@@ -129,7 +131,11 @@ impl Dataplane {
             mut writer,
             xdp_config,
             mut tx_devices,
-        } = loader::load_unattached(&config.bpffs, config.conntrack_size)?;
+        } = loader::load_unattached_with(
+            &config.bpffs,
+            config.conntrack_size,
+            config.udp_timeouts,
+        )?;
         writer.set_maglev_size(config.maglev_table_size);
         // Only after adopting: a failed start is a crash loop, not the
         // retries the faults are there to exercise.

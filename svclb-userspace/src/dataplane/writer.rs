@@ -173,7 +173,7 @@ impl AppliedFrontend {
 
     /// The affinity-match entries this frontend needs.
     fn members(&self) -> BTreeSet<AffinityMatchKey> {
-        if !self.settings.affinity() {
+        if !self.settings.members() {
             return BTreeSet::new();
         }
         self.slots
@@ -288,7 +288,7 @@ impl Deferred {
         self.affinity_match.retain(|(fk, k)| {
             !frontends.get(fk).is_some_and(|f| {
                 f.rev_nat_id == k.rev_nat_id
-                    && f.settings.affinity()
+                    && f.settings.members()
                     && f.slots.contains(&k.backend_id)
             })
         });

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use proptest::prelude::*;
 
-use svclb_common::{BACKEND_DRAINING, BACKEND_TERMINATING, SVC_FLAG_AFFINITY};
+use svclb_common::{BACKEND_DRAINING, BACKEND_TERMINATING, SVC_FLAG_MEMBERS};
 
 use super::*;
 use crate::dataplane::abi::{addr_from_abi, proto_to_abi};
@@ -297,12 +297,12 @@ fn assert_no_garbage(m: &FakeMaps) {
         m.rev_nat.keys().copied().collect(),
         "stale rev-NAT entries"
     );
-    // Affinity members: exactly the backends of affinity frontends.
+    // Members: exactly the backends of frontends with the members flag.
     let members: BTreeSet<AffinityMatchKey> = m
         .services
         .iter()
         .filter(|(k, _)| {
-            k.slot != 0 && m.services[&FakeMaps::slot_key(k, 0)].flags & SVC_FLAG_AFFINITY != 0
+            k.slot != 0 && m.services[&FakeMaps::slot_key(k, 0)].flags & SVC_FLAG_MEMBERS != 0
         })
         .map(|(k, v)| AffinityMatchKey {
             rev_nat_id: m.services[&FakeMaps::slot_key(k, 0)].rev_nat_id,
@@ -602,6 +602,54 @@ fn switching_affinity_on_and_off_updates_members() {
     w.apply(&sid("a"), &v).unwrap();
     w.flush().unwrap();
     assert!(w.maps().affinity_match.is_empty());
+    assert_no_garbage(w.maps());
+}
+
+/// The programs keep an unconnected UDP socket on its backend while the
+/// members list it; a backend's slot moves when one before it leaves.
+#[test]
+fn udp_socket_frontends_list_their_members() {
+    let mut w = writer();
+    let mut v = vec![
+        fe(
+            "198.19.0.53",
+            53,
+            Protocol::Udp,
+            &[("198.18.1.2", 53), ("198.18.1.3", 53), ("198.18.1.4", 53)],
+        ),
+        fe("198.19.0.80", 80, Protocol::Tcp, &[("198.18.1.2", 80)]),
+    ];
+    w.apply(&sid("a"), &v).unwrap();
+    let ids = |w: &Writer<FakeMaps>| -> BTreeSet<u32> {
+        w.maps()
+            .affinity_match
+            .iter()
+            .map(|k| k.backend_id)
+            .collect()
+    };
+    assert_eq!(
+        ids(&w).len(),
+        3,
+        "the UDP frontend's three, not the TCP one's"
+    );
+    let id_of = |w: &Writer<FakeMaps>, addr: &str| -> u32 {
+        let ip: IpAddr = addr.parse().unwrap();
+        *w.maps()
+            .backends
+            .iter()
+            .find(|(_, b)| addr_from_abi(b.addr) == ip && b.port == 53)
+            .unwrap()
+            .0
+    };
+    let kept = [id_of(&w, "198.18.1.3"), id_of(&w, "198.18.1.4")];
+    v[0].backends.remove(0);
+    w.apply(&sid("a"), &v).unwrap();
+    w.flush().unwrap();
+    assert_eq!(
+        ids(&w),
+        BTreeSet::from(kept),
+        "the staying backends keep their ids"
+    );
     assert_no_garbage(w.maps());
 }
 

@@ -98,6 +98,8 @@ impl fmt::Display for ServiceId {
 pub enum Protocol {
     Tcp,
     Udp,
+    /// Socket frontends only: XDP does not translate SCTP.
+    Sctp,
 }
 
 impl fmt::Display for Protocol {
@@ -105,6 +107,7 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
         })
     }
 }

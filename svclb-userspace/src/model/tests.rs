@@ -407,23 +407,69 @@ fn endpoint_conditions() {
 }
 
 #[test]
+fn sctp_ports_get_socket_frontends() {
+    check(vec![Case {
+        name: "SCTP beside TCP on a ClusterIP",
+        svc: web(json!({"clusterIP": "198.18.0.10", "ports": [
+            {"name": "sig", "port": 80, "protocol": "SCTP", "targetPort": 3868},
+            {"name": "http", "port": 81},
+        ]})),
+        slices: vec![web_slice(
+            "a",
+            json!([{"name": "sig", "port": 3868, "protocol": "SCTP"}, {"name": "http", "port": 8080}]),
+            ready(&["198.19.0.1"]),
+        )],
+        frontends: &[
+            "198.18.0.10:80/SCTP -> 198.19.0.1:3868",
+            "198.18.0.10:81/TCP -> 198.19.0.1:8080",
+        ],
+        warnings: &["Service demo/web: SCTP ports get socket frontends only"],
+    }]);
+}
+
+/// XDP passes SCTP untouched: an SCTP port gets socket frontends on every
+/// address (node ports, external IPs too) but no external ones, and the
+/// Service is warned about once, however many SCTP ports and addresses.
+#[test]
+fn sctp_gets_no_external_frontends_and_one_warning() {
+    let t = run(
+        web(json!({"type": "NodePort", "clusterIP": "198.18.0.10",
+            "externalIPs": ["198.18.9.1", "198.18.9.2"], "ports": [
+            {"name": "sig", "port": 80, "protocol": "SCTP", "nodePort": 30080},
+            {"name": "sig2", "port": 82, "protocol": "SCTP", "nodePort": 30082},
+            {"name": "http", "port": 81, "nodePort": 30081},
+        ]})),
+        &[web_slice(
+            "a",
+            json!([{"name": "sig", "port": 80, "protocol": "SCTP"},
+                   {"name": "sig2", "port": 82, "protocol": "SCTP"},
+                   {"name": "http", "port": 81}]),
+            ready(&["198.19.0.1"]),
+        )],
+    );
+    let addrs = |protocol: Protocol, scope: Scope| -> BTreeSet<std::net::IpAddr> {
+        (t.frontends.iter())
+            .filter(|f| f.key.protocol == protocol && f.key.scope == scope)
+            .map(|f| f.key.addr)
+            .collect()
+    };
+    let tcp_socket = addrs(Protocol::Tcp, Scope::Socket);
+    assert!(
+        tcp_socket.len() >= 3,
+        "cluster IP and external IPs at least"
+    );
+    assert_eq!(addrs(Protocol::Sctp, Scope::Socket), tcp_socket);
+    assert!(addrs(Protocol::Sctp, Scope::External).is_empty());
+    assert!(!addrs(Protocol::Tcp, Scope::External).is_empty());
+    let w = warnings(&t);
+    assert_eq!(w.len(), 1, "{w:#?}");
+    assert!(w[0].contains("demo/web") && w[0].contains("SCTP"), "{w:#?}");
+}
+
+#[test]
 fn invalid_parts_are_skipped_with_a_warning() {
     let http = json!([{"name": "http", "port": 8080}]);
     check(vec![
-        Case {
-            name: "SCTP port skipped, the others translated",
-            svc: web(json!({"clusterIP": "198.18.0.10", "ports": [
-                {"name": "sig", "port": 80, "protocol": "SCTP"},
-                {"name": "http", "port": 81},
-            ]})),
-            slices: vec![web_slice(
-                "a",
-                json!([{"name": "sig", "port": 80, "protocol": "SCTP"}, {"name": "http", "port": 8080}]),
-                ready(&["198.19.0.1"]),
-            )],
-            frontends: &["198.18.0.10:81/TCP -> 198.19.0.1:8080"],
-            warnings: &["Service demo/web: port 80 (\"sig\"): protocol SCTP is not supported"],
-        },
         Case {
             name: "unknown protocol",
             svc: web(json!({"clusterIP": "198.18.0.10", "ports": [{"port": 80, "protocol": "tcp"}]})),

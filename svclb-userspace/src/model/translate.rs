@@ -78,8 +78,13 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
     let external_ips = external_ips(svc, &ips, &object, warn);
     let source_ranges = source_ranges(spec, &object, warn);
 
+    // XDP passes SCTP untouched (it parses TCP and UDP only), so SCTP ports
+    // get socket frontends only; the Service is warned about once.
     for port in &ports {
         let mut push = |addr: IpAddr, kind: FrontendKind, scope: Scope| {
+            if scope == Scope::External && port.protocol == Protocol::Sctp {
+                return;
+            }
             let key = FrontendKey {
                 addr,
                 port: if kind == FrontendKind::NodePort {
@@ -147,6 +152,14 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
             push(addr, kind, Scope::Socket);
             push(addr, kind, Scope::External);
         }
+    }
+    if ports.iter().any(|p| p.protocol == Protocol::Sctp) {
+        // Said once per Service, whatever its types of address.
+        let reason = "SCTP ports get socket frontends only, which take effect where the kernel \
+                      runs the cgroup connect hook for SCTP (Linux 5.10 to 6.12 do not: connects \
+                      stay untranslated); SCTP arriving from outside at a node port, external IP \
+                      or load-balancer IP is never translated";
+        out.warnings.push(invalid(SERVICE, object.clone(), reason));
     }
     // The same address can be both an external IP and a load-balancer IP;
     // keep one frontend per key (the first, after sorting by kind).
@@ -290,7 +303,7 @@ fn parse_protocol(protocol: Option<&str>) -> Result<Protocol, String> {
     match protocol {
         None | Some("TCP") => Ok(Protocol::Tcp),
         Some("UDP") => Ok(Protocol::Udp),
-        Some("SCTP") => Err("protocol SCTP is not supported".to_string()),
+        Some("SCTP") => Ok(Protocol::Sctp),
         Some(other) => Err(format!("unknown protocol {other:?}")),
     }
 }

@@ -26,6 +26,10 @@ struct Args {
     endpoints: usize,
     #[arg(long, default_value_t = 1_000)]
     changes: usize,
+    /// The services' protocol: TCP or UDP (UDP socket frontends also list
+    /// their backends in SVCLB_AFF_MATCH, for unconnected UDP flows).
+    #[arg(long, default_value = "TCP")]
+    protocol: String,
 }
 
 /// 198.18.0.0/15 holds 131,072 addresses: pods from the bottom, service IPs
@@ -34,15 +38,16 @@ fn addr(index: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + index as u32)
 }
 
-fn service(i: usize) -> Service {
+fn service(i: usize, protocol: &str) -> Service {
     serde_json::from_value(json!({
         "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
-        "spec": {"clusterIP": addr(100_000 + i).to_string(), "ports": [{"name": "http", "port": 80}]},
+        "spec": {"clusterIP": addr(100_000 + i).to_string(),
+                 "ports": [{"name": "http", "port": 80, "protocol": protocol}]},
     }))
     .expect("generated Service")
 }
 
-fn slice(i: usize, endpoints: &[Ipv4Addr]) -> EndpointSlice {
+fn slice(i: usize, endpoints: &[Ipv4Addr], protocol: &str) -> EndpointSlice {
     let endpoints: Vec<_> = endpoints
         .iter()
         .map(|a| json!({"addresses": [a.to_string()], "conditions": {"ready": true}}))
@@ -51,7 +56,7 @@ fn slice(i: usize, endpoints: &[Ipv4Addr]) -> EndpointSlice {
         "metadata": {"name": format!("svc-{i}-abc"), "namespace": "bench",
                      "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
         "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "ports": [{"name": "http", "port": 8080, "protocol": protocol}],
         "endpoints": endpoints,
     }))
     .expect("generated EndpointSlice")
@@ -62,6 +67,18 @@ fn peak_rss_mib() -> f64 {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     usage.ru_maxrss as f64 / 1024.0
+}
+
+/// What the kernel charges for the pinned map `name` (fdinfo's memlock:
+/// entries, buckets and preallocated elements, from Linux 6.4 on).
+fn map_memory(bpffs: &std::path::Path, name: &str) -> Option<u64> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let map = aya::maps::MapData::from_pin(bpffs.join(name)).ok()?;
+    let fd = map.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -106,15 +123,15 @@ fn main() -> anyhow::Result<()> {
     let objects: Vec<Object> = (0..args.services)
         .flat_map(|i| {
             [
-                Object::Service(Box::new(service(i))),
-                Object::EndpointSlice(Box::new(slice(i, &endpoints[i]))),
+                Object::Service(Box::new(service(i, &args.protocol))),
+                Object::EndpointSlice(Box::new(slice(i, &endpoints[i], &args.protocol))),
             ]
         })
         .collect();
 
     println!(
-        "svclb control plane: {} services x {} endpoints, real translation and BPF maps",
-        args.services, args.endpoints
+        "svclb control plane: {} {} services x {} endpoints, real translation and BPF maps",
+        args.services, args.protocol, args.endpoints
     );
     let start = Instant::now();
     let mut store = ObjectStore::new();
@@ -146,7 +163,7 @@ fn main() -> anyhow::Result<()> {
     for c in 0..args.changes {
         let i = (c * 7919) % args.services;
         endpoints[i][c % args.endpoints] = addr(spare + c % 20_000);
-        let changed = Object::EndpointSlice(Box::new(slice(i, &endpoints[i])));
+        let changed = Object::EndpointSlice(Box::new(slice(i, &endpoints[i], &args.protocol)));
         let t0 = Instant::now();
         let (affected, _) = store.upsert(changed);
         for id in &affected {
@@ -185,6 +202,16 @@ fn main() -> anyhow::Result<()> {
         "  peak RSS:                 {:>9.1} MiB (target <= 200 MiB)",
         peak_rss_mib()
     );
+    for map in [
+        svclb_common::maps::SERVICES,
+        svclb_common::maps::AFFINITY_MATCH,
+        svclb_common::maps::UDP_FLOWS,
+    ] {
+        println!(
+            "  kernel memory {map:<18} {:>7.1} MiB (the kernel's estimate, fdinfo memlock)",
+            map_memory(&scratch.bpffs, map).unwrap_or(0) as f64 / (1 << 20) as f64
+        );
+    }
     // What the agent does once per --sync-period (30 s by default).
     let t0 = Instant::now();
     let drift = dataplane.check_drift()?;

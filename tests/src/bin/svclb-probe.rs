@@ -43,6 +43,8 @@ struct Cli {
 enum Proto {
     Tcp,
     Udp,
+    /// SCTP one-to-one (SOCK_STREAM) sockets: connect, one request line.
+    Sctp,
 }
 
 #[derive(Subcommand)]
@@ -75,6 +77,25 @@ enum Cmd {
         /// UDP: send from this local port (default: an ephemeral one).
         #[arg(long, default_value_t = 0)]
         source_port: u16,
+    },
+    /// One unconnected UDP socket sending a datagram every INTERVAL
+    /// (COUNT of them, 0: until stdin reaches EOF); one JSON line per
+    /// datagram, as `connect` prints them, flushed at once.
+    UdpFlow {
+        #[arg(long)]
+        addr: IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 0)]
+        count: u32,
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        /// Read replies with recv() (no sender address) instead of
+        /// recvfrom(): svclb's recvmsg hook then never sees a reply.
+        #[arg(long)]
+        no_peer: bool,
     },
     /// For DURATION: every INTERVAL one request on a long-lived TCP
     /// connection and one new short TCP connection; then a JSON summary.
@@ -170,6 +191,7 @@ fn main() -> ExitCode {
                 let r = match proto {
                     Proto::Tcp => tcp_once(target, timeout),
                     Proto::Udp => udp_once(target, timeout, udp_connected, source_port),
+                    Proto::Sctp => sctp_once(target, timeout),
                 };
                 let line = match r {
                     Ok(v) => v,
@@ -181,6 +203,20 @@ fn main() -> ExitCode {
             }
             Ok(())
         }
+        Cmd::UdpFlow {
+            addr,
+            port,
+            count,
+            interval_ms,
+            timeout_ms,
+            no_peer,
+        } => udp_flow(
+            SocketAddr::new(addr, port),
+            count,
+            Duration::from_millis(interval_ms),
+            Duration::from_millis(timeout_ms),
+            no_peer,
+        ),
         Cmd::Hold {
             addr,
             port,
@@ -264,11 +300,11 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 
 /// A [::]:port socket with IPV6_V6ONLY off, so it also serves IPv4
 /// whatever net.ipv6.bindv6only says. std cannot set options before bind.
-fn dual_stack_socket(kind: libc::c_int, port: u16) -> io::Result<libc::c_int> {
+fn dual_stack_socket(kind: libc::c_int, proto: libc::c_int, port: u16) -> io::Result<libc::c_int> {
     // SAFETY: plain socket syscalls on a descriptor we own; the sockaddr is
     // a zeroed sockaddr_in6 with family and port filled in.
     unsafe {
-        let fd = libc::socket(libc::AF_INET6, kind | libc::SOCK_CLOEXEC, 0);
+        let fd = libc::socket(libc::AF_INET6, kind | libc::SOCK_CLOEXEC, proto);
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -317,11 +353,23 @@ fn serve(name: &str, ports: &[u16]) -> Result<(), String> {
         let err = |e: io::Error| format!("binding [::]:{port}: {e}");
         // SAFETY: the descriptors are fresh, owned, and of the right kind.
         let tcp = unsafe {
-            TcpListener::from_raw_fd(dual_stack_socket(libc::SOCK_STREAM, port).map_err(err)?)
+            TcpListener::from_raw_fd(dual_stack_socket(libc::SOCK_STREAM, 0, port).map_err(err)?)
         };
         let udp = unsafe {
-            UdpSocket::from_raw_fd(dual_stack_socket(libc::SOCK_DGRAM, port).map_err(err)?)
+            UdpSocket::from_raw_fd(dual_stack_socket(libc::SOCK_DGRAM, 0, port).map_err(err)?)
         };
+        // SCTP too where the kernel has it (an accepted one-to-one SCTP
+        // socket reads and writes like a TCP stream).
+        match dual_stack_socket(libc::SOCK_STREAM, libc::IPPROTO_SCTP, port) {
+            Ok(fd) => {
+                // SAFETY: as above.
+                let sctp = unsafe { TcpListener::from_raw_fd(fd) };
+                let n = name.to_string();
+                threads.push(thread::spawn(move || serve_tcp(&n, port, sctp)));
+            }
+            Err(e) if no_sctp(&e) => {}
+            Err(e) => return Err(err(e)),
+        }
         let n = name.to_string();
         threads.push(thread::spawn(move || serve_tcp(&n, port, tcp)));
         let n = name.to_string();
@@ -363,6 +411,14 @@ fn serve_udp(name: &str, port: u16, socket: UdpSocket) {
         let reply = format!("{name} {port} {}\n", canonical(peer));
         let _ = socket.send_to(reply.as_bytes(), peer);
     }
+}
+
+/// The errors socket() gives for SCTP on a kernel without it.
+fn no_sctp(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPROTONOSUPPORT | libc::ESOCKTNOSUPPORT | libc::EAFNOSUPPORT)
+    )
 }
 
 // ---- connect ----
@@ -536,6 +592,135 @@ fn udp_once(
     };
     let local = s.local_addr().map_err(Failure::at("getsockname"))?;
     success(&String::from_utf8_lossy(&buf[..n]), peer, local)
+}
+
+/// A connected one-to-one SCTP socket, as a stream.
+fn sctp_open(target: SocketAddr, timeout: Duration) -> Result<TcpStream, Failure> {
+    let family = match target {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: socket(2) has no memory arguments.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_SCTP,
+        )
+    };
+    if fd < 0 {
+        return Err(Failure::at("socket")(io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh descriptor we own; it reads and writes like a stream.
+    let s = unsafe { TcpStream::from_raw_fd(fd) };
+    // SO_SNDTIMEO bounds SCTP's blocking connect as well.
+    s.set_write_timeout(Some(timeout))
+        .map_err(Failure::at("socket"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(Failure::at("socket"))?;
+    let (sa, len) = sockaddr(target);
+    // SAFETY: `sa` is a sockaddr_storage holding a sockaddr of `len` bytes.
+    let rc = unsafe { libc::connect(fd, (&sa as *const libc::sockaddr_storage).cast(), len) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        // A blocking SCTP connect whose SO_SNDTIMEO ran out before the
+        // association came up returns EINPROGRESS: a timeout.
+        let e = match e.raw_os_error() {
+            Some(libc::EINPROGRESS) => io::Error::from_raw_os_error(libc::ETIMEDOUT),
+            _ => e,
+        };
+        return Err(Failure::at("connect")(e));
+    }
+    Ok(s)
+}
+
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all zeroes is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(v4) => {
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            let sin = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = v4.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = v6.port().to_be();
+            sin6.sin6_addr.s6_addr = v6.ip().octets();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn sctp_once(target: SocketAddr, timeout: Duration) -> Result<Value, Failure> {
+    let s = sctp_open(target, timeout)?;
+    let reply = request(&s)?;
+    let peer = s.peer_addr().map_err(Failure::at("getpeername"))?;
+    let local = s.local_addr().map_err(Failure::at("getsockname"))?;
+    success(&reply, peer, local)
+}
+
+// ---- udp-flow ----
+
+fn udp_flow(
+    target: SocketAddr,
+    count: u32,
+    interval: Duration,
+    timeout: Duration,
+    no_peer: bool,
+) -> Result<(), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    if count == 0 {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let _ = io::copy(&mut io::stdin(), &mut io::sink());
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    let any: SocketAddr = match target {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let s = UdpSocket::bind(any).map_err(|e| format!("udp socket: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| format!("udp socket: {e}"))?;
+    let local = s.local_addr().map_err(|e| format!("getsockname: {e}"))?;
+    let mut out = io::stdout().lock();
+    let mut buf = [0u8; 2048];
+    let mut sent = 0u32;
+    while (count == 0 || sent < count) && !stop.load(Ordering::Relaxed) {
+        if sent > 0 {
+            thread::sleep(interval);
+        }
+        sent += 1;
+        let r = s
+            .send_to(b"hi\n", target)
+            .map_err(Failure::at("send"))
+            .and_then(|_| {
+                if no_peer {
+                    let n = s.recv(&mut buf).map_err(Failure::at("recv"))?;
+                    Ok((n, target))
+                } else {
+                    s.recv_from(&mut buf).map_err(Failure::at("recv"))
+                }
+            })
+            .and_then(|(n, peer)| success(&String::from_utf8_lossy(&buf[..n]), peer, local));
+        let line = r.unwrap_or_else(|f| f.to_json());
+        if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 // ---- hold ----
@@ -819,6 +1004,7 @@ fn rate(
             let r = match proto {
                 Proto::Tcp => tcp_op(target, timeout, &mut buf),
                 Proto::Udp => udp_op(&udp[i], target, &mut buf),
+                Proto::Sctp => sctp_open(target, timeout).and_then(|s| request(&s).map(drop)),
             };
             let tally = &mut tallies[i];
             tally.busy += t0.elapsed();
@@ -849,7 +1035,7 @@ fn rate(
     println!(
         "{}",
         json!({
-            "proto": match proto { Proto::Tcp => "tcp", Proto::Udp => "udp" },
+            "proto": match proto { Proto::Tcp => "tcp", Proto::Udp => "udp", Proto::Sctp => "sctp" },
             "seconds": start.elapsed().as_secs_f64(),
             "results": results,
         })
