@@ -15,13 +15,16 @@
 //! before its forward entry). While the agent is down nothing is swept;
 //! the LRU and the programs' reclaiming of closed and expired flows' SNAT
 //! ports keep new flows working meanwhile.
-use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::Path;
 use std::time::Duration;
 
 use aya::maps::MapData;
+// foldhash, randomly seeded per process: a sweep hashes every entry into a
+// map, and SipHash made that half the sweep's cost; the keys come from
+// clients' packets, so the hash stays seeded.
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use svclb_common::{
     ct_expired, ct_now, ct_state, Flow, FlowKey, FlowKey4, CT_TICK_SHIFT, FLOW_INGRESS,
 };
