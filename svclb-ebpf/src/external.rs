@@ -27,24 +27,27 @@ use crate::{
     stats::count,
 };
 
-/// SNAT ports tried for a new flow before giving up. A port is taken when
-/// no entry holds it, or when the flow holding it is over (RST, or FINs
-/// both ways: `CT_CLOSED`), as netfilter lets a new SYN reuse a TIME_WAIT
-/// tuple; expired flows' ports are freed by the agent's sweeper.
-///
-/// A range of at most SNAT_TRIES ports is scanned whole, from a random
-/// port on: allocation fails only when every port is held by a live flow.
+/// SNAT ports tried for a free one (no entry holds it) before giving up
+/// on free ports. A range of at most SNAT_TRIES ports is scanned whole,
+/// from a random port on: that pass fails only when every port is held.
 /// In a larger range each try is an independent random port, so whatever
-/// pattern the ports in use form (no clustering, unlike a scan), with a
-/// fraction p of the range held by live flows toward the backend all
-/// tries fail with probability p^SNAT_TRIES: at 90%, 0.9^256 = 2e-12 (one
-/// new flow in 500 billion); at 99%, 0.99^256 = 8%. The expected tries
-/// are 1/(1-p): 10 at 90%. (`tests/tests/xdp_fixtures.rs` fills a range
-/// to 90%.) No bpf_loop on 5.10: the verifier walks the loop once per try,
-/// and each branch in a try is a state it keeps pending (8192 at most), so
-/// a try is kept to a few branches: the expiry of a live flow is the
-/// sweeper's to judge, not the allocation's.
+/// pattern the held ports form (no clustering, unlike a scan), with a
+/// fraction p of the range held toward the backend all tries fail with
+/// probability p^SNAT_TRIES: at 90%, 0.9^256 = 2e-12 (one new flow in 500
+/// billion); at 99%, 0.99^256 = 8%. The expected tries are 1/(1-p): 10 at
+/// 90%. (`tests/tests/xdp_fixtures.rs` allocates at 90-92%.)
+///
+/// No bpf_loop on 5.10: the verifier walks the loop once per try, so a
+/// try is one map update (the entry's checksum deltas are filled in
+/// after: nothing can match a reply entry before its flow's first packet
+/// is sent).
 const SNAT_TRIES: u32 = 256;
+
+/// Then ports tried for one a closed flow holds (RST, or FINs both ways:
+/// its reply entry is `CT_CLOSED`), as netfilter lets a new SYN reuse a
+/// TIME_WAIT tuple; the agent's sweeper frees expired flows' ports. Each
+/// of these tries costs the verifier some 30 times a free-port try.
+const RECLAIM_TRIES: u32 = 16;
 
 pub enum Decision {
     /// Not ours: leave the packet to the stack untouched.
@@ -305,6 +308,9 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
             count(stats::SNAT_EXHAUSTED);
             return Decision::Drop;
         }
+        // The entry with its checksum deltas, now that the port is known.
+        set_checksum_deltas(flow, reply_key, v6);
+        conntrack::insert(reply_key, flow, 0, v6);
         flow.src = snat;
         flow.sport = port;
     }
@@ -326,10 +332,11 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
 /// if the port is free toward the backend, or held by a flow that is over
 /// (see `reclaim`).
 /// A SNAT port in min..=max for the reply entry `flow` at `key` (the
-/// port goes in `key.dport`), inserted; 0 when none was found. The family
-/// is a constant, so a try has no branch on it (see SNAT_TRIES).
+/// port goes in `key.dport`), inserted as it is (the caller completes
+/// it); 0 when none was found. The family is a constant, so a try has no
+/// branch on it.
 #[inline(never)]
-fn snat_port<const V6: bool>(flow: &mut Flow, key: &mut FlowKey, min: u16, max: u16) -> u16 {
+fn snat_port<const V6: bool>(flow: &Flow, key: &mut FlowKey, min: u16, max: u16) -> u16 {
     let range = (max - min) as u32 + 1;
     let start = helpers::random();
     let mut i = 0;
@@ -340,31 +347,37 @@ fn snat_port<const V6: bool>(flow: &mut Flow, key: &mut FlowKey, min: u16, max: 
         if n >= range {
             break;
         }
-        let r = if range <= SNAT_TRIES {
-            start.wrapping_add(n)
-        } else {
-            helpers::random()
-        };
-        let port = min + (r % range) as u16;
-        if take_port::<V6>(flow, key, port) {
-            return port;
+        key.dport = candidate(min, range, start, n);
+        if conntrack::insert(key, flow, BPF_NOEXIST, V6) {
+            return key.dport;
+        }
+        i += 1;
+    }
+    let mut i = 0;
+    while i < RECLAIM_TRIES {
+        let n = helpers::opaque(i);
+        key.dport = candidate(min, range, start, n);
+        // Taken with BPF_NOEXIST: when two CPUs reclaim the same port, one
+        // of them gets it.
+        if reclaim::<V6>(key) && conntrack::insert(key, flow, BPF_NOEXIST, V6) {
+            return key.dport;
         }
         i += 1;
     }
     0
 }
 
-// Not inlined: see SNAT_TRIES.
-#[inline(never)]
-fn take_port<const V6: bool>(flow: &mut Flow, key: &mut FlowKey, port: u16) -> bool {
-    key.dport = port;
-    set_checksum_deltas(flow, key, V6);
-    if conntrack::insert(key, flow, BPF_NOEXIST, V6) {
-        return true;
-    }
-    // Taken again with BPF_NOEXIST: when two CPUs reclaim the same port,
-    // one of them gets it.
-    reclaim::<V6>(key) && conntrack::insert(key, flow, BPF_NOEXIST, V6)
+/// Try `n` of a port search in a range of `range` ports from `min`: the
+/// ports in turn from `start` when the range is small (it is scanned
+/// whole), else a random one.
+#[inline(always)]
+fn candidate(min: u16, range: u32, start: u32, n: u32) -> u16 {
+    let r = if range <= SNAT_TRIES {
+        start.wrapping_add(n)
+    } else {
+        helpers::random()
+    };
+    min + (r % range) as u16
 }
 
 /// Remove the reply entry at `key` (its SNAT port) and its flow's
