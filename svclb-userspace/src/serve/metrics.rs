@@ -797,6 +797,61 @@ mod tests {
     }
 
     #[test]
+    fn conntrack_sweeper_series() {
+        use crate::dataplane::conntrack::{ConntrackStats, SweepReport};
+        use svclb_common::ct_state::*;
+        let m = Metrics::new();
+        let mut report = SweepReport::default();
+        report.flows_by_state[TCP_ESTABLISHED] = 5;
+        report.expired[TCP_TIME_WAIT] = 3;
+        report.snat_ports_in_use = 7;
+        report.snat_ports_in_use_max = 4;
+        let mut stats = ConntrackStats {
+            snat_ports_capacity: 100,
+            ..Default::default()
+        };
+        stats.add(report.clone());
+        stats.add(report);
+        m.set_conntrack(stats);
+        // The periodic counters sample keeps the sweeper's figures.
+        let mut counters = vec![0; svclb_common::stats::COUNT as usize];
+        counters[svclb_common::stats::SNAT_RECLAIMED as usize] = 9;
+        m.set_external(crate::dataplane::ExternalStats {
+            counters,
+            ..Default::default()
+        });
+        let (types, samples) = parse(&m.render());
+        assert_eq!(types["svclb_conntrack_expirations_total"], "counter");
+        let flows = |s| value(&samples, "svclb_conntrack_flows", &[("state", s)]);
+        assert_eq!(flows("tcp_established"), 5.0);
+        assert_eq!(flows("udp_replied"), 0.0);
+        assert_eq!(
+            value(
+                &samples,
+                "svclb_conntrack_expirations_total",
+                &[("state", "tcp_time_wait")]
+            ),
+            6.0
+        );
+        assert_eq!(
+            value(&samples, "svclb_conntrack_snat_ports_in_use", &[]),
+            7.0
+        );
+        assert_eq!(
+            value(&samples, "svclb_conntrack_snat_ports_in_use_max", &[]),
+            4.0
+        );
+        assert_eq!(
+            value(&samples, "svclb_conntrack_snat_ports_capacity", &[]),
+            100.0
+        );
+        assert_eq!(
+            value(&samples, "svclb_conntrack_snat_ports_reclaimed_total", &[]),
+            9.0
+        );
+    }
+
+    #[test]
     fn fresh_metrics_parse_with_zeroes() {
         let text = Metrics::new().render();
         let (types, samples) = parse(&text);
