@@ -1061,3 +1061,26 @@ fn the_sweeper_removes_entries_left_alone() {
         assert_eq!(t.conntrack(), []);
     });
 }
+
+#[test]
+fn an_expired_flows_snat_port_goes_to_the_next_flow_after_the_sweep() {
+    fixture(|t, node| {
+        t.set_snat(Some(NODE_V4), None, (61000, 61000)).unwrap();
+        tcp_nodeport_to(t, backend(REMOTE4, false));
+        let (a, b) = (sa("198.18.128.10:40000"), sa("198.18.128.11:40000"));
+        let run = xdp(t, node, &client_segment(a, TCP_SYN).build());
+        let snat = snat_source(&run);
+        xdp(t, node, &backend_segment(snat, TCP_SYN | TCP_ACK).build());
+        // Established, never closed: the port is A's until A expires.
+        assert_eq!(
+            xdp(t, node, &client_segment(b, TCP_SYN).build()).verdict,
+            XDP_DROP
+        );
+        let r = sweep(t, now_ticks() + ticks()[ct_state::TCP_ESTABLISHED] + 2);
+        assert_eq!(r.expired[ct_state::TCP_ESTABLISHED], 1);
+        let run = xdp(t, node, &client_segment(b, TCP_SYN).build());
+        assert_eq!(run.verdict, XDP_TX);
+        assert_eq!(snat_source(&run), snat);
+        assert_eq!(t.stat(stats::SNAT_RECLAIMED), 0, "freed by the sweeper");
+    });
+}
