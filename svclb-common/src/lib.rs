@@ -376,7 +376,10 @@ pub struct Flow {
     pub backend_id: u32,
     pub rev_nat_id: u32,
     pub direction: u8,
-    pub _pad: u8,
+    /// `CT_SEEN`, `CT_FIN`, `CT_RST`: what the packets this entry
+    /// translated showed (only its own direction's; the flow's state is
+    /// both entries' together, see [`ct_state`]).
+    pub state: u8,
     /// What the translation does to the IPv4 header checksum (addresses)
     /// and to the TCP/UDP checksum (addresses and ports), as one's-complement
     /// sums folded to 16 bits: fixed per entry, so computed when it is made.
@@ -386,6 +389,105 @@ pub struct Flow {
     /// Where XDP sends the flow's packets, cached so an established packet
     /// needs no FIB lookup and no backend check.
     pub route: Route,
+    /// When the entry last translated a packet, in [`ct_now`] ticks.
+    /// Written only when it moved (at most once per tick per entry), so
+    /// an established flow's packets do not dirty the entry's cache line.
+    pub last_seen: u32,
+}
+
+/// Conntrack time unit: 2^30 ns (1.07 s) of CLOCK_MONOTONIC
+/// (`bpf_ktime_get_ns`), so the programs get it with a shift.
+pub const CT_TICK_SHIFT: u32 = 30;
+
+/// The conntrack clock: `ktime_ns` (CLOCK_MONOTONIC) in ticks.
+#[inline(always)]
+pub const fn ct_now(ktime_ns: u64) -> u32 {
+    (ktime_ns >> CT_TICK_SHIFT) as u32
+}
+
+/// `Flow::state` bits. A packet went through in the entry's direction
+/// (for a reply entry: the flow was answered).
+pub const CT_SEEN: u8 = 1 << 0;
+/// A TCP FIN went through in the entry's direction.
+pub const CT_FIN: u8 = 1 << 1;
+/// A TCP RST went through in the entry's direction.
+pub const CT_RST: u8 = 1 << 2;
+/// Set on a SNAT reply entry (by the programs, on the FIN or RST that
+/// closes the flow) when its flow is over ([`ct_closed`]): a new flow may
+/// take its port at once (see `svclb-ebpf/src/external.rs`).
+pub const CT_CLOSED: u8 = 1 << 3;
+
+/// A flow's state, from its two entries' bits: the index of its timeout
+/// in `XdpConfig::ct_timeouts`. As netfilter's, coarser: a TCP flow is
+/// established once answered (netfilter waits for the handshake's last
+/// ACK, with 60 s in SYN_RECV meanwhile).
+pub mod ct_state {
+    /// TCP, not answered yet (netfilter's SYN_SENT).
+    pub const TCP_SYN_SENT: usize = 0;
+    pub const TCP_ESTABLISHED: usize = 1;
+    /// A FIN went one way (netfilter's FIN_WAIT / CLOSE_WAIT / LAST_ACK).
+    pub const TCP_CLOSE_WAIT: usize = 2;
+    /// FINs went both ways (netfilter's TIME_WAIT).
+    pub const TCP_TIME_WAIT: usize = 3;
+    /// A RST went either way (netfilter's CLOSE).
+    pub const TCP_CLOSE: usize = 4;
+    pub const UDP_UNREPLIED: usize = 5;
+    /// UDP (and anything not TCP) answered at least once.
+    pub const UDP_REPLIED: usize = 6;
+    pub const COUNT: usize = 7;
+    /// Names for metrics, by index.
+    pub const NAMES: [&str; COUNT] = [
+        "tcp_syn_sent",
+        "tcp_established",
+        "tcp_close_wait",
+        "tcp_time_wait",
+        "tcp_close",
+        "udp_unreplied",
+        "udp_replied",
+    ];
+}
+
+/// The state of a flow of protocol `proto` whose client-to-backend entry
+/// has the bits `forward` and whose reply entry has `reply`.
+#[inline(always)]
+pub const fn ct_state(proto: u8, forward: u8, reply: u8) -> usize {
+    if proto != PROTO_TCP {
+        return if reply & CT_SEEN != 0 {
+            ct_state::UDP_REPLIED
+        } else {
+            ct_state::UDP_UNREPLIED
+        };
+    }
+    let both = forward | reply;
+    if both & CT_RST != 0 {
+        ct_state::TCP_CLOSE
+    } else if forward & reply & CT_FIN != 0 {
+        ct_state::TCP_TIME_WAIT
+    } else if both & CT_FIN != 0 {
+        ct_state::TCP_CLOSE_WAIT
+    } else if reply & CT_SEEN != 0 {
+        ct_state::TCP_ESTABLISHED
+    } else {
+        ct_state::TCP_SYN_SENT
+    }
+}
+
+/// Whether a TCP flow in `state` is over (RST, or FIN both ways): its
+/// SNAT port may go to a new flow before its timeout, as netfilter lets a
+/// new SYN reuse a TIME_WAIT tuple.
+#[inline(always)]
+pub const fn ct_closed(state: usize) -> bool {
+    state == ct_state::TCP_CLOSE || state == ct_state::TCP_TIME_WAIT
+}
+
+/// Whether a flow whose entries were last seen at `a` and `b` (ticks) has
+/// been idle longer than `timeout` ticks at `now`.
+#[inline(always)]
+pub const fn ct_expired(now: u32, a: u32, b: u32, timeout: u32) -> bool {
+    let idle_a = now.wrapping_sub(a);
+    let idle_b = now.wrapping_sub(b);
+    let idle = if idle_a < idle_b { idle_a } else { idle_b };
+    idle > timeout
 }
 
 /// A cached forwarding decision of the XDP program (all zero until the
@@ -445,7 +547,7 @@ pub struct XdpConfig {
 pub mod stats {
     /// Conntrack entries created (client-to-backend direction).
     pub const CT_CREATED: u32 = 0;
-    /// New flows dropped: no SNAT port free after a few tries.
+    /// New flows dropped: no SNAT port found free (or reclaimable).
     pub const SNAT_EXHAUSTED: u32 = 1;
     /// New flows dropped: no (local) backend.
     pub const NO_BACKEND: u32 = 2;
@@ -459,7 +561,10 @@ pub mod stats {
     pub const XDP_PASSED: u32 = 6;
     /// ICMP errors translated.
     pub const ICMP_TRANSLATED: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// SNAT ports taken over from a closed or expired flow at allocation
+    /// (its two entries removed then, not by the sweeper).
+    pub const SNAT_RECLAIMED: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// The flow hash Maglev indexes with. Only the client's address, port and

@@ -4,12 +4,9 @@
 //! in their own map.
 use core::ptr::NonNull;
 
-use svclb_common::{Flow, FlowKey, FlowKey4, Route};
+use svclb_common::{Flow, FlowKey, FlowKey4, Route, CT_FIN, CT_RST, CT_SEEN};
 
-use crate::{
-    helpers,
-    maps::{CONNTRACK4, CONNTRACK6},
-};
+use crate::maps::{CONNTRACK4, CONNTRACK6};
 
 /// A conntrack entry in the map, read and updated in place: an
 /// established packet copies nothing.
@@ -36,6 +33,46 @@ impl CtEntry {
         unsafe { core::ptr::copy_nonoverlapping(self.0.as_ptr(), out, 1) };
     }
 
+    /// Note a packet at `now` that shows `bits` (`Flow::state`). Writes
+    /// only what changed: last-seen once per tick, the state on a new flag,
+    /// so an established flow's packets mostly leave the entry clean.
+    /// (Two CPUs adding different bits at once may lose one: a FIN or RST
+    /// is retransmitted, or the flow times out by its older state.)
+    /// True when the packet added a FIN or RST.
+    #[inline(always)]
+    pub fn touch(&self, now: u32, bits: u8) -> bool {
+        let f = self.flow();
+        let (seen, state) = (f.last_seen, f.state);
+        // SAFETY: as in `flow`; plain stores of fields no reader needs
+        // consistent with each other.
+        unsafe {
+            if seen != now {
+                (*self.0.as_ptr()).last_seen = now;
+            }
+            if state | bits != state {
+                (*self.0.as_ptr()).state = state | bits;
+            }
+        }
+        bits & !state & (CT_FIN | CT_RST) != 0
+    }
+
+    /// Add `bits` to the entry's state.
+    #[inline(always)]
+    pub fn mark(&self, bits: u8) {
+        // SAFETY: as in `touch`.
+        unsafe { (*self.0.as_ptr()).state |= bits };
+    }
+
+    /// A new connection on the entry's tuple (a SYN): its state starts over.
+    #[inline(always)]
+    pub fn restart(&self, now: u32, bits: u8) {
+        // SAFETY: as in `touch`.
+        unsafe {
+            (*self.0.as_ptr()).last_seen = now;
+            (*self.0.as_ptr()).state = bits | CT_SEEN;
+        }
+    }
+
     /// Cache `route` in the entry.
     #[inline(always)]
     pub fn set_route(&self, route: &Route) {
@@ -54,16 +91,6 @@ pub fn entry(key: &FlowKey, v6: bool) -> Option<CtEntry> {
         CONNTRACK4.get_ptr_mut(&FlowKey4::from_mapped(key))
     };
     p.and_then(NonNull::new).map(CtEntry)
-}
-
-/// A copy of the conntrack entry for `key`.
-#[inline(always)]
-pub fn copy(key: &FlowKey, v6: bool) -> Option<Flow> {
-    if v6 {
-        helpers::lookup_lru(&CONNTRACK6, key)
-    } else {
-        helpers::lookup_lru(&CONNTRACK4, &FlowKey4::from_mapped(key))
-    }
 }
 
 /// Add or replace (`flags` 0) or only add (BPF_NOEXIST) an entry; false

@@ -85,7 +85,9 @@ pub mod l4 {
     pub const TCP_HLEN: usize = 20;
     pub const UDP_CSUM: usize = 6;
     pub const UDP_HLEN: usize = 8;
+    pub const TCP_FIN: u8 = 0x01;
     pub const TCP_SYN: u8 = 0x02;
+    pub const TCP_RST: u8 = 0x04;
     pub const TCP_ACK: u8 = 0x10;
 }
 

@@ -11,9 +11,10 @@
 //!   (applied by XDP when the remote backend's reply comes back), both
 //!   rewritten to come from the frontend and go to the client.
 use svclb_common::{
-    flow_hash, stats, Flow, FlowKey, MaglevKey, Route, ServiceKey, SourceRangeKey, FLOW_EGRESS,
-    FLOW_INGRESS, MAGLEV_CHUNK, ROUTE_TTL_JIFFIES, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    ct_closed, ct_now, ct_state, flow_hash, stats, Flow, FlowKey, MaglevKey, Route, ServiceKey,
+    SourceRangeKey, CT_CLOSED, FLOW_EGRESS, FLOW_INGRESS, MAGLEV_CHUNK, ROUTE_TTL_JIFFIES,
+    SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT,
+    SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
@@ -26,8 +27,27 @@ use crate::{
     stats::count,
 };
 
-/// SNAT ports tried for a new flow before giving up.
-const SNAT_TRIES: u32 = 8;
+/// SNAT ports tried for a free one (no entry holds it) before giving up
+/// on free ports. A range of at most SNAT_TRIES ports is scanned whole,
+/// from a random port on: that pass fails only when every port is held.
+/// In a larger range each try is an independent random port, so whatever
+/// pattern the held ports form (no clustering, unlike a scan), with a
+/// fraction p of the range held toward the backend all tries fail with
+/// probability p^SNAT_TRIES: at 90%, 0.9^256 = 2e-12 (one new flow in 500
+/// billion); at 99%, 0.99^256 = 8%. The expected tries are 1/(1-p): 10 at
+/// 90%. (`tests/tests/xdp_fixtures.rs` allocates at 90-92%.)
+///
+/// No bpf_loop on 5.10: the verifier walks the loop once per try, so a
+/// try is one map update (the entry's checksum deltas are filled in
+/// after: nothing can match a reply entry before its flow's first packet
+/// is sent).
+const SNAT_TRIES: u32 = 256;
+
+/// Then ports tried for one a closed flow holds (RST, or FINs both ways:
+/// its reply entry is `CT_CLOSED`), as netfilter lets a new SYN reuse a
+/// TIME_WAIT tuple; the agent's sweeper frees expired flows' ports. Each
+/// of these tries costs the verifier some 30 times a free-port try.
+const RECLAIM_TRIES: u32 = 16;
 
 pub enum Decision {
     /// Not ours: leave the packet to the stack untouched.
@@ -48,6 +68,9 @@ pub fn ingress(s: &mut Scratch, v6: bool) -> Decision {
     if let Some(entry) = conntrack::entry(&s.t, v6) {
         let f = entry.flow();
         if f.direction == FLOW_INGRESS {
+            // Only for tracked packets: the clock costs ~20 ns here, which
+            // a miss (the node's own traffic) need not pay.
+            s.tick = ct_now(helpers::now_ns());
             let r = &f.route;
             // The backend was there when the route was cached, and no
             // backend has been deleted since: skip the check.
@@ -55,8 +78,13 @@ pub fn ingress(s: &mut Scratch, v6: bool) -> Decision {
             // A flow whose backend left the service picks a new one.
             if fresh || f.backend_id == 0 || helpers::lookup(&BACKENDS, &f.backend_id).is_some() {
                 if s.syn && f.backend_id != 0 {
+                    // A new connection on the tuple (netfilter, too, lets a
+                    // SYN reuse a closed one): its states start over.
                     entry.copy_to(&mut s.flow);
                     refresh_reply(s, v6);
+                    entry.restart(s.tick, s.ct_bits);
+                } else if entry.touch(s.tick, s.ct_bits) {
+                    note_close(s, entry, v6);
                 }
                 s.fresh = fresh;
                 return Decision::Translate(Some(entry));
@@ -92,14 +120,50 @@ fn refresh_reply(s: &mut Scratch, v6: bool) {
         backend_id: 0,
         rev_nat_id: f.rev_nat_id,
         direction: if local { FLOW_EGRESS } else { FLOW_INGRESS },
-        _pad: 0,
+        state: 0,
         csum_ip: 0,
         csum_l4: 0,
         _pad2: 0,
         route: Route::default(),
+        last_seen: s.tick,
     };
     set_checksum_deltas(&mut reply, &s.key, v6);
     conntrack::insert(&s.key, &reply, 0, v6);
+}
+
+/// A FIN or RST went through `entry` (for `s.t`): if that closed the flow
+/// (a RST, or the second direction's FIN), mark its SNAT reply entry
+/// `CT_CLOSED`, so its port may go to a new flow. Once per flow and
+/// direction, so the lookup of the other entry costs nothing per packet.
+#[inline(never)]
+fn note_close(s: &mut Scratch, entry: CtEntry, v6: bool) {
+    let f = entry.flow();
+    // The other direction's entry: this one's translation, reversed.
+    s.key = FlowKey {
+        src: f.dst,
+        dst: f.src,
+        sport: f.dport,
+        dport: f.sport,
+        proto: s.t.proto,
+        _pad: 0,
+        _pad2: 0,
+    };
+    let forward = f.backend_id != 0;
+    let Some(other) = conntrack::entry(&s.key, v6) else {
+        return;
+    };
+    let o = other.flow();
+    let (reply, fwd_bits, reply_bits) = if forward {
+        (other, f.state, o.state)
+    } else {
+        (entry, o.state, f.state)
+    };
+    // Only SNAT reply entries hold ports (a local backend's is tc's).
+    if reply.flow().direction == FLOW_INGRESS
+        && ct_closed(ct_state(s.t.proto, fwd_bits, reply_bits))
+    {
+        reply.mark(CT_CLOSED);
+    }
 }
 
 /// The conntrack entry of `s.t` into `s.flow`, if it is for `direction`
@@ -115,11 +179,21 @@ pub fn related(s: &mut Scratch, direction: u8, v6: bool) -> bool {
     }
 }
 
-/// The translation a tc egress packet (a local backend's reply) needs.
+/// The translation a tc egress packet (a local backend's reply) needs;
+/// the entry notes the packet's `bits` (0: an ICMP error, which does not
+/// count as the flow's traffic).
 #[inline(always)]
-pub fn egress(t: &Tuple, v6: bool) -> Option<Flow> {
-    let flow = conntrack::copy(t, v6)?;
-    (flow.direction == FLOW_EGRESS).then_some(flow)
+pub fn egress(t: &Tuple, v6: bool, bits: u8) -> Option<Flow> {
+    let entry = conntrack::entry(t, v6)?;
+    if entry.flow().direction != FLOW_EGRESS {
+        return None;
+    }
+    if bits != 0 {
+        entry.touch(ct_now(helpers::now_ns()), bits);
+    }
+    let mut flow = Flow::default();
+    entry.copy_to(&mut flow);
+    Some(flow)
 }
 
 // Not inlined: its stack frame is separate from the rewrite's.
@@ -131,6 +205,8 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
         flow,
         key: reply_key,
         fresh,
+        tick,
+        ct_bits,
         ..
     } = s;
     let skey = ServiceKey {
@@ -182,6 +258,7 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
     let Some(backend) = helpers::lookup(&BACKENDS, &backend_id) else {
         return Decision::Drop;
     };
+    *tick = ct_now(helpers::now_ns());
     // `flow` serves as the reply entry first, then as the forward one.
     *flow = Flow {
         src: t.dst,
@@ -191,11 +268,12 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
         backend_id: 0,
         rev_nat_id: fe.rev_nat_id,
         direction: FLOW_INGRESS,
-        _pad: 0,
+        state: 0,
         csum_ip: 0,
         csum_l4: 0,
         _pad2: 0,
         route: Route::default(),
+        last_seen: *tick,
     };
     *reply_key = FlowKey {
         src: backend.addr,
@@ -221,24 +299,18 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
             return Decision::Drop;
         };
         reply_key.dst = snat;
-        let range = (max - min) as u32 + 1;
-        let start = flow_hash(&t.src, t.sport, t.proto) ^ t.dport as u32;
-        let mut port = 0u16;
-        let mut i = 0;
-        while i < SNAT_TRIES {
-            let candidate = min + ((start.wrapping_add(i * 7919)) % range) as u16;
-            reply_key.dport = candidate;
-            set_checksum_deltas(flow, reply_key, v6);
-            if conntrack::insert(reply_key, flow, BPF_NOEXIST, v6) {
-                port = candidate;
-                break;
-            }
-            i += 1;
-        }
+        let port = if v6 {
+            snat_port::<true>(flow, reply_key, min, max)
+        } else {
+            snat_port::<false>(flow, reply_key, min, max)
+        };
         if port == 0 {
             count(stats::SNAT_EXHAUSTED);
             return Decision::Drop;
         }
+        // The entry with its checksum deltas, now that the port is known.
+        set_checksum_deltas(flow, reply_key, v6);
+        conntrack::insert(reply_key, flow, 0, v6);
         flow.src = snat;
         flow.sport = port;
     }
@@ -246,6 +318,7 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
     flow.dport = backend.port;
     flow.backend_id = backend_id;
     flow.direction = FLOW_INGRESS;
+    flow.state = *ct_bits;
     set_checksum_deltas(flow, t, v6);
     conntrack::insert(t, flow, 0, v6);
     count(stats::CT_CREATED);
@@ -253,6 +326,93 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
     // packet is cached in it.
     *fresh = false;
     Decision::Translate(conntrack::entry(t, v6))
+}
+
+/// Make `flow` (a reply entry) the entry of `key` with SNAT port `port`
+/// if the port is free toward the backend, or held by a flow that is over
+/// (see `reclaim`).
+/// A SNAT port in min..=max for the reply entry `flow` at `key` (the
+/// port goes in `key.dport`), inserted as it is (the caller completes
+/// it); 0 when none was found. The family is a constant, so a try has no
+/// branch on it.
+#[inline(never)]
+fn snat_port<const V6: bool>(flow: &Flow, key: &mut FlowKey, min: u16, max: u16) -> u16 {
+    let range = (max - min) as u32 + 1;
+    let start = helpers::random();
+    let mut i = 0;
+    while i < SNAT_TRIES {
+        // Opaque: else the compiler counts in ports, from a random start,
+        // and the verifier can no longer see that the loop ends.
+        let n = helpers::opaque(i);
+        if n >= range {
+            break;
+        }
+        key.dport = candidate(min, range, start, n);
+        if conntrack::insert(key, flow, BPF_NOEXIST, V6) {
+            return key.dport;
+        }
+        i += 1;
+    }
+    let mut i = 0;
+    while i < RECLAIM_TRIES {
+        let n = helpers::opaque(i);
+        key.dport = candidate(min, range, start, n);
+        // Taken with BPF_NOEXIST: when two CPUs reclaim the same port, one
+        // of them gets it.
+        if reclaim::<V6>(key) && conntrack::insert(key, flow, BPF_NOEXIST, V6) {
+            return key.dport;
+        }
+        i += 1;
+    }
+    0
+}
+
+/// Try `n` of a port search in a range of `range` ports from `min`: the
+/// ports in turn from `start` when the range is small (it is scanned
+/// whole), else a random one.
+#[inline(always)]
+fn candidate(min: u16, range: u32, start: u32, n: u32) -> u16 {
+    let r = if range <= SNAT_TRIES {
+        start.wrapping_add(n)
+    } else {
+        helpers::random()
+    };
+    min + (r % range) as u16
+}
+
+/// Remove the reply entry at `key` (its SNAT port) and its flow's
+/// client-to-backend entry if the flow is over (`CT_CLOSED`). True when
+/// the port is free.
+#[inline(never)]
+fn reclaim<const V6: bool>(key: &FlowKey) -> bool {
+    let v6 = V6;
+    let Some(old) = conntrack::entry(key, v6) else {
+        return true;
+    };
+    let r = old.flow();
+    if r.state & CT_CLOSED == 0 {
+        return false;
+    }
+    // The reply entry of client -> frontend translates to frontend ->
+    // client: its forward key is its translation reversed.
+    let forward = FlowKey {
+        src: r.dst,
+        dst: r.src,
+        sport: r.dport,
+        dport: r.sport,
+        proto: key.proto,
+        _pad: 0,
+        _pad2: 0,
+    };
+    // Unless the client's tuple has a new flow meanwhile (on another port).
+    if let Some(f) = conntrack::entry(&forward, v6) {
+        if f.flow().sport == key.dport {
+            conntrack::remove(&forward, v6);
+        }
+    }
+    conntrack::remove(key, v6);
+    count(stats::SNAT_RECLAIMED);
+    true
 }
 
 /// Store in `f` what translating a packet of `key` to it does to the
@@ -271,8 +431,10 @@ fn set_checksum_deltas(f: &mut Flow, key: &FlowKey, v6: bool) {
 
 /// A new connection straight to an address a translated flow used (say,
 /// a client reusing its port to reach a pod directly): the old flow's reply
-/// entry must not rewrite this connection's replies. Conntrack entries are
-/// not timed out, so they are dropped here, on SYNs that hit no frontend.
+/// entry must not rewrite this connection's replies. Conntrack entries
+/// outlive their connections (until the sweeper removes them after their
+/// timeout), so they are dropped here, on SYNs that hit no frontend; the
+/// sweeper then removes the forward entry left alone.
 #[inline(always)]
 fn forget_reply(t: &Tuple, key: &mut FlowKey, v6: bool) {
     *key = FlowKey {

@@ -7,6 +7,7 @@ use crate::{
     },
     pkt::Packet,
 };
+use svclb_common::{CT_FIN, CT_RST, CT_SEEN};
 
 /// Whether the frame carries IPv6 (true) or IPv4 (false); None for
 /// anything else.
@@ -42,4 +43,18 @@ pub fn l4_csum(l4_at: usize, proto: u8) -> usize {
     } else {
         l4_at + l4::UDP_CSUM
     }
+}
+
+/// The conntrack state bits (`svclb_common::Flow::state`) a packet with
+/// these TCP flags (0 for UDP) sets in its entry.
+#[inline(always)]
+pub fn ct_bits(tcp_flags: u8) -> u8 {
+    let mut bits = CT_SEEN;
+    if tcp_flags & l4::TCP_FIN != 0 {
+        bits |= CT_FIN;
+    }
+    if tcp_flags & l4::TCP_RST != 0 {
+        bits |= CT_RST;
+    }
+    bits
 }

@@ -12,6 +12,9 @@ pub struct Scratch {
     pub t: Tuple,
     /// A TCP SYN without ACK: a new connection.
     pub syn: bool,
+    /// The `Flow::state` bits this packet sets in its entry (`CT_SEEN`,
+    /// and `CT_FIN` / `CT_RST` for TCP flags).
+    pub ct_bits: u8,
     /// A flow being set up or looked at (an established flow's entry is
     /// used in place; see `external::Decision::Translate`).
     pub flow: Flow,
@@ -22,6 +25,8 @@ pub struct Scratch {
     /// then: what a route cached for this packet's flow is stamped with.
     pub now: u32,
     pub epoch: u32,
+    /// The conntrack clock then (`svclb_common::ct_now`).
+    pub tick: u32,
     /// With `external::Decision::Translate`: the flow's cached route may be
     /// used.
     pub fresh: bool,

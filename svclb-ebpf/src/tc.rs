@@ -47,7 +47,7 @@ fn egress(ctx: &TcContext) -> Option<()> {
         // unreachable) must come from the frontend and quote it.
         let mut t = Tuple::default();
         icmp::parse(ctx, v6, proto, &mut t)?;
-        let f = external::egress(&t, v6)?;
+        let f = external::egress(&t, v6, 0)?;
         return icmp::rewrite(ctx, v6, &t, &f);
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
@@ -65,7 +65,12 @@ fn egress(ctx: &TcContext) -> Option<()> {
         _pad: 0,
         _pad2: 0,
     };
-    let f = external::egress(&t, v6)?;
+    let flags = if proto == PROTO_TCP {
+        ctx.load::<u8>(l4_at + l4::TCP_FLAGS).unwrap_or(0)
+    } else {
+        0
+    };
+    let f = external::egress(&t, v6, parse::ct_bits(flags))?;
     rewrite_source(ctx, v6, proto, csum_at, l4_at, &t, &f)
 }
 

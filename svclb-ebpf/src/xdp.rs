@@ -179,15 +179,19 @@ fn l4_frame(ctx: &XdpContext, l4_at: usize, proto: u8) -> Option<Frame> {
     }
 }
 
-/// Protocol, ports and SYN flag into `s`.
+/// Protocol, ports, SYN flag and conntrack state bits into `s`.
 #[inline(always)]
 fn ports(p: &Frame, l4_at: usize, proto: u8, s: &mut Scratch) -> Option<()> {
     s.t.proto = proto;
     s.t.sport = u16::from_be(p.read::<u16>(l4_at + l4::SPORT)?);
     s.t.dport = u16::from_be(p.read::<u16>(l4_at + l4::DPORT)?);
-    s.syn = proto == PROTO_TCP
-        && p.read::<u8>(l4_at + l4::TCP_FLAGS)
-            .is_some_and(|f| f & (l4::TCP_SYN | l4::TCP_ACK) == l4::TCP_SYN);
+    let flags = if proto == PROTO_TCP {
+        p.read::<u8>(l4_at + l4::TCP_FLAGS).unwrap_or(0)
+    } else {
+        0
+    };
+    s.syn = flags & (l4::TCP_SYN | l4::TCP_ACK) == l4::TCP_SYN;
+    s.ct_bits = parse::ct_bits(flags);
     Some(())
 }
 

@@ -68,7 +68,9 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(cgroup = %cgroup.display(), bpffs = %args.bpffs.display(), node = %args.node_name, "programs attached");
     metrics.watch_sockets_destroyed(dataplane.sockets_destroyed());
     if !args.devices.is_empty() {
+        let capacity = (args.snat_ports.1 - args.snat_ports.0) as u64 + 1;
         spawn_external_stats(args.bpffs.clone(), metrics.clone());
+        spawn_conntrack_sweeper(&args, capacity, metrics.clone())?;
     }
 
     let (tx, rx) = mpsc::channel(1024);
@@ -151,6 +153,38 @@ fn spawn_external_stats(bpffs: PathBuf, metrics: Arc<Metrics>) {
         }
         std::thread::sleep(std::time::Duration::from_secs(10));
     });
+}
+
+/// Remove expired external flows every --ct-sweep-interval, on a thread
+/// of its own (see `dataplane::conntrack`), and report what it finds.
+fn spawn_conntrack_sweeper(
+    args: &RunArgs,
+    snat_ports_capacity: u64,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    use crate::dataplane::conntrack::{ConntrackStats, Sweeper};
+    let mut sweeper = Sweeper::open(&args.bpffs, &args.ct_timeouts())
+        .context("opening the conntrack maps for the sweeper")?;
+    let interval = args.ct_sweep_interval;
+    std::thread::spawn(move || {
+        let mut stats = ConntrackStats {
+            snat_ports_capacity,
+            ..Default::default()
+        };
+        loop {
+            std::thread::sleep(interval);
+            match sweeper.sweep() {
+                Ok(report) => {
+                    stats.add(report);
+                    metrics.set_conntrack(stats.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "conntrack sweep failed; retried next interval")
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the

@@ -95,6 +95,33 @@ pub struct RunArgs {
     /// net.ipv4.ip_local_port_range (32768-60999 by default).
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
     pub snat_ports: (u16, u16),
+    /// Conntrack lifetimes of external flows: how long a flow may be idle
+    /// in each state before its entries are removed and its SNAT port
+    /// freed (netfilter's states and defaults, kube-proxy's for
+    /// established and close wait). TCP before any reply:
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub ct_tcp_syn_sent: std::time::Duration,
+    /// TCP answered (kube-proxy's --conntrack-tcp-timeout-established).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub ct_tcp_established: std::time::Duration,
+    /// TCP after a FIN one way (kube-proxy's --conntrack-tcp-timeout-close-wait).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ct_tcp_close_wait: std::time::Duration,
+    /// TCP after FINs both ways. Its SNAT port may go to a new flow at once.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub ct_tcp_time_wait: std::time::Duration,
+    /// TCP after a RST. Its SNAT port may go to a new flow at once.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub ct_tcp_close: std::time::Duration,
+    /// UDP before any reply.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub ct_udp: std::time::Duration,
+    /// UDP once answered (kube-proxy's --conntrack-udp-timeout-stream).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub ct_udp_replied: std::time::Duration,
+    /// How often the agent removes expired conntrack entries (with --devices).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub ct_sweep_interval: std::time::Duration,
     /// How often every service is applied again even without changes (the
     /// maps are rewritten only where they differ), e.g. 30s, 1m. /healthz
     /// turns unhealthy when changes wait longer than twice this.
@@ -110,6 +137,20 @@ pub struct RunArgs {
     /// probability (0..1), to exercise the retries.
     #[arg(long, hide = true, default_value_t = 0.0, value_parser = parse_fault_rate)]
     pub inject_map_faults: f64,
+}
+
+impl RunArgs {
+    pub fn ct_timeouts(&self) -> crate::dataplane::conntrack::Timeouts {
+        crate::dataplane::conntrack::Timeouts {
+            tcp_syn_sent: self.ct_tcp_syn_sent,
+            tcp_established: self.ct_tcp_established,
+            tcp_close_wait: self.ct_tcp_close_wait,
+            tcp_time_wait: self.ct_tcp_time_wait,
+            tcp_close: self.ct_tcp_close,
+            udp_unreplied: self.ct_udp,
+            udp_replied: self.ct_udp_replied,
+        }
+    }
 }
 
 /// A positive duration such as 30s, 1m or 1h30m (Go's spelling, as
@@ -191,6 +232,32 @@ mod tests {
         for bad in ["0s", "-5s", "soon", "30"] {
             assert!(parse(&["--sync-period", bad]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn conntrack_timeouts_default_to_kube_proxy_and_netfilter() {
+        let argv = [
+            "svclb",
+            "run",
+            "--node-name",
+            "n1",
+            "--ct-tcp-time-wait",
+            "2s",
+        ];
+        let Ok(Command::Run(a)) = Cli::try_parse_from(argv).map(|c| c.command) else {
+            panic!("parses");
+        };
+        let t = a.ct_timeouts();
+        assert_eq!(t.tcp_established, Duration::from_secs(86_400));
+        assert_eq!(t.tcp_close_wait, Duration::from_secs(3_600));
+        assert_eq!(t.tcp_time_wait, Duration::from_secs(2));
+        assert_eq!(
+            t,
+            crate::dataplane::conntrack::Timeouts {
+                tcp_time_wait: Duration::from_secs(2),
+                ..Default::default()
+            }
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray};
 use aya::programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp};
 use aya::Ebpf;
 use svclb_common::{Flow, FlowKey, FlowKey4, XdpConfig};
+use svclb_userspace::dataplane::conntrack::{ConntrackError, Sweeper, Timeouts};
 use svclb_userspace::dataplane::loader::{self, TC_PROGRAM, XDP_PROGRAM};
 use svclb_userspace::dataplane::{self, ApplyStats, DataplaneError, KernelMaps, Writer};
 use svclb_userspace::model::{Frontend, ServiceId};
@@ -135,6 +136,20 @@ impl ProgTest {
             .chain(v6.map(IpAddr::V6))
             .collect();
         dataplane::write_xdp_config(&mut self.xdp_config, &addresses, ports)
+    }
+
+    /// A conntrack sweeper on this test's maps, with `timeouts`.
+    pub fn sweeper(&self, timeouts: &Timeouts) -> Result<Sweeper, ConntrackError> {
+        Sweeper::open(&self.bpffs, timeouts)
+    }
+
+    /// Remove a conntrack entry (IPv4-mapped keys: from the IPv4 map).
+    pub fn untrack(&mut self, key: &FlowKey) -> Result<(), aya::maps::MapError> {
+        if svclb_common::is_v4_mapped(&key.src) {
+            self.conntrack4.remove(&FlowKey4::from_mapped(key))
+        } else {
+            self.conntrack6.remove(key)
+        }
     }
 
     /// Let XDP redirect to the device `ifindex` (the agent's --devices).

@@ -757,3 +757,69 @@ fn snat_source_is_the_route_source() -> Result<()> {
     env.converge("UDP too", &u, all_ok)?;
     Ok(())
 }
+
+/// Conntrack entries expire and SNAT ports are reused: with a range of
+/// 100 ports, 10,000 short TCP flows (one after another) from one client
+/// through n1 to the remote backend b2 all succeed, each closed flow's port
+/// going to a later one; once traffic stops and the (short) timeouts
+/// pass, the sweeper leaves n1's conntrack maps empty: no half pair leaks.
+#[test]
+fn snat_ports_of_finished_flows_are_reused_and_conntrack_empties() -> Result<()> {
+    let Some(env) = setup("extct")? else {
+        return Ok(());
+    };
+    env.service(json!({}))?;
+    // Only b2 (on n2): every flow through n1 is SNATed.
+    env.slice(&[1])?;
+    let short = [
+        "--snat-ports",
+        "62000-62099",
+        "--ct-tcp-syn-sent",
+        "2s",
+        "--ct-tcp-established",
+        "2s",
+        "--ct-tcp-close-wait",
+        "2s",
+        "--ct-tcp-time-wait",
+        "2s",
+        "--ct-tcp-close",
+        "2s",
+        "--ct-sweep-interval",
+        "1s",
+    ];
+    let n1 = &env.nodes[0];
+    n1.start_agent_with(env.cluster.manifests().dir(), &[EXT_IF], &short)?;
+    env.nodes[1].start_agent_with_devices(env.cluster.manifests().dir(), &[EXT_IF])?;
+    let one = Connect::tcp(n1.ext_ipv4(), NODE_PORT).timeout_ms(2000);
+    env.converge("NodePort on n1 reaches b2", &one, all_ok)?;
+
+    let started = std::time::Instant::now();
+    let r = env.connect(&one.clone().count(10_000))?;
+    eprintln!(
+        "10,000 flows through 100 SNAT ports in {:.1?}",
+        started.elapsed()
+    );
+    assert_eq!(r.len(), 10_000);
+    assert_eq!(by_error(&r), BTreeMap::new(), "failed flows");
+    assert!(r.iter().all(|p| p.server.as_deref() == Some("b2")));
+    let stats = svclb_userspace::dataplane::read_external_stats(n1.pin_dir())?;
+    assert_eq!(stats.counter(svclb_common::stats::SNAT_EXHAUSTED), 0);
+    assert!(
+        stats.counter(svclb_common::stats::SNAT_RECLAIMED) >= 9_000,
+        "closed flows' ports were reused: {stats:?}"
+    );
+
+    // 2 s timeouts (2 ticks of 1.07 s), sweeps every second: empty well
+    // within 15 s.
+    let mut last = stats.conntrack_entries;
+    let empty = poll_until(Duration::from_secs(15), || {
+        last = svclb_userspace::dataplane::read_external_stats(n1.pin_dir())?.conntrack_entries;
+        Ok((last == 0).then_some(()))
+    })?;
+    assert!(
+        empty.is_some(),
+        "{last} conntrack entries left on n1\n{}",
+        n1.agent().map(|a| a.log()).unwrap_or_default()
+    );
+    Ok(())
+}

@@ -11,13 +11,14 @@
 //! is sent anywhere: BPF_PROG_RUN only reports the verdict.
 use std::net::{IpAddr, SocketAddr};
 
-use svclb_common::{flow_hash, stats, FLOW_EGRESS, PROTO_TCP, PROTO_UDP};
-use svclb_tests::prog_test::packet::{self, Packet, IP4_MF, TCP_ACK};
+use svclb_common::{ct_state, flow_hash, stats, FLOW_EGRESS, PROTO_TCP, PROTO_UDP};
+use svclb_tests::prog_test::packet::{self, Packet, IP4_MF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use svclb_tests::prog_test::{
     ProgTest, Run, TestNode, EXT_MAC, NODE2_V4, NODE_V4, NODE_V6, PEER_MAC, ROUTER_MAC, TC_ACT_OK,
     XDP_DROP, XDP_PASS, XDP_TX,
 };
 use svclb_userspace::dataplane::abi::addr_to_abi;
+use svclb_userspace::dataplane::conntrack::{now_ticks, SweepReport, Timeouts};
 use svclb_userspace::dataplane::maglev;
 use svclb_userspace::model::{
     Backend, Cidr, Frontend, FrontendKey, FrontendKind, Protocol, Scope, WhenEmpty,
@@ -779,5 +780,308 @@ fn packets_whose_ttl_runs_out_go_to_the_stack_translated() {
             XDP_TX,
             &transmitted(&ack, snat, sa(REMOTE4), PEER_MAC),
         );
+    });
+}
+
+// Conntrack states, expiry and SNAT port reuse. The sweeper runs on the
+// test's maps at a chosen time (`sweep_at`), so nothing waits for a clock.
+
+/// Default lifetimes, in ticks (2^30 ns): the sweeper's and the tests'.
+fn ticks() -> [u32; 8] {
+    Timeouts::default().to_ticks()
+}
+
+/// A client's segment with `flags` to the NodePort.
+fn client_segment(client: SocketAddr, flags: u8) -> Packet {
+    Packet {
+        tcp_flags: flags,
+        ..inbound(PROTO_TCP, client, nodeport4())
+    }
+}
+
+/// The remote backend's segment with `flags` to the SNAT address `snat`.
+fn backend_segment(snat: SocketAddr, flags: u8) -> Packet {
+    Packet {
+        src_mac: PEER_MAC,
+        dst_mac: EXT_MAC,
+        tcp_flags: flags,
+        ..Packet::tcp(sa(REMOTE4), snat)
+    }
+}
+
+/// Flows by state as a sweep at `at` (ticks) counts them, after it
+/// removes what expired; and what it removed.
+fn sweep(t: &ProgTest, at: u32) -> SweepReport {
+    t.sweeper(&Timeouts::default())
+        .expect("opening the sweeper")
+        .sweep_at(at)
+        .expect("sweeping")
+}
+
+#[test]
+fn tcp_flow_states_follow_syn_reply_fin_and_expire_after_time_wait() {
+    fixture(|t, node| {
+        t.apply(
+            "np",
+            &[frontend(
+                FrontendKind::NodePort,
+                nodeport4(),
+                Protocol::Tcp,
+                &[backend(REMOTE4, false)],
+            )],
+        )
+        .unwrap();
+        let client = sa(CLIENT4);
+        let run = xdp(t, node, &client_segment(client, TCP_SYN).build());
+        let snat = snat_source(&run);
+        let now = now_ticks();
+        let state = |t: &ProgTest| {
+            let r = sweep(t, now);
+            let states: Vec<usize> = (0..ct_state::COUNT)
+                .filter(|&s| r.flows_by_state[s] > 0)
+                .collect();
+            states
+        };
+        assert_eq!(state(t), [ct_state::TCP_SYN_SENT]);
+        assert_eq!(
+            xdp(t, node, &backend_segment(snat, TCP_SYN | TCP_ACK).build()).verdict,
+            XDP_TX
+        );
+        assert_eq!(state(t), [ct_state::TCP_ESTABLISHED]);
+        // Established flows live a day.
+        assert_eq!(
+            sweep(t, now + 1000).flows_by_state[ct_state::TCP_ESTABLISHED],
+            1
+        );
+        xdp(t, node, &client_segment(client, TCP_FIN | TCP_ACK).build());
+        assert_eq!(state(t), [ct_state::TCP_CLOSE_WAIT]);
+        xdp(t, node, &backend_segment(snat, TCP_FIN | TCP_ACK).build());
+        assert_eq!(state(t), [ct_state::TCP_TIME_WAIT]);
+        // The last ACK still goes through; TIME_WAIT passes.
+        assert_eq!(
+            xdp(t, node, &client_segment(client, TCP_ACK).build()).verdict,
+            XDP_TX
+        );
+        let wait = ticks()[ct_state::TCP_TIME_WAIT];
+        assert_eq!(
+            sweep(t, now + wait - 1).flows_by_state[ct_state::TCP_TIME_WAIT],
+            1
+        );
+        let r = sweep(t, now + wait + 2);
+        assert_eq!(r.expired[ct_state::TCP_TIME_WAIT], 1);
+        assert_eq!(t.conntrack(), [], "both entries removed");
+    });
+}
+
+#[test]
+fn tcp_flow_reset_is_reclaimed_within_the_close_timeout() {
+    fixture(|t, node| {
+        tcp_nodeport_to(t, backend(REMOTE4, false));
+        let client = sa(CLIENT4);
+        let run = xdp(t, node, &client_segment(client, TCP_SYN).build());
+        let snat = snat_source(&run);
+        xdp(t, node, &backend_segment(snat, TCP_SYN | TCP_ACK).build());
+        xdp(t, node, &backend_segment(snat, TCP_RST).build());
+        let now = now_ticks();
+        assert_eq!(sweep(t, now).flows_by_state[ct_state::TCP_CLOSE], 1);
+        // 10 s: 10 ticks (rounded up), plus the tick the entries were seen in.
+        let r = sweep(t, now + ticks()[ct_state::TCP_CLOSE] + 2);
+        assert_eq!(r.expired[ct_state::TCP_CLOSE], 1);
+        assert_eq!(t.conntrack(), []);
+    });
+}
+
+#[test]
+fn udp_flows_expire_after_30_s_unreplied_and_120_s_replied() {
+    fixture(|t, node| {
+        let fe = frontend(
+            FrontendKind::NodePort,
+            nodeport4(),
+            Protocol::Udp,
+            &[backend(REMOTE4, false)],
+        );
+        t.apply("np", &[fe]).unwrap();
+        let datagram = |client: &str| Packet::udp(sa(client), nodeport4());
+        let from_router = |p: Packet| Packet {
+            src_mac: ROUTER_MAC,
+            dst_mac: EXT_MAC,
+            ..p
+        };
+        xdp(
+            t,
+            node,
+            &from_router(datagram("198.18.128.10:5000")).build(),
+        );
+        let run = xdp(
+            t,
+            node,
+            &from_router(datagram("198.18.128.11:5000")).build(),
+        );
+        let snat = snat_source(&run);
+        let reply = Packet {
+            src_mac: PEER_MAC,
+            dst_mac: EXT_MAC,
+            ..Packet::udp(sa(REMOTE4), snat)
+        };
+        assert_eq!(xdp(t, node, &reply.build()).verdict, XDP_TX);
+        let now = now_ticks();
+        let r = sweep(t, now);
+        assert_eq!(r.flows_by_state[ct_state::UDP_UNREPLIED], 1);
+        assert_eq!(r.flows_by_state[ct_state::UDP_REPLIED], 1);
+        // 30 s later (28 ticks, plus the one the flows were seen in): the
+        // unreplied flow is gone, the replied one stays until 120 s.
+        let r = sweep(t, now + ticks()[ct_state::UDP_UNREPLIED] + 2);
+        assert_eq!(r.expired[ct_state::UDP_UNREPLIED], 1);
+        assert_eq!(r.flows_by_state[ct_state::UDP_REPLIED], 1);
+        assert_eq!(t.conntrack().len(), 2);
+        let r = sweep(t, now + ticks()[ct_state::UDP_REPLIED] + 2);
+        assert_eq!(r.expired[ct_state::UDP_REPLIED], 1);
+        assert_eq!(t.conntrack(), []);
+    });
+}
+
+#[test]
+fn a_closed_flows_snat_port_goes_to_the_next_flow() {
+    fixture(|t, node| {
+        // One SNAT port: a second flow needs the first one's.
+        t.set_snat(Some(NODE_V4), None, (61000, 61000)).unwrap();
+        tcp_nodeport_to(t, backend(REMOTE4, false));
+        let (a, b) = (sa("198.18.128.10:40000"), sa("198.18.128.11:40000"));
+        let run = xdp(t, node, &client_segment(a, TCP_SYN).build());
+        let snat = snat_source(&run);
+        xdp(t, node, &backend_segment(snat, TCP_SYN | TCP_ACK).build());
+        assert_eq!(
+            xdp(t, node, &client_segment(b, TCP_SYN).build()).verdict,
+            XDP_DROP
+        );
+        assert_eq!(
+            t.stat(stats::SNAT_EXHAUSTED),
+            1,
+            "the port is held by a live flow"
+        );
+        // A closes (FIN both ways): its port is free for B at once.
+        xdp(t, node, &client_segment(a, TCP_FIN | TCP_ACK).build());
+        xdp(t, node, &backend_segment(snat, TCP_FIN | TCP_ACK).build());
+        let run = xdp(t, node, &client_segment(b, TCP_SYN).build());
+        assert_eq!(run.verdict, XDP_TX);
+        assert_eq!(snat_source(&run), snat);
+        assert_eq!(t.stat(stats::SNAT_RECLAIMED), 1);
+        // A's entries went with it; B's two are all there is.
+        let entries = t.conntrack();
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        assert!(entries.iter().all(|(k, _)| k.src != addr_to_abi(a.ip())));
+        // And after a RST the same.
+        xdp(t, node, &client_segment(b, TCP_RST).build());
+        let run = xdp(t, node, &client_segment(a, TCP_SYN).build());
+        assert_eq!(run.verdict, XDP_TX);
+        assert_eq!(t.stat(stats::SNAT_RECLAIMED), 2);
+        assert_eq!(t.conntrack().len(), 2);
+    });
+}
+
+#[test]
+fn snat_allocation_succeeds_at_high_occupancy() {
+    fixture(|t, node| {
+        // 1,000 ports (more than the tries, so each try is a random port),
+        // 900 held by live flows toward the backend.
+        let (min, max) = (61000u16, 61999u16);
+        t.set_snat(Some(NODE_V4), None, (min, max)).unwrap();
+        tcp_nodeport_to(t, backend(REMOTE4, false));
+        let held = svclb_common::Flow {
+            direction: svclb_common::FLOW_INGRESS,
+            state: svclb_common::CT_SEEN,
+            last_seen: now_ticks(),
+            ..Default::default()
+        };
+        for port in (min..=max).step_by(10).flat_map(|p| p..p + 9) {
+            let key = svclb_common::FlowKey {
+                src: addr_to_abi(sa(REMOTE4).ip()),
+                dst: addr_to_abi(NODE_V4.into()),
+                sport: sa(REMOTE4).port(),
+                dport: port,
+                proto: PROTO_TCP,
+                _pad: 0,
+                _pad2: 0,
+            };
+            t.track(&key, &held).unwrap();
+        }
+        assert_eq!(t.conntrack().len(), 900);
+        // 20 new flows, from 90% to 92% in use: each fails with
+        // probability below 0.92^256 (5e-10).
+        for c in 0..20u16 {
+            let client = SocketAddr::new([198, 18, 128, 10].into(), 20000 + c);
+            let run = xdp(t, node, &client_segment(client, TCP_SYN).build());
+            assert_eq!(run.verdict, XDP_TX, "flow {c}");
+            // Held: ports ending in 0-8; free: those ending in 9.
+            assert_eq!(snat_source(&run).port() % 10, 9, "a free port");
+        }
+        assert_eq!(t.stat(stats::SNAT_EXHAUSTED), 0);
+    });
+}
+
+#[test]
+fn the_sweeper_removes_entries_left_alone() {
+    fixture(|t, node| {
+        tcp_nodeport_to(t, backend(REMOTE4, false));
+        let run = xdp(t, node, &client_segment(sa(CLIENT4), TCP_SYN).build());
+        let snat = snat_source(&run);
+        let run2 = xdp(
+            t,
+            node,
+            &client_segment(sa("198.18.128.11:40000"), TCP_SYN).build(),
+        );
+        let snat2 = snat_source(&run2);
+        let reply_key = |snat: SocketAddr| svclb_common::FlowKey {
+            src: addr_to_abi(sa(REMOTE4).ip()),
+            dst: addr_to_abi(snat.ip()),
+            sport: sa(REMOTE4).port(),
+            dport: snat.port(),
+            proto: PROTO_TCP,
+            _pad: 0,
+            _pad2: 0,
+        };
+        // Flow 1 loses its reply entry, flow 2 its forward entry.
+        t.untrack(&reply_key(snat)).unwrap();
+        let forward2 = t
+            .conntrack()
+            .into_iter()
+            .find(|(_, f)| f.backend_id != 0 && f.sport == snat2.port())
+            .expect("flow 2's forward entry")
+            .0;
+        t.untrack(&forward2).unwrap();
+        let mut sweeper = t.sweeper(&Timeouts::default()).unwrap();
+        let now = now_ticks();
+        // A forward entry alone goes at once; a reply entry alone at the
+        // next sweep (a new flow's reply entry comes just before its
+        // forward one).
+        let r = sweeper.sweep_at(now).unwrap();
+        assert_eq!(r.orphans_removed, 1);
+        assert_eq!(t.conntrack().len(), 1);
+        let r = sweeper.sweep_at(now).unwrap();
+        assert_eq!(r.orphans_removed, 1);
+        assert_eq!(t.conntrack(), []);
+    });
+}
+
+#[test]
+fn an_expired_flows_snat_port_goes_to_the_next_flow_after_the_sweep() {
+    fixture(|t, node| {
+        t.set_snat(Some(NODE_V4), None, (61000, 61000)).unwrap();
+        tcp_nodeport_to(t, backend(REMOTE4, false));
+        let (a, b) = (sa("198.18.128.10:40000"), sa("198.18.128.11:40000"));
+        let run = xdp(t, node, &client_segment(a, TCP_SYN).build());
+        let snat = snat_source(&run);
+        xdp(t, node, &backend_segment(snat, TCP_SYN | TCP_ACK).build());
+        // Established, never closed: the port is A's until A expires.
+        assert_eq!(
+            xdp(t, node, &client_segment(b, TCP_SYN).build()).verdict,
+            XDP_DROP
+        );
+        let r = sweep(t, now_ticks() + ticks()[ct_state::TCP_ESTABLISHED] + 2);
+        assert_eq!(r.expired[ct_state::TCP_ESTABLISHED], 1);
+        let run = xdp(t, node, &client_segment(b, TCP_SYN).build());
+        assert_eq!(run.verdict, XDP_TX);
+        assert_eq!(snat_source(&run), snat);
+        assert_eq!(t.stat(stats::SNAT_RECLAIMED), 0, "freed by the sweeper");
     });
 }

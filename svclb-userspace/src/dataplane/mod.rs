@@ -10,6 +10,7 @@ use crate::model::{Frontend, FrontendKey, ServiceId};
 
 pub mod abi;
 mod barrier;
+pub mod conntrack;
 pub mod drift;
 mod kernel;
 pub mod loader;
@@ -350,6 +351,8 @@ pub struct ExternalStats {
     pub counters: Vec<u64>,
     pub conntrack_entries: usize,
     pub conntrack_capacity: usize,
+    /// From the agent's sweeper (None elsewhere, e.g. `svclb maps dump`).
+    pub conntrack: Option<conntrack::ConntrackStats>,
 }
 
 impl ExternalStats {
@@ -358,11 +361,18 @@ impl ExternalStats {
     }
 
     /// Conntrack entries the LRU map evicted to make room: every new flow
-    /// adds two (its direction and the reply's) and nothing else removes
-    /// any, so created minus present. An estimate: a resized map resets.
+    /// adds two (its direction and the reply's); the sweeper removes
+    /// expired flows' two and orphans one, SNAT port reuse a flow's two:
+    /// created minus present minus those. An estimate: a resized map or a
+    /// restarted agent (its sweep totals) resets.
     pub fn conntrack_evictions(&self) -> u64 {
-        (2 * self.counter(svclb_common::stats::CT_CREATED))
+        use svclb_common::stats::{CT_CREATED, SNAT_RECLAIMED};
+        let swept = self.conntrack.as_ref().map_or(0, |c| {
+            2 * c.expired_total.iter().sum::<u64>() + c.orphans_removed_total
+        });
+        (2 * self.counter(CT_CREATED))
             .saturating_sub(self.conntrack_entries as u64)
+            .saturating_sub(swept + 2 * self.counter(SNAT_RECLAIMED))
     }
 }
 
@@ -416,5 +426,6 @@ pub fn read_external_stats(bpffs: &Path) -> Result<ExternalStats, DataplaneError
         counters,
         conntrack_entries: entries,
         conntrack_capacity: capacity,
+        conntrack: None,
     })
 }

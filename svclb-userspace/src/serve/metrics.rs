@@ -172,8 +172,19 @@ impl Metrics {
     }
 
     /// The external path's counters and conntrack usage (sampled).
-    pub fn set_external(&self, stats: crate::dataplane::ExternalStats) {
-        self.inner().external = Some(stats);
+    pub fn set_external(&self, mut stats: crate::dataplane::ExternalStats) {
+        let mut m = self.inner();
+        stats.conntrack = m.external.as_mut().and_then(|x| x.conntrack.take());
+        m.external = Some(stats);
+    }
+
+    /// What the conntrack sweeper found (shown with the external path's
+    /// counters).
+    pub fn set_conntrack(&self, stats: crate::dataplane::conntrack::ConntrackStats) {
+        self.inner()
+            .external
+            .get_or_insert_with(Default::default)
+            .conntrack = Some(stats);
     }
 
     /// Report this count of destroyed sockets (the dataplane's socket
@@ -390,6 +401,9 @@ fn external_series(out: &mut String, x: &crate::dataplane::ExternalStats) {
         "counter",
         x.conntrack_evictions() as f64,
     );
+    if let Some(c) = &x.conntrack {
+        conntrack_series(out, c, x.counter(SNAT_RECLAIMED));
+    }
     labelled(
         out,
         "svclb_xdp_packets_total",
@@ -418,6 +432,73 @@ fn external_series(out: &mut String, x: &crate::dataplane::ExternalStats) {
         ]
         .into_iter()
         .map(|(k, i)| (k.to_string(), x.counter(i) as f64)),
+    );
+}
+
+/// What the conntrack sweeper reports: flows by state, expirations, SNAT
+/// ports.
+fn conntrack_series(
+    out: &mut String,
+    c: &crate::dataplane::conntrack::ConntrackStats,
+    reclaimed: u64,
+) {
+    use svclb_common::ct_state::NAMES;
+    labelled(
+        out,
+        "svclb_conntrack_expirations_total",
+        "External flows whose conntrack entries the sweeper removed after their timeout, by the state they were in",
+        "counter",
+        "state",
+        NAMES
+            .iter()
+            .zip(c.expired_total)
+            .map(|(k, n)| (k.to_string(), n as f64)),
+    );
+    labelled(
+        out,
+        "svclb_conntrack_flows",
+        "External flows tracked (pairs of conntrack entries) by state, at the last sweep",
+        "gauge",
+        "state",
+        NAMES
+            .iter()
+            .zip(c.last.flows_by_state)
+            .map(|(k, n)| (k.to_string(), n as f64)),
+    );
+    single(
+        out,
+        "svclb_conntrack_orphans_removed_total",
+        "Conntrack entries the sweeper removed because the other entry of their flow was gone",
+        "counter",
+        c.orphans_removed_total as f64,
+    );
+    single(
+        out,
+        "svclb_conntrack_snat_ports_capacity",
+        "SNAT ports toward each remote backend (--snat-ports)",
+        "gauge",
+        c.snat_ports_capacity as f64,
+    );
+    single(
+        out,
+        "svclb_conntrack_snat_ports_in_use",
+        "SNAT ports held by tracked flows, all backends together, at the last sweep",
+        "gauge",
+        c.last.snat_ports_in_use as f64,
+    );
+    single(
+        out,
+        "svclb_conntrack_snat_ports_in_use_max",
+        "SNAT ports held toward the backend with the most, at the last sweep (allocation is certain below 90% of the capacity)",
+        "gauge",
+        c.last.snat_ports_in_use_max as f64,
+    );
+    single(
+        out,
+        "svclb_conntrack_snat_ports_reclaimed_total",
+        "SNAT ports a new flow took from a closed or expired flow (whose entries it removed)",
+        "counter",
+        reclaimed as f64,
     );
 }
 
@@ -709,6 +790,7 @@ mod tests {
             counters,
             conntrack_entries: 64,
             conntrack_capacity: 64,
+            conntrack: None,
         });
         let (types, samples) = parse(&m.render());
         assert_eq!(types["svclb_conntrack_evictions_total"], "counter");
@@ -736,6 +818,61 @@ mod tests {
                 &[("result", "forwarded")]
             ),
             7.0
+        );
+    }
+
+    #[test]
+    fn conntrack_sweeper_series() {
+        use crate::dataplane::conntrack::{ConntrackStats, SweepReport};
+        use svclb_common::ct_state::*;
+        let m = Metrics::new();
+        let mut report = SweepReport::default();
+        report.flows_by_state[TCP_ESTABLISHED] = 5;
+        report.expired[TCP_TIME_WAIT] = 3;
+        report.snat_ports_in_use = 7;
+        report.snat_ports_in_use_max = 4;
+        let mut stats = ConntrackStats {
+            snat_ports_capacity: 100,
+            ..Default::default()
+        };
+        stats.add(report.clone());
+        stats.add(report);
+        m.set_conntrack(stats);
+        // The periodic counters sample keeps the sweeper's figures.
+        let mut counters = vec![0; svclb_common::stats::COUNT as usize];
+        counters[svclb_common::stats::SNAT_RECLAIMED as usize] = 9;
+        m.set_external(crate::dataplane::ExternalStats {
+            counters,
+            ..Default::default()
+        });
+        let (types, samples) = parse(&m.render());
+        assert_eq!(types["svclb_conntrack_expirations_total"], "counter");
+        let flows = |s| value(&samples, "svclb_conntrack_flows", &[("state", s)]);
+        assert_eq!(flows("tcp_established"), 5.0);
+        assert_eq!(flows("udp_replied"), 0.0);
+        assert_eq!(
+            value(
+                &samples,
+                "svclb_conntrack_expirations_total",
+                &[("state", "tcp_time_wait")]
+            ),
+            6.0
+        );
+        assert_eq!(
+            value(&samples, "svclb_conntrack_snat_ports_in_use", &[]),
+            7.0
+        );
+        assert_eq!(
+            value(&samples, "svclb_conntrack_snat_ports_in_use_max", &[]),
+            4.0
+        );
+        assert_eq!(
+            value(&samples, "svclb_conntrack_snat_ports_capacity", &[]),
+            100.0
+        );
+        assert_eq!(
+            value(&samples, "svclb_conntrack_snat_ports_reclaimed_total", &[]),
+            9.0
         );
     }
 

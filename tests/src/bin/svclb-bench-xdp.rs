@@ -42,6 +42,9 @@ struct Args {
     /// Maglev table entries per frontend (a prime).
     #[arg(long, default_value_t = DEFAULT_TABLE_SIZE)]
     maglev_size: u32,
+    /// Conntrack entries (two per flow) the sweeper's cost is measured on.
+    #[arg(long, default_value_t = 1_000_000)]
+    sweep_entries: usize,
 }
 
 /// Mean and median of per-packet times, in ns.
@@ -191,6 +194,7 @@ fn run(args: &Args, node: &TestNode) -> Result<()> {
         );
     }
     println!();
+    sweeper_cost(args.sweep_entries)?;
     if let (Some((n1, first)), Some((nk, last))) = (established.first(), established.last()) {
         let ratio = last.mean / first.mean;
         println!(
@@ -205,6 +209,103 @@ fn run(args: &Args, node: &TestNode) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The conntrack sweeper's CPU time (user and system, this thread) on
+/// `entries` entries (`entries / 2` flows of remote backends): a sweep that
+/// removes nothing (the cost every --ct-sweep-interval), then one that
+/// removes every flow.
+fn sweeper_cost(entries: usize) -> Result<()> {
+    use svclb_common::{Flow, FlowKey, CT_SEEN, FLOW_INGRESS, PROTO_TCP};
+    use svclb_userspace::dataplane::conntrack::{now_ticks, Timeouts};
+    // Room to spare: an LRU map evicts before it is quite full.
+    let mut t = ProgTest::load((entries + entries / 4) as u32)?;
+    let now = now_ticks();
+    let node = real_src(SocketAddr::new(NODE_V4.into(), 0));
+    let started = Instant::now();
+    for i in 0..entries / 2 {
+        let client = client(i);
+        // A SNAT port per flow: 50,000 per backend address.
+        let backend = SocketAddr::new(
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 2, 1)) + (i / 50_000) as u32).into(),
+            8080,
+        );
+        let port = 10_000 + (i % 50_000) as u16;
+        let forward_key = FlowKey {
+            src: real_src(client),
+            dst: node,
+            sport: client.port(),
+            dport: 30080,
+            proto: PROTO_TCP,
+            _pad: 0,
+            _pad2: 0,
+        };
+        let forward = Flow {
+            src: node,
+            dst: real_src(backend),
+            sport: port,
+            dport: backend.port(),
+            backend_id: 1,
+            direction: FLOW_INGRESS,
+            state: CT_SEEN,
+            last_seen: now,
+            ..Default::default()
+        };
+        let reply_key = FlowKey {
+            src: forward.dst,
+            dst: node,
+            sport: forward.dport,
+            dport: port,
+            ..forward_key
+        };
+        let reply = Flow {
+            src: node,
+            dst: forward_key.src,
+            sport: 30080,
+            dport: client.port(),
+            backend_id: 0,
+            ..forward
+        };
+        t.track(&reply_key, &reply)?;
+        t.track(&forward_key, &forward)?;
+    }
+    let present = t.conntrack().len();
+    eprintln!(
+        "{present} conntrack entries written in {:.1?}",
+        started.elapsed()
+    );
+    let mut sweeper = t.sweeper(&Timeouts::default())?;
+    let cpu = |f: &mut dyn FnMut()
+        -> Result<svclb_userspace::dataplane::conntrack::SweepReport>| {
+        let before = thread_cpu();
+        let r = f()?;
+        Ok::<_, anyhow::Error>((thread_cpu() - before, r))
+    };
+    let (keep, r) = cpu(&mut || Ok(sweeper.sweep_at(now)?))?;
+    let kept: u64 = r.flows_by_state.iter().sum();
+    let day = Timeouts::default().to_ticks()[svclb_common::ct_state::TCP_ESTABLISHED];
+    let (remove, r) = cpu(&mut || Ok(sweeper.sweep_at(now + day + 2)?))?;
+    let removed: u64 = r.expired.iter().sum();
+    let per_million = |d: std::time::Duration| d.as_secs_f64() * 1e3 * 1e6 / present as f64;
+    println!(
+        "conntrack sweeper: {present} entries, nothing expired ({kept} flows kept): {:.0} ms CPU ({:.0} ms per 1M entries); all {removed} flows expired: {:.0} ms CPU ({:.0} ms per 1M entries)",
+        keep.as_secs_f64() * 1e3,
+        per_million(keep),
+        remove.as_secs_f64() * 1e3,
+        per_million(remove),
+    );
+    Ok(())
+}
+
+/// CPU time (user and system) of the calling thread.
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 fn met(ok: bool) -> &'static str {

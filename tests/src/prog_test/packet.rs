@@ -40,7 +40,9 @@ pub struct Packet {
     pub payload: Vec<u8>,
 }
 
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 /// An established connection's segment.
 pub const TCP_ACK: u8 = 0x10;
 
