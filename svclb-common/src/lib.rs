@@ -121,7 +121,9 @@ pub const BACKEND_ACTIVE: u8 = 0;
 pub const BACKEND_TERMINATING: u8 = 1;
 /// Named by no slot or Maglev table, kept only so that established
 /// external flows stay on it while it still serves (graceful termination).
-/// No program reads the state; the agent keeps such entries across restarts.
+/// The XDP program reads it only for a SYN on a tracked tuple (a new
+/// connection must not land on it); the agent keeps such entries across
+/// restarts.
 pub const BACKEND_DRAINING: u8 = 2;
 
 /// `ServiceValue::flags` bits (slot 0 only). One of the first four says

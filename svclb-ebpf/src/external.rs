@@ -12,8 +12,8 @@
 //!   rewritten to come from the frontend and go to the client.
 use svclb_common::{
     ct_closed, ct_now, ct_state, flow_hash, stats, Flow, FlowKey, MaglevKey, Route, ServiceKey,
-    SourceRangeKey, CT_CLOSED, FLOW_EGRESS, FLOW_INGRESS, MAGLEV_CHUNK, ROUTE_TTL_JIFFIES,
-    SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT,
+    SourceRangeKey, BACKEND_DRAINING, CT_CLOSED, FLOW_EGRESS, FLOW_INGRESS, MAGLEV_CHUNK,
+    ROUTE_TTL_JIFFIES, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT,
     SVC_FLAG_SOURCE_RANGES,
 };
 
@@ -79,7 +79,12 @@ pub fn ingress(s: &mut Scratch, v6: bool) -> Decision {
             if fresh || f.backend_id == 0 || helpers::lookup(&BACKENDS, &f.backend_id).is_some() {
                 if s.syn && f.backend_id != 0 {
                     // A new connection on the tuple (netfilter, too, lets a
-                    // SYN reuse a closed one): its states start over.
+                    // SYN reuse a closed one): its states start over, on
+                    // a backend new flows may use. A draining one (still
+                    // serving, kept only for established flows) is not.
+                    if draining(f.backend_id) {
+                        return new_flow(s, v6);
+                    }
                     entry.copy_to(&mut s.flow);
                     refresh_reply(s, v6);
                     entry.restart(s.tick, s.ct_bits);
@@ -459,6 +464,13 @@ fn source_allowed(rev_nat_id: u32, src: &[u32; 4]) -> bool {
         },
     );
     SOURCE_RANGES.get(&key).is_some()
+}
+
+/// Whether the backend is kept only for established flows (see
+/// `svclb_common::BACKEND_DRAINING`: no slot or Maglev table names it).
+#[inline(always)]
+fn draining(backend_id: u32) -> bool {
+    helpers::lookup(&BACKENDS, &backend_id).is_some_and(|b| b.state == BACKEND_DRAINING)
 }
 
 /// The agent's backends epoch (see `svclb_common::maps::BACKENDS_EPOCH`).

@@ -476,6 +476,48 @@ fn flow_whose_backend_was_removed_picks_a_new_one() {
     });
 }
 
+/// Graceful termination: a backend that left the table but still serves
+/// (draining) keeps its established flow; a new connection on the same
+/// client tuple (a SYN) goes to a backend new flows use.
+#[test]
+fn established_flow_stays_on_a_draining_backend_but_a_new_syn_does_not() {
+    fixture(|t, node| {
+        let all = pods(4);
+        let client = sa(CLIENT4);
+        let first = maglev_pick(&all, client, PROTO_TCP);
+        let rest: Vec<SocketAddr> = all.iter().copied().filter(|b| *b != first).collect();
+        let np = |b: &[SocketAddr], draining: &[SocketAddr]| {
+            let mut f = frontend(
+                FrontendKind::NodePort,
+                nodeport4(),
+                Protocol::Tcp,
+                &remote(b),
+            );
+            f.draining = remote(draining);
+            f
+        };
+        t.apply("np", &[np(&all, &[])]).unwrap();
+        let syn = inbound(PROTO_TCP, client, nodeport4());
+        let run = xdp(t, node, &syn.build());
+        let snat = snat_source(&run);
+        assert_eq!(packet::summary(&run.packet).unwrap().dst, first);
+
+        t.apply("np", &[np(&rest, &[first])]).unwrap();
+        let ack = Packet {
+            tcp_flags: TCP_ACK,
+            ..syn.clone()
+        };
+        let run = xdp(t, node, &ack.build());
+        assert_packet(&run, XDP_TX, &transmitted(&ack, snat, first, PEER_MAC));
+        assert_eq!(t.stat(stats::CT_CREATED), 1, "the established flow stays");
+
+        let run = xdp(t, node, &syn.build());
+        let pick = maglev_pick(&rest, client, PROTO_TCP);
+        assert_eq!(packet::summary(&run.packet).unwrap().dst, pick);
+        assert_eq!(t.stat(stats::CT_CREATED), 2, "a new SYN is a new flow");
+    });
+}
+
 #[test]
 fn established_flows_pick_up_a_new_next_hop_within_the_route_lifetime() {
     fixture(|t, node| {

@@ -1760,7 +1760,11 @@ fn udp_socket_frontends_drain_serving_endpoints() {
         ))];
         let refs: Vec<&EndpointSlice> = slices.iter().collect();
         let t = translate(&service(svc.clone()), &refs, &node_n1());
-        let f = t.frontends.iter().find(|f| f.key.scope == Scope::Socket).unwrap();
+        let f = t
+            .frontends
+            .iter()
+            .find(|f| f.key.scope == Scope::Socket)
+            .unwrap();
         let addrs: Vec<String> = f.draining.iter().map(|b| b.addr.to_string()).collect();
         (f.backends.len(), addrs)
     };
