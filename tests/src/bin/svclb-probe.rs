@@ -567,6 +567,19 @@ fn http_get(target: SocketAddr, path: &str, timeout: Duration) -> Result<Value, 
     Ok(json!({ "ok": true, "status": status, "headers": headers, "body": body }))
 }
 
+/// A UDP socket of `target`'s family on an ephemeral port, reads timing
+/// out after `timeout`.
+fn udp_socket(target: SocketAddr, timeout: Duration) -> Result<UdpSocket, String> {
+    let any: SocketAddr = match target {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let s = UdpSocket::bind(any).map_err(|e| format!("udp socket: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| format!("udp socket: {e}"))?;
+    Ok(s)
+}
+
 fn udp_once(
     target: SocketAddr,
     timeout: Duration,
@@ -687,13 +700,7 @@ fn udp_flow(
             stop.store(true, Ordering::Relaxed);
         });
     }
-    let any: SocketAddr = match target {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let s = UdpSocket::bind(any).map_err(|e| format!("udp socket: {e}"))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| format!("udp socket: {e}"))?;
+    let s = udp_socket(target, timeout)?;
     let local = s.local_addr().map_err(|e| format!("getsockname: {e}"))?;
     let mut out = io::stdout().lock();
     let mut buf = [0u8; 2048];
@@ -836,13 +843,7 @@ fn watch(
     }
     let mut sockets = Vec::new();
     for &t in udp {
-        let any: SocketAddr = match t {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let s = UdpSocket::bind(any).map_err(|e| format!("udp socket: {e}"))?;
-        s.set_read_timeout(Some(timeout))
-            .map_err(|e| format!("udp socket: {e}"))?;
+        let s = udp_socket(t, timeout)?;
         s.connect(t).map_err(|e| format!("udp connect {t}: {e}"))?;
         sockets.push((format!("udp {t}"), s));
     }
@@ -973,13 +974,7 @@ fn rate(
     let mut udp = Vec::new();
     if let Proto::Udp = proto {
         for t in targets {
-            let any: SocketAddr = match t {
-                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-                SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-            };
-            let s = UdpSocket::bind(any).map_err(|e| format!("udp socket: {e}"))?;
-            s.set_read_timeout(Some(timeout))
-                .map_err(|e| format!("udp socket: {e}"))?;
+            let s = udp_socket(*t, timeout)?;
             udp.push(s);
         }
     }
