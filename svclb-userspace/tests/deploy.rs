@@ -10,7 +10,6 @@ use clap::Parser;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use serde::Deserialize;
 use svclb_userspace::cli::{Cli, Command};
 
 enum Manifest {
@@ -44,11 +43,11 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// Parse `doc` as `T`, and check that serializing it back gives the same
 /// document: k8s-openapi ignores unknown fields, so a misspelt field (say
 /// `mountPropagaton`) would otherwise vanish without a trace.
-fn typed<T>(doc: &serde_yaml::Value, at: &str) -> Box<T>
+fn typed<T>(doc: &serde_json::Value, at: &str) -> Box<T>
 where
     T: serde::de::DeserializeOwned + serde::Serialize,
 {
-    let value: T = serde_yaml::from_value(doc.clone()).unwrap_or_else(|e| panic!("{at}: {e}"));
+    let value: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{at}: {e}"));
     let original = serde_json::to_value(doc).unwrap();
     let back = serde_json::to_value(&value).unwrap();
     assert_eq!(back, original, "{at}: fields lost or changed in parsing");
@@ -64,9 +63,10 @@ fn manifests() -> Vec<(String, Manifest)> {
     let mut out = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
-        for (i, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        for (i, doc) in docs.into_iter().enumerate() {
             let at = format!("{}#{i}", file.display());
-            let doc = serde_yaml::Value::deserialize(de).unwrap_or_else(|e| panic!("{at}: {e}"));
             if doc.is_null() {
                 continue; // an empty document, e.g. after a trailing ---
             }

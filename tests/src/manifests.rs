@@ -294,7 +294,7 @@ impl SliceSpec {
 }
 
 pub fn to_yaml(v: &Value) -> String {
-    serde_yaml::to_string(v).expect("JSON values always serialise to YAML")
+    serde_saphyr::to_string(v).expect("JSON values always serialise to YAML")
 }
 
 /// The watched directory. Writes are atomic (write a staging file on the
@@ -368,7 +368,7 @@ mod tests {
             ],
             vec![PortSpec::tcp("http", 80).target(8080)],
         );
-        let v: Value = serde_yaml::from_str(&svc.to_yaml()).unwrap();
+        let v: Value = serde_saphyr::from_str(&svc.to_yaml()).unwrap();
         assert_eq!(v["kind"], "Service");
         assert_eq!(v["spec"]["clusterIP"], "198.19.0.10");
         assert_eq!(v["spec"]["clusterIPs"][1], "fd00:5::10");
@@ -378,7 +378,7 @@ mod tests {
         assert_eq!(v["spec"]["ports"][0]["protocol"], "TCP");
 
         let lb = svc.load_balancer("Local", Some(32100));
-        let v: Value = serde_yaml::from_str(&lb.to_yaml()).unwrap();
+        let v: Value = serde_saphyr::from_str(&lb.to_yaml()).unwrap();
         assert_eq!(v["spec"]["type"], "LoadBalancer");
         assert_eq!(v["spec"]["externalTrafficPolicy"], "Local");
         assert_eq!(v["spec"]["healthCheckNodePort"], 32100);
@@ -398,7 +398,7 @@ mod tests {
                 },
             ],
         );
-        let v: Value = serde_yaml::from_str(&slice.to_yaml()).unwrap();
+        let v: Value = serde_saphyr::from_str(&slice.to_yaml()).unwrap();
         assert_eq!(v["apiVersion"], "discovery.k8s.io/v1");
         assert_eq!(v["addressType"], "IPv6");
         assert_eq!(v["metadata"]["labels"]["kubernetes.io/service-name"], "web");

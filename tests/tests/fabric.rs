@@ -154,7 +154,7 @@ fn tx_checksum_offload_is_off_on_every_external_veth() -> Result<()> {
 fn read_node_object(cluster: &Cluster, node: &Node) -> Result<Value> {
     let file = node.write_node_object(&[("topology.kubernetes.io/zone", "z1")])?;
     let text = std::fs::read_to_string(cluster.manifests().dir().join(file))?;
-    Ok(serde_yaml::from_str(&text)?)
+    Ok(serde_saphyr::from_str(&text)?)
 }
 
 #[test]

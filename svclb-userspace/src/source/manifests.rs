@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use serde::de::DeserializeOwned;
-use serde_yaml::Value;
+use serde_json::Value;
 use tracing::debug;
 
 use crate::model::Object;
@@ -74,14 +74,14 @@ pub fn parse_manifest(text: &str, origin: &str) -> (Vec<Object>, Vec<ManifestErr
             item: None,
             object: None,
         };
-        let value: Value = match serde_yaml::from_str(&doc.text) {
+        let value: Value = match serde_saphyr::from_str(&doc.text) {
             Ok(value) => value,
             Err(_) => {
                 // Parse again, shifted to its place in the file, so the
                 // error's line numbers are the file's (errors are rare).
                 let shifted = "\n".repeat(doc.line - 1) + &doc.text;
-                let reason = match serde_yaml::from_str::<Value>(&shifted) {
-                    Err(err) => err.to_string(),
+                let reason = match serde_saphyr::from_str::<Value>(&shifted) {
+                    Err(err) => first_line(&err.to_string()),
                     Ok(_) => "YAML syntax error".to_string(),
                 };
                 errors.push(ManifestError::Document {
@@ -102,16 +102,16 @@ pub fn parse_manifest(text: &str, origin: &str) -> (Vec<Object>, Vec<ManifestErr
             continue;
         };
         let api_version = value.get("apiVersion").cloned();
-        let items = value.get("items").and_then(Value::as_sequence);
+        let items = value.get("items").and_then(Value::as_array);
         for (j, item) in items.into_iter().flatten().enumerate() {
             let mut item = item.clone();
             // Lists as the API returns them (ServiceList, ...) leave out the
             // items' apiVersion and kind; a plain List's items have them.
-            if let (Value::Mapping(m), false) = (&mut item, item_kind.is_empty()) {
+            if let (Value::Object(m), false) = (&mut item, item_kind.is_empty()) {
                 let kind = Value::from(item_kind);
-                m.entry("kind".into()).or_insert(kind);
+                m.entry("kind").or_insert(kind);
                 if let Some(api_version) = &api_version {
-                    m.entry("apiVersion".into()).or_insert(api_version.clone());
+                    m.entry("apiVersion").or_insert(api_version.clone());
                 }
             }
             let mut location = Location {
@@ -150,7 +150,7 @@ fn parse_object(
     origin: &str,
     location: &mut Location,
 ) -> Result<Option<Object>, String> {
-    if !value.is_mapping() {
+    if !value.is_object() {
         return Err("not a Kubernetes object (expected a mapping)".to_string());
     }
     let api_version = value.get("apiVersion").and_then(Value::as_str);
@@ -183,8 +183,15 @@ fn parse_object(
     }
 }
 
+/// serde-saphyr's messages go on with a source snippet over several lines;
+/// a log line keeps the first ("line L column C: what").
+fn first_line(message: &str) -> String {
+    let line = message.lines().next().unwrap_or_default();
+    line.strip_prefix("error: ").unwrap_or(line).to_string()
+}
+
 fn typed<T: DeserializeOwned>(value: Value) -> Result<T, String> {
-    serde_yaml::from_value(value).map_err(|e| e.to_string())
+    serde_json::from_value(value).map_err(|e| e.to_string())
 }
 
 /// One YAML document's text, including its "---" line if it has one.
@@ -194,11 +201,10 @@ struct DocText {
     text: String,
 }
 
-/// Splits a YAML stream into documents, so that each is parsed by its own
-/// parser. serde_yaml's multi-document Deserializer cannot recover from a
-/// bad document: after a syntax error it repeats the error forever, and
-/// after an unknown alias the next document panics. Splitting is exact
-/// because YAML only allows document markers at the start of a line.
+/// Splits a YAML stream into documents, each parsed on its own so that a bad
+/// document is reported with its place in the file and the documents after
+/// it are still read. Splitting is exact because YAML only allows document
+/// markers at the start of a line.
 fn split_documents(text: &str) -> Vec<DocText> {
     let mut docs = Vec::new();
     // explicit: started by "---", so a document even when empty.
@@ -550,7 +556,7 @@ items:
         let expect = [
             "dir/bad.yaml: document 2 (line 12), Service demo/broken: ",
             "dir/bad.yaml: document 3 (line 17): ",
-            "dir/bad.yaml: document 4 (line 19): unknown anchor at line 20",
+            "dir/bad.yaml: document 4 (line 19): line 20 column 4: alias references unknown anchor",
             "dir/bad.yaml: document 5 (line 21): not a Kubernetes object",
             "dir/bad.yaml: document 6 (line 23), object kindless: apiVersion and kind are required",
             "dir/bad.yaml: document 7 (line 25), item 2, Node bad: ",

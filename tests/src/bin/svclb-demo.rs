@@ -18,7 +18,6 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use serde::Deserialize;
 use serde_json::{json, Value};
 use svclb_tests::manifests::to_yaml;
 use svclb_tests::{
@@ -391,9 +390,7 @@ fn say(text: &str) {
 }
 
 fn parse_docs(yaml: &str) -> Result<Vec<Value>> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|doc| Value::deserialize(doc).context("invalid YAML"))
-        .collect()
+    serde_saphyr::from_multiple(yaml).context("invalid YAML")
 }
 
 /// The example's EndpointSlices with their endpoints replaced by `pods`
