@@ -12,7 +12,7 @@
 //! address. The API is synchronous so tests can be plain `#[test]`s; the
 //! server runs on its own runtime, stopped on drop.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -106,19 +106,78 @@ pub struct Counts {
     pub gone: usize,
 }
 
-/// A live watch connection: its field selector's name, and where its
-/// event lines go.
-struct Watcher {
+/// What a request selects, as the API server reads its query: a field
+/// selector on the name (the Node watch uses it) and label selectors of
+/// the form `!key` (kube-proxy's and svclb's Service and EndpointSlice
+/// watches use them). Anything else panics: the mock would answer wrongly.
+#[derive(Clone, Default)]
+struct Selector {
     name: Option<String>,
+    without_labels: Vec<String>,
+}
+
+impl Selector {
+    fn parse(query: &BTreeMap<String, String>) -> Selector {
+        let name = query.get("fieldSelector").map(|s| {
+            let name = s.strip_prefix("metadata.name=");
+            name.expect("unsupported fieldSelector").to_string()
+        });
+        let without_labels = (query.get("labelSelector").into_iter())
+            .flat_map(|s| s.split(','))
+            .map(|req| {
+                let key = req.strip_prefix('!');
+                key.expect("unsupported labelSelector").to_string()
+            })
+            .collect();
+        Selector {
+            name,
+            without_labels,
+        }
+    }
+
+    fn matches(&self, obj: &Value) -> bool {
+        let meta = &obj["metadata"];
+        (self.name.is_none() || meta["name"].as_str() == self.name.as_deref())
+            && (self.without_labels.iter()).all(|l| meta["labels"].get(l).is_none())
+    }
+
+    /// The event a watch with this selector gets for a change (None: none),
+    /// as the API server sends it: an object that starts or stops matching
+    /// is ADDED or DELETED for that watch.
+    fn event(&self, kind: &'static str, obj: &Value, old: Option<&Value>) -> Option<&'static str> {
+        let now = kind != "DELETED" && self.matches(obj);
+        let before = match kind {
+            "DELETED" => self.matches(obj),
+            _ => old.is_some_and(|o| self.matches(o)),
+        };
+        match (before, now) {
+            (false, true) => Some("ADDED"),
+            (true, true) => Some("MODIFIED"),
+            (true, false) => Some("DELETED"),
+            (false, false) => None,
+        }
+    }
+}
+
+/// A live watch connection: what it selects, and where its event lines go.
+struct Watcher {
+    selector: Selector,
     tx: mpsc::UnboundedSender<String>,
+}
+
+struct Change {
+    rv: u64,
+    kind: &'static str,
+    obj: Value,
+    old: Option<Value>,
 }
 
 #[derive(Default)]
 struct Collection {
     /// (namespace, name) -> object, with its resourceVersion.
     objects: BTreeMap<(String, String), Value>,
-    /// Every change: (resourceVersion, event type, object).
-    log: Vec<(u64, &'static str, Value)>,
+    /// Every change: (resourceVersion, event type, object, the object before).
+    log: Vec<Change>,
     /// A watch from a resourceVersion below this gets 410 Gone.
     compacted: u64,
     watchers: Vec<Watcher>,
@@ -126,6 +185,8 @@ struct Collection {
     stalled: Vec<Watcher>,
     fault: Fault,
     counts: Counts,
+    /// Every labelSelector the collection's requests carried.
+    label_selectors: BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -257,11 +318,9 @@ impl MockApi {
         let rv = state.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let c = state.collection(r);
-        let kind = match c.objects.insert(key(&obj), obj.clone()) {
-            None => "ADDED",
-            Some(_) => "MODIFIED",
-        };
-        c.record(rv, kind, obj);
+        let old = c.objects.insert(key(&obj), obj.clone());
+        let kind = if old.is_none() { "ADDED" } else { "MODIFIED" };
+        c.record(Change { rv, kind, obj, old });
     }
 
     /// Deletes an object: DELETED to the watchers.
@@ -274,7 +333,12 @@ impl MockApi {
         let mut obj = (c.objects.remove(&(namespace.to_string(), name.to_string())))
             .unwrap_or_else(|| panic!("no {kind} {namespace}/{name} to delete"));
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        c.record(rv, "DELETED", obj);
+        c.record(Change {
+            rv,
+            kind: "DELETED",
+            obj,
+            old: None,
+        });
     }
 
     /// Sends a BOOKMARK with the current resourceVersion to r's watchers.
@@ -337,6 +401,11 @@ impl MockApi {
         self.state().collection(r).counts
     }
 
+    /// The label selectors r's lists and watches asked for.
+    pub fn label_selectors(&self, r: Resource) -> BTreeSet<String> {
+        self.state().collection(r).label_selectors.clone()
+    }
+
     /// Live watch connections of r.
     pub fn watchers(&self, r: Resource) -> usize {
         let mut state = self.state();
@@ -355,14 +424,20 @@ impl Drop for MockApi {
 }
 
 impl Collection {
-    fn record(&mut self, rv: u64, kind: &'static str, obj: Value) {
-        let line = event_line(kind, &obj);
-        let name = obj["metadata"]["name"].as_str().map(str::to_string);
-        self.watchers.retain(|w| {
-            let wanted = w.name.is_none() || w.name == name;
-            !wanted || w.tx.send(line.clone()).is_ok()
-        });
-        self.log.push((rv, kind, obj));
+    fn record(&mut self, change: Change) {
+        self.watchers
+            .retain(|w| match change.line_for(&w.selector) {
+                Some(line) => w.tx.send(line).is_ok(),
+                None => true,
+            });
+        self.log.push(change);
+    }
+}
+
+impl Change {
+    fn line_for(&self, selector: &Selector) -> Option<String> {
+        let kind = selector.event(self.kind, &self.obj, self.old.as_ref())?;
+        Some(event_line(kind, &self.obj))
     }
 }
 
@@ -432,11 +507,10 @@ fn answer(target: &str, state: &mut State) -> Answer {
         return Answer::Json(404, body);
     };
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
-    // Only metadata.name=X is supported: the Node watch uses it.
-    let name = query.get("fieldSelector").map(|s| {
-        let name = s.strip_prefix("metadata.name=");
-        name.expect("unsupported fieldSelector").to_string()
-    });
+    let selector = Selector::parse(&query);
+    if let Some(labels) = query.get("labelSelector") {
+        state.collection(r).label_selectors.insert(labels.clone());
+    }
     let rv = state.rv;
     if !matches!(state.collection(r).fault, Fault::Hangup | Fault::Status(_)) {
         state.answered.push(Instant::now());
@@ -453,14 +527,12 @@ fn answer(target: &str, state: &mut State) -> Answer {
             return Answer::Json(code, status(code, "InternalError", "injected by the test"));
         }
     }
-    let selected =
-        |obj: &Value| name.is_none() || obj["metadata"]["name"].as_str() == name.as_deref();
     if !watch {
         c.counts.lists += 1;
         let items: Vec<Value> = c
             .objects
             .values()
-            .filter(|o| selected(o))
+            .filter(|o| selector.matches(o))
             .cloned()
             .collect();
         let list = json!({
@@ -485,7 +557,7 @@ fn answer(target: &str, state: &mut State) -> Answer {
     }
     let (tx, rx) = mpsc::unbounded_channel();
     if c.fault == Fault::Stall {
-        c.stalled.push(Watcher { name, tx });
+        c.stalled.push(Watcher { selector, tx });
         return Answer::Watch(Vec::new(), Some(rx), None);
     }
     let timeout = (query.get("timeoutSeconds"))
@@ -493,10 +565,10 @@ fn answer(target: &str, state: &mut State) -> Answer {
         .map(Duration::from_secs);
     // Replaying and registering under one lock: no event is missed or doubled.
     let replay: Vec<String> = (c.log.iter())
-        .filter(|(v, _, obj)| *v > from && selected(obj))
-        .map(|(_, kind, obj)| event_line(kind, obj))
+        .filter(|change| change.rv > from)
+        .filter_map(|change| change.line_for(&selector))
         .collect();
-    c.watchers.push(Watcher { name, tx });
+    c.watchers.push(Watcher { selector, tx });
     Answer::Watch(replay, Some(rx), timeout)
 }
 

@@ -8,6 +8,7 @@
 //! come from 198.18.0.0/15 and fd00::/8; no traffic is sent: the only
 //! sockets are the agent's connections to the mock on 127.0.0.1.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -844,4 +845,42 @@ fn vm_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'));
     let kib = line.and_then(|l| l.trim().strip_suffix("kB")?.trim().parse().ok());
     kib.unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// As kube-proxy's informers, the Service and EndpointSlice watches ask the
+/// API server to leave out objects labelled for another proxy or headless;
+/// a Service that gains the label leaves the maps (its watch gets it as
+/// deleted) and comes back when the label goes.
+#[test]
+fn services_of_another_proxy_are_filtered_by_the_api_server() {
+    let mut other = service("other", "198.18.0.30", 80);
+    other["metadata"]["labels"] = json!({"service.kubernetes.io/service-proxy-name": "other"});
+    let mock = mock_with(vec![
+        service("web", "198.18.0.10", 80),
+        slice("web-a", "web", &["198.19.0.1"]),
+        other.clone(),
+        slice("other-a", "other", &["198.19.0.2"]),
+    ]);
+    let mut env = Env::new("proxyname", &mock);
+    env.start_agent();
+    let web = "198.18.0.10:80/TCP -> 198.19.0.1:8080";
+    env.wait_for_maps(&[web], DEADLINE);
+    env.wait_for_log(SYNC_MARKER, EVENT_DEADLINE);
+    let selector = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+    for r in [Resource::Services, Resource::EndpointSlices] {
+        let asked = mock.label_selectors(r);
+        assert_eq!(asked, BTreeSet::from([selector.to_string()]), "{r:?}");
+    }
+    assert!(mock.label_selectors(Resource::Nodes).is_empty());
+
+    // The label goes: the Service is ADDED for the agent's watch.
+    mock.apply(service("other", "198.18.0.30", 80));
+    let other_frontend = "198.18.0.30:80/TCP -> 198.19.0.2:8080";
+    env.wait_for_maps(&[web, other_frontend], EVENT_DEADLINE);
+    // The label comes back: DELETED for the agent's watch.
+    mock.apply(other);
+    env.wait_for_maps(&[web], EVENT_DEADLINE);
+    for r in ALL {
+        assert_eq!(mock.counts(r).lists, 1, "{r:?}: no relist");
+    }
 }

@@ -24,7 +24,7 @@ pub use health_check_ports::{health_check, HealthCheck};
 pub use store::ObjectStore;
 pub use store::LABEL_SERVICE_NAME;
 pub use translate::translate;
-pub use translate::{skip, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
+pub use translate::{proxied_label_selector, skip, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
 
 /// A Kubernetes object svclb consumes, from either source (API or manifests).
 #[derive(Clone, Debug, PartialEq)]

@@ -33,6 +33,13 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 /// kube-proxy's informers ignore objects carrying this label, whatever its value.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 
+/// The label selector for Service and EndpointSlice watches: the API server
+/// leaves out what the model would ignore anyway, as kube-proxy's informers
+/// ask. An object that gains one of the labels arrives as deleted.
+pub fn proxied_label_selector() -> String {
+    format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}")
+}
+
 const SERVICE: &str = "Service";
 const ENDPOINT_SLICE: &str = "EndpointSlice";
 

@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, Notify};
 
 use super::SourceEvent;
-use crate::model::{Object, ObjectKind};
+use crate::model::{self, Object, ObjectKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -84,18 +84,19 @@ pub async fn run(
         .max(1);
     let all = watcher::Config::default().timeout(secs);
     let this_node = all.clone().fields(&format!("metadata.name={node_name}"));
+    let proxied = all.labels(&model::proxied_label_selector());
     let reachable = Arc::new(Notify::new());
     let mut watches = stream::select_all([
         watch(
             Api::<Service>::all(client.clone()),
-            all.clone(),
+            proxied.clone(),
             ObjectKind::Service,
             |o| Object::Service(Box::new(o)),
             reachable.clone(),
         ),
         watch(
             Api::<EndpointSlice>::all(client.clone()),
-            all,
+            proxied,
             ObjectKind::EndpointSlice,
             |o| Object::EndpointSlice(Box::new(o)),
             reachable.clone(),
