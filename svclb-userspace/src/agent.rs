@@ -16,8 +16,11 @@ use crate::serve::metrics::{self, Metrics};
 use crate::serve::Server;
 use crate::source::{kube, Source, SourceEvent};
 
+mod events;
 mod retry;
 mod sync_loop;
+
+pub use events::EventSink;
 
 pub use sync_loop::SyncLoop;
 
@@ -73,6 +76,10 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         spawn_conntrack_sweeper(&args, capacity, metrics.clone())?;
     }
 
+    let events = match &source {
+        Source::Kube { client, .. } => EventSink::to_api(client.clone(), &args.node_name),
+        Source::Manifests(_) => EventSink::none(),
+    };
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(source.run(args.node_name.clone(), tx));
     let health_checks = HealthCheckServers::new(health.clone());
@@ -84,7 +91,8 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         health_checks,
         args.sync_period,
         desired,
-    );
+    )
+    .with_events(events);
     sync_until_signal(sync, rx).await?;
     // The links and maps stay pinned: traffic keeps flowing until the next agent.
     tracing::info!("exiting; programs stay attached");

@@ -194,6 +194,8 @@ struct State {
     /// The last resourceVersion handed out, across collections like etcd's.
     rv: u64,
     collections: [Collection; 3],
+    /// Events the clients created or patched (events.k8s.io/v1), in order.
+    events: Vec<Value>,
     /// When each request answered normally (not with a Fault) came in.
     answered: Vec<Instant>,
 }
@@ -401,6 +403,11 @@ impl MockApi {
         self.state().collection(r).counts
     }
 
+    /// The events clients created or patched, in order.
+    pub fn events(&self) -> Vec<Value> {
+        self.state().events.clone()
+    }
+
     /// The label selectors r's lists and watches asked for.
     pub fn label_selectors(&self, r: Resource) -> BTreeSet<String> {
         self.state().collection(r).label_selectors.clone()
@@ -484,10 +491,13 @@ enum Answer {
 
 /// One request, one response, then the connection closes.
 async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>) {
-    let Some(target) = read_request(&mut conn).await else {
+    let Some((method, target, body)) = read_request(&mut conn).await else {
         return;
     };
-    let answer = answer(&target, &mut state.lock().unwrap());
+    let answer = match method.as_str() {
+        "GET" => answer(&target, &mut state.lock().unwrap()),
+        _ => write(&method, &target, &body, &mut state.lock().unwrap()),
+    };
     let _ = match answer {
         Answer::Hangup => Ok(()),
         Answer::Json(code, body) => respond(&mut conn, code, &body).await,
@@ -572,21 +582,54 @@ fn answer(target: &str, state: &mut State) -> Answer {
     Answer::Watch(replay, Some(rx), timeout)
 }
 
-/// Reads the request head; returns the request target of a GET.
-async fn read_request(conn: &mut TcpStream) -> Option<String> {
-    let mut head = Vec::new();
+/// Creating (POST) or patching (PATCH) an event is the only write the mock
+/// takes: the agent's event recorder does both.
+fn write(method: &str, target: &str, body: &[u8], state: &mut State) -> Answer {
+    let path = target.split('?').next().unwrap_or(target);
+    let is_events = path.starts_with("/apis/events.k8s.io/v1/namespaces/")
+        && (path.ends_with("/events") || path.contains("/events/"));
+    let Ok(event) = serde_json::from_slice::<Value>(body) else {
+        return Answer::Json(400, status(400, "BadRequest", "body is not JSON"));
+    };
+    if !is_events || !matches!(method, "POST" | "PATCH") {
+        let message = format!("the mock takes no {method} {path}");
+        return Answer::Json(405, status(405, "MethodNotAllowed", &message));
+    }
+    state.events.push(event.clone());
+    Answer::Json(if method == "POST" { 201 } else { 200 }, event)
+}
+
+/// Reads a request: its method, target and body (by Content-Length).
+async fn read_request(conn: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
+    let mut data = Vec::new();
     let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+    let end = loop {
+        if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
         let n = conn.read(&mut buf).await.ok()?;
-        if n == 0 || head.len() > 64 * 1024 {
+        if n == 0 || data.len() > 64 * 1024 {
             return None;
         }
-        head.extend_from_slice(&buf[..n]);
+        data.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&data[..end]).into_owned();
+    let length: usize = (head.lines())
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = data[end..].to_vec();
+    while body.len() < length {
+        let n = conn.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&buf[..n]);
     }
-    let head = String::from_utf8_lossy(&head);
     let mut words = head.lines().next()?.split_whitespace();
-    (words.next()? == "GET").then_some(())?;
-    words.next().map(str::to_string)
+    let method = words.next()?.to_string();
+    Some((method, words.next()?.to_string(), body))
 }
 
 async fn respond(conn: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {

@@ -704,6 +704,21 @@ fn older_service_owns_a_frontend_and_hands_it_over() {
     env.wait_until("seven conflicts", DEADLINE, |_| {
         metric(&http_get(&metrics, "/metrics").1, conflicts) >= Some(7.0)
     });
+    // One Warning event on the younger Service for the conflict, not one
+    // per retry: `kubectl describe service b-new` says why.
+    let on_younger: Vec<Value> = (mock.events().into_iter())
+        .filter(|e| e["regarding"]["name"] == "b-new")
+        .collect();
+    assert_eq!(on_younger.len(), 1, "{on_younger:#?}");
+    let event = &on_younger[0];
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "FrontendConflict");
+    assert_eq!(event["regarding"]["kind"], "Service");
+    assert_eq!(event["metadata"]["namespace"], "demo");
+    assert_eq!(event["reportingController"], "svclb");
+    assert_eq!(event["reportingInstance"], NODE);
+    let note = event["note"].as_str().unwrap_or_default();
+    assert!(note.contains("demo/a-old"), "{note}");
     mock.delete("Service", "demo", "a-old");
     env.wait_for_maps(&["198.18.0.40:80/TCP -> 198.19.0.2:8080"], EVENT_DEADLINE);
     env.wait_until("no retries pending", EVENT_DEADLINE, |_| {

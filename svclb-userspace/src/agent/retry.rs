@@ -55,6 +55,11 @@ impl<K: Ord + Clone> RetrySet<K> {
         delay
     }
 
+    /// Whether `item` is waiting for a retry.
+    pub fn contains(&self, item: &K) -> bool {
+        self.items.contains_key(item)
+    }
+
     /// `item` reached the maps: forget its failures.
     pub fn succeed(&mut self, item: &K) {
         self.items.remove(item);

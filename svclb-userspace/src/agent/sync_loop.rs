@@ -25,6 +25,7 @@ use crate::serve::healthz::ProxyHealth;
 use crate::serve::metrics::Metrics;
 use crate::source::SourceEvent;
 
+use super::events::{EventSink, Warning};
 use super::retry::RetrySet;
 
 /// Work that failed and is retried.
@@ -73,6 +74,8 @@ pub struct SyncLoop {
     /// The SNAT sources must be chosen again (at start, when the Node
     /// changed, every sync period: routes and addresses change unseen).
     snat_due: bool,
+    /// Warning events on Services (conflicts, maps full).
+    events: EventSink,
 }
 
 impl SyncLoop {
@@ -107,7 +110,13 @@ impl SyncLoop {
             published,
             last_published: None,
             snat_due: true,
+            events: EventSink::none(),
         }
+    }
+
+    pub fn with_events(mut self, events: EventSink) -> Self {
+        self.events = events;
+        self
     }
 
     /// When [`Self::flush`] must run even without events: the next retry
@@ -287,7 +296,7 @@ impl SyncLoop {
     /// with the service's name and the service is retried; other services
     /// are unaffected.
     fn sync_service(&mut self, id: &ServiceId, now: Instant) -> Applied {
-        let mut lost_frontends = false;
+        let mut lost_frontends = None;
         let frontends = match self.store.translate(id, &self.node) {
             None => Vec::new(),
             Some(t) => {
@@ -295,8 +304,9 @@ impl SyncLoop {
                 if let Some(reason) = t.skipped {
                     tracing::debug!(service = %id, reason, "not proxied");
                 }
-                lost_frontends =
-                    (t.warnings.iter()).any(|w| matches!(w, ModelError::FrontendConflict { .. }));
+                lost_frontends = (t.warnings.iter())
+                    .find(|w| matches!(w, ModelError::FrontendConflict { .. }))
+                    .map(ToString::to_string);
                 t.frontends
             }
         };
@@ -307,12 +317,13 @@ impl SyncLoop {
                 if stats.writes + stats.deletes > 0 {
                     tracing::info!(service = %id, frontends = frontends.len(), writes = stats.writes, deletes = stats.deletes, "applied");
                 }
-                if !lost_frontends {
+                let Some(conflict) = lost_frontends else {
                     self.conflicts.succeed(id);
                     return Applied::Done;
-                }
+                };
                 // The rest of the service is in the maps; it waits for the
                 // frontends it lost.
+                self.warn_once(id, Warning::FrontendConflict, conflict);
                 let delay = self.conflicts.fail(id, now);
                 self.metrics.sync_error("conflict");
                 tracing::warn!(service = %id, retry_in = ?delay, "frontends left out for older services");
@@ -320,6 +331,7 @@ impl SyncLoop {
             }
             Err(e @ DataplaneError::Conflict { .. }) => {
                 self.retries.succeed(&work);
+                self.warn_once(id, Warning::FrontendConflict, e.to_string());
                 let delay = self.conflicts.fail(id, now);
                 self.metrics.sync_error("conflict");
                 tracing::warn!(service = %id, retry_in = ?delay, "{e}");
@@ -327,6 +339,9 @@ impl SyncLoop {
             }
             Err(e) => {
                 self.conflicts.succeed(id);
+                if matches!(e, DataplaneError::Full { .. }) && !self.retries.contains(&work) {
+                    self.events.warn(id, Warning::MapsFull, e.to_string());
+                }
                 let delay = self.retries.fail(&work, now);
                 self.metrics.sync_error(match e {
                     DataplaneError::Full { .. } => "maps_full",
@@ -335,6 +350,13 @@ impl SyncLoop {
                 tracing::warn!(service = %id, retry_in = ?delay, "{e}");
                 Applied::Failed
             }
+        }
+    }
+
+    /// An event for the first conflict in a row, not for every retry.
+    fn warn_once(&self, id: &ServiceId, warning: Warning, note: String) {
+        if !self.conflicts.contains(id) {
+            self.events.warn(id, warning, note);
         }
     }
 
