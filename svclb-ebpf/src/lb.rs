@@ -90,7 +90,7 @@ pub fn select_backend(
         (None, Some(fkey)) => flow_backend(fkey, &frontend, now),
         (None, None) => None,
     };
-    let (backend_id, backend, replied) = match remembered {
+    let (backend_id, backend, replied, fresh) = match remembered {
         Some(found) => found,
         None => {
             key.slot = (helpers::random() % frontend.count as u32) as u16 + 1;
@@ -104,7 +104,7 @@ pub fn select_backend(
             let Some(backend) = helpers::lookup(&BACKENDS, &backend_id) else {
                 return Verdict::Refuse;
             };
-            (backend_id, backend, 0)
+            (backend_id, backend, 0, false)
         }
     };
     if let Some(akey) = affinity {
@@ -115,7 +115,9 @@ pub fn select_backend(
         };
         let _ = AFFINITY.insert(akey, value, 0);
     }
-    if let Some(fkey) = flow {
+    // A flow refreshed moments ago is not written again: most datagrams of
+    // a busy flow cost two lookups, no map update.
+    if let (Some(fkey), false) = (flow, fresh) {
         let value = UdpFlow {
             last_used_ns: now,
             backend_id,
@@ -156,36 +158,51 @@ fn affine_backend(
     akey: &AffinityKey,
     frontend: &ServiceValue,
     now: u64,
-) -> Option<(u32, Backend, u8)> {
+) -> Option<(u32, Backend, u8, bool)> {
     let last = helpers::lookup_lru(&AFFINITY, akey)?;
     if now.wrapping_sub(last.last_used_ns) > frontend.affinity_timeout as u64 * 1_000_000_000 {
         return None;
     }
     let backend = is_member(frontend, last.backend_id)?;
-    Some((last.backend_id, backend, 0))
+    Some((last.backend_id, backend, 0, false))
 }
 
 /// The backend of this socket's UDP flow to the frontend, if the flow was
 /// used within its timeout (the stream timeout once a reply was seen, as
 /// netfilter's) and the backend still belongs to the frontend; with the
-/// flow's replied flag, which the flow keeps.
+/// flow's replied flag, which the flow keeps, and whether the flow is fresh
+/// (used within the last eighth of its timeout: no need to refresh it).
 #[inline(always)]
 fn flow_backend(
     fkey: &UdpFlowKey,
     frontend: &ServiceValue,
     now: u64,
-) -> Option<(u32, Backend, u8)> {
+) -> Option<(u32, Backend, u8, bool)> {
     let last = helpers::lookup_lru(&UDP_FLOWS, fkey)?;
     let timeout = if last.replied != 0 {
         SVCLB_UDP_STREAM_TIMEOUT_NS.load()
     } else {
         SVCLB_UDP_TIMEOUT_NS.load()
     };
-    if now.wrapping_sub(last.last_used_ns) > timeout {
+    let idle = now.wrapping_sub(last.last_used_ns);
+    if idle > timeout {
         return None;
     }
     let backend = is_member(frontend, last.backend_id)?;
-    Some((last.backend_id, backend, last.replied))
+    Some((
+        last.backend_id,
+        backend,
+        last.replied,
+        is_fresh(idle, timeout),
+    ))
+}
+
+/// Whether a flow idle for `idle` ns need not be refreshed yet: a flow's
+/// last use is recorded at most timeout/8 late, so it may end up to 12.5%
+/// before its timeout, never after it.
+#[inline(always)]
+fn is_fresh(idle: u64, timeout: u64) -> bool {
+    idle < timeout >> 3
 }
 
 /// A reply from `backend` reached this socket's application: its flow to
@@ -207,7 +224,12 @@ pub fn mark_replied(cookie: u64, rev_nat_id: u32, backend: &SockAddr) {
     if b.addr != backend.addr || b.port != backend.port {
         return;
     }
-    flow.last_used_ns = helpers::now_ns();
+    let now = helpers::now_ns();
+    let idle = now.wrapping_sub(flow.last_used_ns);
+    if flow.replied != 0 && is_fresh(idle, SVCLB_UDP_STREAM_TIMEOUT_NS.load()) {
+        return;
+    }
+    flow.last_used_ns = now;
     flow.replied = 1;
     let _ = UDP_FLOWS.insert(fkey, flow, 0);
 }
@@ -228,6 +250,13 @@ pub fn remember(cookie: u64, backend: &SockAddr, frontend: &SockAddr, rev_nat_id
         _pad: 0,
         rev_nat_id,
     };
+    // A UDP socket sends many datagrams through one translation: a lookup
+    // costs less than rewriting the same entry.
+    if let Some(old) = helpers::lookup_lru(&SOCK_REV_NAT, &key) {
+        if old.addr == value.addr && old.port == value.port && old.rev_nat_id == rev_nat_id {
+            return;
+        }
+    }
     // Best effort: the LRU map makes room itself; on failure the socket still
     // works, only recvmsg/getpeername would show the backend.
     let _ = SOCK_REV_NAT.insert(key, value, 0);
