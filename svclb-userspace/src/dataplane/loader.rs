@@ -716,8 +716,9 @@ fn attach_xdp(
 
 fn attach_tc(prog: &mut SchedClassifier, dev: &str, bpffs: &Path) -> Result<(), String> {
     // Fails harmlessly when the qdisc exists; otherwise its error explains
-    // a failing attach (say, no sch_ingress module).
-    let qdisc = aya::programs::tc::qdisc_add_clsact(dev).err();
+    // a failing attach (say, no sch_ingress module). Recorded when svclb
+    // created it, so `svclb cleanup` removes it and only it.
+    let qdisc = super::undo::add_clsact(bpffs, dev).err();
     let options = NlOptions {
         priority: TC_PRIORITY,
         handle: TC_HANDLE,
@@ -740,7 +741,7 @@ fn attach_tc(prog: &mut SchedClassifier, dev: &str, bpffs: &Path) -> Result<(), 
             )
             .map_err(|e| e.to_string())?;
             prog.attach_to_link(old).map_err(|e| match &qdisc {
-                Some(q) => format!("{} (adding the clsact qdisc: {})", chain(&e), chain(q)),
+                Some(q) => format!("{} (adding the clsact qdisc: {q})", chain(&e)),
                 None => chain(&e),
             })?
         }
