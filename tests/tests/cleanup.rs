@@ -207,6 +207,24 @@ fn cleanup_keeps_what_others_added_and_finds_filters_without_pins() -> Result<()
     Ok(())
 }
 
+#[test]
+fn a_device_left_out_of_devices_is_given_back() -> Result<()> {
+    let Some((cluster, node)) = setup("cleanup-dev")? else {
+        return Ok(());
+    };
+    let agent = node.start_agent_with_devices(cluster.manifests().dir(), &[EXT_IF])?;
+    assert_eq!(accept_local(&node)?, "1");
+    agent.kill();
+    // The next agent without --devices: ext0 is as before the first.
+    let agent = node.start_agent(cluster.manifests().dir())?;
+    let (xdp, filters, qdiscs) = ext0(&node)?;
+    assert!(!xdp, "XDP still attached");
+    assert!(filters.is_empty(), "{filters}");
+    assert!(!qdiscs.contains("clsact"), "{qdiscs}");
+    assert_eq!(accept_local(&node)?, "0");
+    agent.stop()
+}
+
 /// kube-proxy's filter, mangle and ip6tables pieces, plus chains that are
 /// not kube-proxy's (kubelet's KUBE-FIREWALL, OTHER) which must stay.
 const FILTER_AND_MORE: &str = r#"*filter
@@ -257,6 +275,18 @@ fn kube_proxy_rules_go_and_the_others_stay() -> Result<()> {
     let nft = kubeproxy_nft::ruleset(&services, "198.18.0.0/16")
         + "table inet other {\n  chain c {\n    type filter hook input priority 0; policy accept;\n  }\n}\n";
     in_node_with_input(&node, &["nft", "-f", "-"], &nft)?;
+    // IPVS mode's device (a dummy there; no dummy module here, and it goes
+    // by name).
+    node.ip(&[
+        "link",
+        "add",
+        "kube-ipvs0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "kipvs-peer",
+    ])?;
     let saved = |tool: &str| in_node(&node, &[tool]);
     assert!(saved("iptables-legacy-save")?.contains(":KUBE-SEP-"));
     assert!(in_node(&node, &["nft", "list", "tables"])?.contains("table ip6 kube-proxy"));
@@ -264,6 +294,8 @@ fn kube_proxy_rules_go_and_the_others_stay() -> Result<()> {
     let pins = cluster.tmp_dir().join("no-pins");
     let out = cleanup(&node, &pins, &["--kube-proxy"])?;
     assert!(out.contains("nftables table ip kube-proxy"), "{out}");
+    let links = node.ip(&["-o", "link", "show"])?;
+    assert!(!links.contains("kube-ipvs0"), "{links}");
     for tool in [
         "iptables-legacy-save",
         "iptables-nft-save",

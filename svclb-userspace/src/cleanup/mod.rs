@@ -47,7 +47,7 @@ pub fn run(svclb: Option<&Path>, kube_proxy: bool) -> Outcome {
         let names = bpf::program_names();
         pinned_links(bpffs, &names, &mut out);
         devices(&names, &mut out);
-        undo_records(bpffs, &mut out);
+        undo_records(bpffs, &[], &mut out);
         pins(bpffs, &mut out);
     }
     if kube_proxy {
@@ -175,9 +175,20 @@ fn detach_xdp(dev: &rtnl::Device, prog_id: u32, mode: u32) -> std::io::Result<()
     rtnl::Rtnl::open()?.detach_xdp(dev.index, mode)
 }
 
-/// Step 3: DIR/undo.
-fn undo_records(bpffs: &Path, out: &mut Outcome) {
-    let records = undo::records(bpffs);
+/// Undo what DIR/undo records for devices other than `devices` (the
+/// agent, for devices no longer in its --devices).
+pub fn undo_other_devices(bpffs: &Path, devices: &[String]) -> Outcome {
+    let mut out = Outcome::default();
+    undo_records(bpffs, devices, &mut out);
+    out
+}
+
+/// Step 3: DIR/undo, except records about the devices in `keep`.
+fn undo_records(bpffs: &Path, keep: &[String], out: &mut Outcome) {
+    let records: Vec<Record> = undo::records(bpffs)
+        .into_iter()
+        .filter(|r| !r.device().is_some_and(|d| keep.iter().any(|k| k == d)))
+        .collect();
     if records.is_empty() {
         return;
     }

@@ -787,6 +787,14 @@ fn detach_stale(bpffs: &Path, devices: &[String]) {
         // Removing the pin releases the XDP link (and so detaches it).
         let _ = fs::remove_file(entry.path());
     }
+    // The clsact qdiscs svclb added and the sysctls it set there.
+    let undone = crate::cleanup::undo_other_devices(bpffs, devices);
+    for line in undone.removed.iter().chain(&undone.notes) {
+        tracing::info!("device no longer in --devices: {line}");
+    }
+    for line in &undone.errors {
+        tracing::warn!("device no longer in --devices: {line}");
+    }
 }
 
 /// The device's driver name (ETHTOOL_GDRVINFO), e.g. "veth".

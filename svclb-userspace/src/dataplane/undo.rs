@@ -26,6 +26,21 @@ pub enum Record {
 }
 
 impl Record {
+    /// The device the record is about, if any (a sysctl under
+    /// net/ipv{4,6}/conf/DEV/).
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            Record::Clsact { device } => Some(device),
+            Record::Sysctl { key, .. } => {
+                let parts: Vec<&str> = key.split('/').collect();
+                match parts[..] {
+                    ["net", _, "conf", dev, _] => Some(dev),
+                    _ => None,
+                }
+            }
+        }
+    }
+
     fn name(&self) -> String {
         match self {
             Record::Clsact { device } => format!("clsact-{device}"),
@@ -155,6 +170,16 @@ mod tests {
             assert_eq!(Record::parse(&r.name()), Some(r.clone()), "{}", r.name());
             assert!(!r.name().contains('/'));
         }
+        let accept_local = Record::Sysctl {
+            key: "net/ipv4/conf/eth0.100/accept_local".into(),
+            original: "0".into(),
+        };
+        assert_eq!(accept_local.device(), Some("eth0.100"));
+        let global = Record::Sysctl {
+            key: "net/ipv4/ip_local_port_range".into(),
+            original: "1 2".into(),
+        };
+        assert_eq!(global.device(), None);
         assert_eq!(Record::parse("something-else"), None);
     }
 }
