@@ -25,6 +25,7 @@ fn cleanup(node: &Node, dir: &std::path::Path, extra: &[&str]) -> Result<String>
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    let started = std::time::Instant::now();
     let child = cmd::spawn_placed(
         &mut c,
         &Placement {
@@ -35,7 +36,8 @@ fn cleanup(node: &Node, dir: &std::path::Path, extra: &[&str]) -> Result<String>
     let out = cmd::wait_output(&c, child, Duration::from_secs(60))?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!(
-        "svclb cleanup:\n{stdout}{}",
+        "svclb cleanup ({:?}):\n{stdout}{}",
+        started.elapsed(),
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(stdout)
