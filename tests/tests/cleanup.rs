@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use svclb_tests::agent::svclb_bin;
 use svclb_tests::cmd::{self, Placement};
+use svclb_tests::netns;
 use svclb_tests::{kernel_at_least, Cluster, Node, PortSpec, ServiceSpec, EXT_IF};
 use svclb_userspace::cleanup::bpf;
 
@@ -75,7 +76,31 @@ fn in_node_with_input(node: &Node, args: &[&str], input: &str) -> Result<()> {
 }
 
 fn accept_local(node: &Node) -> Result<String> {
-    Ok(in_node(node, &["cat", ACCEPT_LOCAL])?.trim().to_string())
+    let value = netns::in_netns(node.netns_name(), || {
+        Ok(std::fs::read_to_string(ACCEPT_LOCAL)?)
+    })?;
+    Ok(value.trim().to_string())
+}
+
+/// Whether every one of `tools` is on PATH, as iproute2's/netfilter's own
+/// (the vm-test initramfs has busybox and `ip` only): else the test is
+/// skipped, saying so.
+fn have(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| {
+            Command::new(t).arg("-V").output().map_or(true, |o| {
+                let text = String::from_utf8_lossy(&o.stdout) + String::from_utf8_lossy(&o.stderr);
+                // "iproute2-6.1.0", "ip6tables-restore v1.8.9", "nftables v1.0.6"
+                !(text.contains("iproute2") || text.contains("tables"))
+            })
+        })
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("skipped: missing {missing:?}");
+    }
+    missing.is_empty()
 }
 
 /// cgroup links on the node's cgroup (a cgroup's id is its inode number).
@@ -104,6 +129,9 @@ fn ext0(node: &Node) -> Result<(bool, String, String)> {
 fn setup(label: &str) -> Result<Option<(Cluster, Node)>> {
     if !kernel_at_least(5, 10) {
         eprintln!("skipped: svclb needs Linux 5.10+");
+        return Ok(None);
+    }
+    if !have(&["tc"]) {
         return Ok(None);
     }
     let cluster = Cluster::new(label)?;
@@ -178,7 +206,10 @@ fn cleanup_keeps_what_others_added_and_finds_filters_without_pins() -> Result<()
             "match", "u32", "0", "0", "classid", "1:1",
         ],
     )?;
-    in_node(&node, &["sh", "-c", &format!("echo 1 > {ACCEPT_LOCAL}")])?;
+    netns::sysctls(
+        node.netns_name(),
+        &[("net.ipv4.conf.ext0.accept_local", "1")],
+    )?;
     let agent = node.start_agent_with_devices(cluster.manifests().dir(), &[EXT_IF])?;
     assert!(ext0(&node)?.1.contains("svclb_tc_egress"));
     agent.kill();
@@ -264,6 +295,16 @@ COMMIT
 #[test]
 fn kube_proxy_rules_go_and_the_others_stay() -> Result<()> {
     use svclb_tests::{kubeproxy_iptables, kubeproxy_nft};
+    let tools = [
+        "iptables-legacy-restore",
+        "iptables-nft-restore",
+        "ip6tables-legacy-restore",
+        "ip6tables-nft-restore",
+        "nft",
+    ];
+    if !have(&tools) {
+        return Ok(());
+    }
     let cluster = Cluster::new("cleanup-kp")?;
     let node = cluster.add_node("n1")?;
     let services = kubeproxy_iptables::filler_services(3, 2);
