@@ -39,6 +39,24 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Remove what svclb attached and changed on this node (run in the
+    /// node's network namespace, with the agent stopped): program links,
+    /// XDP programs, tc filters and the clsact qdiscs it added, the sysctls
+    /// it changed, its pins. Prints what it removed; running it again
+    /// finds nothing. Exit status 1 when something could not be removed.
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf/svclb")]
+        bpffs: PathBuf,
+        /// Also remove kube-proxy's iptables chains, nftables tables and
+        /// IPVS state, as `kube-proxy --cleanup` does (needs the iptables
+        /// and nft commands).
+        #[arg(long)]
+        kube_proxy: bool,
+        /// Remove only kube-proxy's state, leaving svclb's alone: for
+        /// migrating a node while the agent runs.
+        #[arg(long, conflicts_with = "kube_proxy")]
+        kube_proxy_only: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]

@@ -13,6 +13,7 @@
 //! agent's desired state.
 
 pub mod agent;
+pub mod cleanup;
 pub mod cli;
 pub mod dataplane;
 pub mod dump;

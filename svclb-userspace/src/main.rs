@@ -24,6 +24,30 @@ fn main() -> anyhow::Result<()> {
         Command::Maps {
             command: MapsCommand::Dump { bpffs, output },
         } => svclb_userspace::dump::run(&bpffs, output),
+        Command::Cleanup {
+            bpffs,
+            kube_proxy,
+            kube_proxy_only,
+        } => {
+            let svclb = (!kube_proxy_only).then_some(bpffs.as_path());
+            let out = svclb_userspace::cleanup::run(svclb, kube_proxy || kube_proxy_only);
+            if out.removed.is_empty() {
+                println!("nothing to remove");
+            }
+            for line in &out.removed {
+                println!("removed: {line}");
+            }
+            for line in &out.notes {
+                eprintln!("note: {line}");
+            }
+            for line in &out.errors {
+                eprintln!("error: {line}");
+            }
+            if !out.errors.is_empty() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Verify {
             bpffs,
             agent,

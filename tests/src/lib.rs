@@ -36,6 +36,7 @@ pub mod cgroup;
 pub mod cluster;
 pub mod cmd;
 pub mod kubeproxy_iptables;
+pub mod kubeproxy_nft;
 pub mod manifests;
 pub mod mock_api;
 pub mod mounts;

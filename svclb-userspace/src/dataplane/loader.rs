@@ -716,8 +716,9 @@ fn attach_xdp(
 
 fn attach_tc(prog: &mut SchedClassifier, dev: &str, bpffs: &Path) -> Result<(), String> {
     // Fails harmlessly when the qdisc exists; otherwise its error explains
-    // a failing attach (say, no sch_ingress module).
-    let qdisc = aya::programs::tc::qdisc_add_clsact(dev).err();
+    // a failing attach (say, no sch_ingress module). Recorded when svclb
+    // created it, so `svclb cleanup` removes it and only it.
+    let qdisc = super::undo::add_clsact(bpffs, dev).err();
     let options = NlOptions {
         priority: TC_PRIORITY,
         handle: TC_HANDLE,
@@ -740,7 +741,7 @@ fn attach_tc(prog: &mut SchedClassifier, dev: &str, bpffs: &Path) -> Result<(), 
             )
             .map_err(|e| e.to_string())?;
             prog.attach_to_link(old).map_err(|e| match &qdisc {
-                Some(q) => format!("{} (adding the clsact qdisc: {})", chain(&e), chain(q)),
+                Some(q) => format!("{} (adding the clsact qdisc: {q})", chain(&e)),
                 None => chain(&e),
             })?
         }
@@ -785,6 +786,14 @@ fn detach_stale(bpffs: &Path, devices: &[String]) {
         }
         // Removing the pin releases the XDP link (and so detaches it).
         let _ = fs::remove_file(entry.path());
+    }
+    // The clsact qdiscs svclb added and the sysctls it set there.
+    let undone = crate::cleanup::undo_other_devices(bpffs, devices);
+    for line in undone.removed.iter().chain(&undone.notes) {
+        tracing::info!("device no longer in --devices: {line}");
+    }
+    for line in &undone.errors {
+        tracing::warn!("device no longer in --devices: {line}");
     }
 }
 

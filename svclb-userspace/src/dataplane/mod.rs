@@ -18,6 +18,7 @@ pub mod maglev;
 pub mod mounts;
 pub mod snat;
 pub mod sockets;
+pub mod undo;
 mod writer;
 
 pub use kernel::{entries, open_pinned, KernelMaps, WriterMaps};
@@ -150,8 +151,9 @@ impl Dataplane {
             // resolved) go to the stack; with SNAT their source is this
             // node's own address, which the stack drops as martian unless
             // the device accepts local sources.
-            let knob = format!("/proc/sys/net/ipv4/conf/{device}/accept_local");
-            if let Err(e) = std::fs::write(&knob, "1") {
+            // The original value is recorded for `svclb cleanup`.
+            let knob = format!("net/ipv4/conf/{device}/accept_local");
+            if let Err(e) = undo::set_sysctl(&config.bpffs, &knob, "1") {
                 tracing::warn!(device, error = %e, "setting accept_local; SNATed packets may be dropped until neighbours resolve");
             }
         }
