@@ -61,6 +61,11 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// Read flags from a YAML file: each field is a flag's long name in
+    /// camelCase (`xdpMode: native`, `devices: [eth0]`), except nodeName.
+    /// Flags on the command line override the file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Read Service, EndpointSlice and Node objects from YAML/JSON files in
     /// this directory (and watch it) instead of the Kubernetes API.
     #[arg(long)]

@@ -10,11 +10,12 @@
 //! [`agent`] starts everything and runs that loop; [`serve`] answers
 //! kube-proxy's HTTP endpoints (health, metrics, health check node ports);
 //! [`dump`] shows what the maps hold; [`verify`] compares them with the
-//! agent's desired state.
+//! agent's desired state; [`config`] reads `svclb run --config FILE`.
 
 pub mod agent;
 pub mod cleanup;
 pub mod cli;
+pub mod config;
 pub mod dataplane;
 pub mod dump;
 pub mod model;

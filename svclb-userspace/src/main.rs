@@ -1,7 +1,6 @@
 use std::io::IsTerminal;
 
-use clap::Parser;
-use svclb_userspace::cli::{Cli, Command, MapsCommand};
+use svclb_userspace::cli::{Command, MapsCommand};
 
 /// Without RUST_LOG. kube-rs reports a stalled watch it restarts only at
 /// debug level (with its other debug lines: failures the agent also logs).
@@ -16,7 +15,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match Cli::parse().command {
+    match svclb_userspace::config::parse().command {
         Command::Run(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?

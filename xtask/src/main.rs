@@ -66,6 +66,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Write deploy/svclb.yaml: the Helm chart deploy/helm/svclb rendered
+    /// with its default values (a test checks the two agree).
+    DeployYaml,
 }
 
 fn main() -> Result<()> {
@@ -111,6 +114,16 @@ fn main() -> Result<()> {
                 "xdp" => bench_xdp(&args),
                 other => bail!("unknown benchmark {other:?}; available: sock, control-plane, xdp"),
             }
+        }
+        Cmd::DeployYaml => {
+            setup::run()?;
+            // The test renders the chart and, asked so, writes the file.
+            status(
+                cargo()
+                    .args(["test", "-p", "svclb-userspace", "--test", "deploy"])
+                    .args(["--", "--exact", "plain_manifest_is_the_chart_rendered"])
+                    .env("SVCLB_UPDATE_DEPLOY_YAML", "1"),
+            )
         }
     }
 }
