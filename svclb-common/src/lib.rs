@@ -148,6 +148,12 @@ pub const SVC_FLAG_LOCAL: u16 = 1 << 7;
 /// flows stay on their backend while it is a member). Slots can't tell:
 /// they move when another backend leaves.
 pub const SVC_FLAG_MEMBERS: u16 = 1 << 8;
+/// [`maps::AFFINITY_MATCH`] also lists the frontend's draining backends
+/// (terminating but serving, kept for flows only): a UDP socket's flow stays
+/// on such a backend, as conntrack keeps a UDP flow to a serving endpoint,
+/// while new flows avoid it. Userspace bookkeeping; the programs only look
+/// the members up.
+pub const SVC_FLAG_DRAINING_MEMBERS: u16 = 1 << 9;
 
 /// Key of the services map. Slot 0 holds the frontend record; slots
 /// 1..=count hold the backend ids the frontend load-balances over.

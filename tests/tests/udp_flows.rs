@@ -338,3 +338,60 @@ fn sctp_connects_through_a_cluster_ip() -> Result<()> {
     }
     Ok(())
 }
+
+/// Graceful termination (issue 12): a socket's flow stays on its backend
+/// while that backend is terminating but still serving, as conntrack keeps
+/// a UDP flow to a serving endpoint; new sockets avoid it.
+#[test]
+fn udp_flow_stays_on_a_terminating_backend_new_ones_avoid_it() -> Result<()> {
+    let proto = PortSpec::udp("dns", 53);
+    let env = setup("udpterm", 3, proto.clone(), 5353)?;
+    env.node.start_agent(env.cluster.manifests().dir())?;
+    let client = env
+        .client
+        .spawn_client(&env.node, &env.flow(40, 100, false))?;
+    let seen = poll_until(Duration::from_secs(10), || {
+        let r: Vec<ProbeResult> = client.so_far()?;
+        Ok((r.len() >= 5).then_some(r))
+    })?;
+    let Some((first, _)) = seen else {
+        bail!("udp-flow printed fewer than 5 results in 10 s");
+    };
+    let x = first[0].server.clone().unwrap_or_default();
+    let xi: usize = x[1..].parse().expect("b<i>");
+    // x terminates, still serving; the others stay ready.
+    let endpoints = (1..=3)
+        .map(|i| {
+            let addr = env.backends[i - 1].ip_like(ip(SVC4));
+            match i == xi {
+                true => EndpointSpec::terminating(addr),
+                false => EndpointSpec::ready(addr),
+            }
+        })
+        .collect();
+    let ep_port = PortSpec::new(&proto.name, 5353, proto.protocol);
+    let slice = SliceSpec::new("dns-1", "dns", vec![ep_port], endpoints);
+    env.cluster.manifests().write_slice(&slice)?;
+    thread::sleep(CHANGE_DEADLINE);
+    let fresh = env
+        .client
+        .connect(&env.node, &Connect::udp(ip(SVC4), 53).count(30))?;
+    assert!(all_ok(&fresh), "errors {:?}", by_error(&fresh));
+    assert!(
+        !distinct(&fresh).contains(&x),
+        "a new socket reached terminating {x}: {:?}\n{}",
+        by_server(&fresh),
+        env.log_tail()
+    );
+    let r: Vec<ProbeResult> = client.finish()?;
+    assert_eq!(r.len(), 40);
+    assert!(all_ok(&r), "errors {:?}\n{}", by_error(&r), env.log_tail());
+    assert_eq!(
+        distinct(&r),
+        BTreeSet::from([x.clone()]),
+        "the flow left terminating {x}: {:?}\n{}",
+        servers(&r),
+        env.log_tail()
+    );
+    Ok(())
+}

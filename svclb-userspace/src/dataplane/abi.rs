@@ -7,8 +7,8 @@ use svclb_common::{
     Backend as AbiBackend, MaglevChunk, MaglevKey, RevNat, ServiceKey, ServiceValue,
     SourceRangeKey, XdpConfig, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TERMINATING, MAGLEV_CHUNK,
     PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_SOCKET, SVC_FLAG_AFFINITY,
-    SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
-    SVC_FLAG_MEMBERS, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    SVC_FLAG_CLUSTER_IP, SVC_FLAG_DRAINING_MEMBERS, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP,
+    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_MEMBERS, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::model::{Cidr, Frontend, FrontendKey, FrontendKind, Protocol, Scope, WhenEmpty};
@@ -182,10 +182,10 @@ impl Settings {
         // The programs check a remembered backend (affinity, a UDP socket's
         // flow) against the frontend's members.
         let udp_flows = f.key.protocol == Protocol::Udp && f.key.scope == Scope::Socket;
-        let members = if affinity != 0 || udp_flows {
-            SVC_FLAG_MEMBERS
-        } else {
-            0
+        let members = match (affinity != 0, udp_flows) {
+            (_, true) => SVC_FLAG_MEMBERS | SVC_FLAG_DRAINING_MEMBERS,
+            (true, false) => SVC_FLAG_MEMBERS,
+            (false, false) => 0,
         };
         Settings {
             flags: kind | drop | affinity | ranges | members,
@@ -202,6 +202,11 @@ impl Settings {
         self.flags & SVC_FLAG_MEMBERS != 0
     }
 
+    /// Whether the members include the draining backends (UDP socket flows).
+    pub fn draining_members(&self) -> bool {
+        self.flags & SVC_FLAG_DRAINING_MEMBERS != 0
+    }
+
     /// The flags set, by name, for people.
     pub fn flag_names(&self) -> Vec<&'static str> {
         [
@@ -213,6 +218,7 @@ impl Settings {
             (SVC_FLAG_AFFINITY, "Affinity"),
             (SVC_FLAG_SOURCE_RANGES, "SourceRanges"),
             (SVC_FLAG_MEMBERS, "Members"),
+            (SVC_FLAG_DRAINING_MEMBERS, "DrainingMembers"),
         ]
         .into_iter()
         .filter(|(bit, _)| self.flags & bit != 0)

@@ -191,7 +191,7 @@ struct Decoded<'a> {
     slots: BTreeMap<(FrontendKey, u16), u32>,
     backends: HashMap<u32, BackendRecord>,
     /// What the backends are, for draining backends (named by no slot).
-    backend_addrs: BTreeSet<BackendAddr>,
+    backend_ids: HashMap<BackendAddr, u32>,
     rev_nat: HashMap<u32, &'a svclb_common::RevNat>,
     /// The affinity-match entries, as a set once (not per frontend: UDP
     /// socket frontends make them 100,000s).
@@ -251,7 +251,7 @@ fn decode<'a>(observed: &'a Observed, out: &mut Vec<Difference>) -> Decoded<'a> 
         records: BTreeMap::new(),
         slots: BTreeMap::new(),
         backends: HashMap::new(),
-        backend_addrs: BTreeSet::new(),
+        backend_ids: HashMap::new(),
         rev_nat: observed
             .contents
             .rev_nat
@@ -279,7 +279,9 @@ fn decode<'a>(observed: &'a Observed, out: &mut Vec<Difference>) -> Decoded<'a> 
     }
     for (id, b) in &observed.contents.backends {
         let record = BackendRecord::from_abi(b);
-        d.backend_addrs.extend(record.backend_addr());
+        if let Some(addr) = record.backend_addr() {
+            d.backend_ids.insert(addr, *id);
+        }
         d.backends.insert(*id, record);
     }
     d
@@ -355,17 +357,25 @@ fn compare_frontend(
         ),
         Some(_) => {}
     }
+    let mut draining_ids = Vec::new();
     for want in &w.draining {
-        if !d.backend_addrs.contains(&wanted_addr(w, want)) {
-            let detail = format!("draining backend {}", backend_text(want));
-            diff(maps::BACKENDS, Kind::Missing, key, detail);
+        match d.backend_ids.get(&wanted_addr(w, want)) {
+            Some(id) => draining_ids.push(*id),
+            None => {
+                let detail = format!("draining backend {}", backend_text(want));
+                diff(maps::BACKENDS, Kind::Missing, key, detail);
+            }
         }
     }
     compare_table(w, record, &ids, observed, diff);
     compare_source_ranges(w, record, observed, diff);
     if record.settings.members() {
         let present = &d.members;
-        for id in &ids {
+        let draining = match record.settings.draining_members() {
+            true => &draining_ids[..],
+            false => &[],
+        };
+        for id in ids.iter().chain(draining) {
             let k = svclb_common::AffinityMatchKey {
                 rev_nat_id: record.rev_nat_id,
                 backend_id: *id,
@@ -484,7 +494,14 @@ fn unreachable_entries(
     let mut named = BTreeSet::new();
     let mut live_chunks = BTreeSet::new();
     let mut members = BTreeSet::new();
+    // Frontends whose members include their draining backends; which
+    // frontend drains which backend is not in the maps, so any draining
+    // backend counts as a member of these.
+    let mut draining_members = BTreeSet::new();
     for (fk, r) in &d.records {
+        if r.settings.draining_members() {
+            draining_members.insert(r.rev_nat_id);
+        }
         for slot in 1..=r.count {
             if let Some(id) = d.slots.get(&(*fk, slot)) {
                 named.insert(*id);
@@ -548,8 +565,13 @@ fn unreachable_entries(
             );
         }
     }
+    let draining_ids: BTreeSet<u32> = (d.backends.iter())
+        .filter(|(_, b)| b.backend_addr().is_some_and(|a| draining.contains(&a)))
+        .map(|(id, _)| *id)
+        .collect();
     for k in &observed.contents.affinity_match {
-        if !members.contains(&(k.rev_nat_id, k.backend_id)) {
+        let kept = draining_members.contains(&k.rev_nat_id) && draining_ids.contains(&k.backend_id);
+        if !members.contains(&(k.rev_nat_id, k.backend_id)) && !kept {
             let detail = format!("rev-NAT {} backend {}", k.rev_nat_id, k.backend_id);
             diff(maps::AFFINITY_MATCH, Kind::Extra, None, detail);
         }

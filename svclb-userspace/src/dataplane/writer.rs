@@ -176,8 +176,13 @@ impl AppliedFrontend {
         if !self.settings.members() {
             return BTreeSet::new();
         }
+        let draining = match self.settings.draining_members() {
+            true => &self.draining[..],
+            false => &[],
+        };
         self.slots
             .iter()
+            .chain(draining)
             .map(|&backend_id| AffinityMatchKey {
                 rev_nat_id: self.rev_nat_id,
                 backend_id,
@@ -432,7 +437,7 @@ impl<M: MapOps> Writer<M> {
         let present: HashSet<ServiceKey> = contents.services.iter().map(|(k, _)| *k).collect();
         self.drop_half_written(&found, &chunks, &present, known, &mut unreachable)?;
         self.count_backend_refs(&found);
-        self.adopt_draining(&found, known);
+        self.adopt_draining(&found, known, &contents.affinity_match);
         unreachable.maglev = self.adopt_maglev_tables(&chunks);
         unreachable.source_ranges = self.adopt_source_ranges(&contents.source_ranges);
         unreachable.affinity_match = self.repair_affinity_members(&contents.affinity_match)?;
@@ -625,7 +630,12 @@ impl<M: MapOps> Writer<M> {
     /// frontends' draining backends the bookkeeping knew (after a failed
     /// operation), and draining ones nobody claimed yet (all of them at
     /// start-up). The others are unreachable.
-    fn adopt_draining(&mut self, found: &FoundBackends, known: &Known) {
+    fn adopt_draining(
+        &mut self,
+        found: &FoundBackends,
+        known: &Known,
+        members: &[AffinityMatchKey],
+    ) {
         let keep = |w: &mut Self, id: u32| -> bool {
             let Some(&(addr, state)) = found.get(&id) else {
                 return false;
@@ -645,9 +655,30 @@ impl<M: MapOps> Writer<M> {
                 .drains += 1;
             true
         };
+        // A frontend whose members include its draining backends says in the
+        // maps which those are: a member no slot names.
+        let mut drained_members: HashMap<u32, Vec<u32>> = HashMap::new();
+        for k in members {
+            if found
+                .get(&k.backend_id)
+                .is_some_and(|(_, state)| *state == BACKEND_DRAINING)
+            {
+                drained_members
+                    .entry(k.rev_nat_id)
+                    .or_default()
+                    .push(k.backend_id);
+            }
+        }
         let keys: Vec<FrontendKey> = self.frontends.keys().copied().collect();
         for fk in keys {
-            let ids = known.draining.get(&fk).cloned().unwrap_or_default();
+            let f = &self.frontends[&fk];
+            let from_maps = (f.settings.draining_members())
+                .then(|| drained_members.remove(&f.rev_nat_id))
+                .flatten();
+            let ids = match known.draining.get(&fk) {
+                Some(ids) => ids.clone(),
+                None => from_maps.unwrap_or_default(),
+            };
             let kept = ids.into_iter().filter(|id| keep(self, *id)).collect();
             self.frontends.get_mut(&fk).expect("listed above").draining = kept;
         }

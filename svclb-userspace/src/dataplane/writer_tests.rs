@@ -5,7 +5,9 @@ use std::net::IpAddr;
 
 use proptest::prelude::*;
 
-use svclb_common::{BACKEND_DRAINING, BACKEND_TERMINATING, SVC_FLAG_MEMBERS};
+use svclb_common::{
+    BACKEND_DRAINING, BACKEND_TERMINATING, SVC_FLAG_DRAINING_MEMBERS, SVC_FLAG_MEMBERS,
+};
 
 use super::*;
 use crate::dataplane::abi::{addr_from_abi, proto_to_abi};
@@ -309,7 +311,17 @@ fn assert_no_garbage(m: &FakeMaps) {
             backend_id: v.backend_id,
         })
         .collect();
-    assert_eq!(members, m.affinity_match, "affinity members");
+    // ... and, for UDP socket frontends, draining backends (which frontend
+    // drains which is not in the maps: any draining one may be listed).
+    let may_drain: BTreeSet<u32> = (m.services.iter())
+        .filter(|(k, v)| k.slot == 0 && v.flags & SVC_FLAG_DRAINING_MEMBERS != 0)
+        .map(|(_, v)| v.rev_nat_id)
+        .collect();
+    assert!(members.is_subset(&m.affinity_match), "affinity members");
+    for k in m.affinity_match.difference(&members) {
+        let kept = may_drain.contains(&k.rev_nat_id) && draining.contains(&k.backend_id);
+        assert!(kept, "stale affinity member {k:?}");
+    }
     // Maglev chunks: exactly the current tables of external frontends with
     // backends, each entry one of the frontend's backends, and as many
     // entries per backend as the Maglev table gives it.
@@ -479,6 +491,63 @@ fn creates_updates_and_removes_a_service() {
     assert!(
         w.maps().services.is_empty() && w.maps().backends.is_empty() && w.maps().rev_nat.is_empty()
     );
+}
+
+/// A UDP socket frontend lists its draining backends among its members, so
+/// that a socket's flow stays on a backend that turned terminating but
+/// still serves (as conntrack keeps a UDP flow); across a restart too, and
+/// until the frontend lets go of it. An external frontend with affinity
+/// does not: new connections of an affine client avoid a draining backend.
+#[test]
+fn udp_socket_flows_keep_draining_backends_as_members() {
+    let udp = |backends: &[(&str, u16)], draining: &[(&str, u16)]| {
+        let mut f = fe("198.19.0.1", 53, Protocol::Udp, backends);
+        f.draining = fe("198.19.0.1", 53, Protocol::Udp, draining).backends;
+        f
+    };
+    let member_hosts = |m: &FakeMaps| -> BTreeSet<IpAddr> {
+        (m.affinity_match.iter())
+            .map(|k| addr_from_abi(m.backends[&k.backend_id].addr))
+            .collect()
+    };
+    let hosts =
+        |hs: &[[u8; 4]]| -> BTreeSet<IpAddr> { hs.iter().map(|h| IpAddr::from(*h)).collect() };
+    let a = sid("a");
+    let mut w = writer();
+    w.apply(&a, &[udp(&[("198.18.1.1", 53), ("198.18.1.2", 53)], &[])])
+        .unwrap();
+    // 198.18.1.1 terminates while serving: no slot, still a member.
+    let rolled = vec![udp(&[("198.18.1.2", 53)], &[("198.18.1.1", 53)])];
+    w.apply(&a, &rolled).unwrap();
+    w.flush().unwrap();
+    assert_eq!(
+        member_hosts(w.maps()),
+        hosts(&[[198, 18, 1, 1], [198, 18, 1, 2]])
+    );
+    assert_no_garbage(w.maps());
+    let mut restarted = adopt(w.maps().clone());
+    let ops = restarted.maps().ops;
+    restarted.apply(&a, &rolled).unwrap();
+    restarted.prune_unclaimed().unwrap();
+    assert_eq!(restarted.maps().ops, ops, "nothing to rewrite");
+    // Gone: no longer a member, and its entry goes.
+    restarted
+        .apply(&a, &[udp(&[("198.18.1.2", 53)], &[])])
+        .unwrap();
+    restarted.flush().unwrap();
+    assert_eq!(member_hosts(restarted.maps()), hosts(&[[198, 18, 1, 2]]));
+    assert_no_garbage(restarted.maps());
+
+    // External with affinity: members are the slots only.
+    let mut ext = fe("198.19.0.2", 80, Protocol::Tcp, &[("198.18.2.2", 80)]);
+    ext.key.scope = Scope::External;
+    ext.affinity_timeout = Some(60);
+    ext.draining = fe("198.19.0.2", 80, Protocol::Tcp, &[("198.18.2.1", 80)]).backends;
+    let mut w = writer();
+    w.apply(&sid("b"), &[ext]).unwrap();
+    w.flush().unwrap();
+    assert_eq!(member_hosts(w.maps()), hosts(&[[198, 18, 2, 2]]));
+    assert_no_garbage(w.maps());
 }
 
 /// Graceful termination: a backend that leaves the slots of an external
