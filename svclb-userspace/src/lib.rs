@@ -10,13 +10,17 @@
 //! [`agent`] starts everything and runs that loop; [`serve`] answers
 //! kube-proxy's HTTP endpoints (health, metrics, health check node ports);
 //! [`dump`] shows what the maps hold; [`verify`] compares them with the
-//! agent's desired state.
+//! agent's desired state; [`conntrack_list`] lists the external flows;
+//! [`status`] reports versions, kernel features, devices, syncs and map
+//! usage.
 
 pub mod agent;
 pub mod cli;
+pub mod conntrack_list;
 pub mod dataplane;
 pub mod dump;
 pub mod model;
 pub mod serve;
 pub mod source;
+pub mod status;
 pub mod verify;

@@ -102,7 +102,7 @@ pub fn fetch_desired(agent: &str) -> anyhow::Result<DesiredState> {
 }
 
 /// A plain HTTP/1.1 GET (the agent answers one request per connection).
-fn http_get(base: &str, path: &str) -> anyhow::Result<String> {
+pub fn http_get(base: &str, path: &str) -> anyhow::Result<String> {
     let Some(host) = base.strip_prefix("http://") else {
         bail!("--agent must be http://HOST:PORT");
     };
