@@ -457,7 +457,7 @@ mod tests {
             !lines[5].contains("web") && !lines[5].contains("dns"),
             "{text}"
         );
-        let json = serde_json::to_value(&dump()).unwrap();
+        let json = serde_json::to_value(dump()).unwrap();
         assert_eq!(json["frontends"][0]["service"], "default/web");
         assert_eq!(json["frontends"][0]["port_name"], "http");
         assert!(json["frontends"][4].get("service").is_none());
