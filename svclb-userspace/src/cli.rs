@@ -475,6 +475,23 @@ mod tests {
     }
 
     #[test]
+    fn completions_cover_the_subcommands() {
+        use clap::CommandFactory;
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "svclb", &mut script);
+            let script = String::from_utf8(script).expect("utf-8");
+            for word in ["conntrack", "status", "service", "log-format"] {
+                assert!(script.contains(word), "{shell}: {word}");
+            }
+        }
+    }
+
+    #[test]
     fn inject_map_faults_is_hidden_and_a_probability() {
         let parse = |args: &[&str]| {
             let argv = ["svclb", "run", "--node-name", "n1"].iter().chain(args);

@@ -1,4 +1,4 @@
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use clap::{CommandFactory, Parser};
 use svclb_userspace::cli::{Cli, Command, ConntrackCommand, LogFormat, MapsCommand};
@@ -74,8 +74,13 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "svclb", &mut std::io::stdout());
-            Ok(())
+            // Into a buffer: clap_complete panics when it can't write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "svclb", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
         }
     }
 }

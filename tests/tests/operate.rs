@@ -105,7 +105,10 @@ fn svclb(node: &Node, args: &[&str]) -> Result<String> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(String::from_utf8(out.stdout)?)
+    let text = String::from_utf8(out.stdout)?;
+    // Shown with --nocapture (the README's examples come from here).
+    eprintln!("$ svclb {}\n{text}", args.join(" "));
+    Ok(text)
 }
 
 fn json_of(node: &Node, args: &[&str]) -> Result<Value> {
@@ -165,6 +168,11 @@ fn maps_dump_names_services_with_the_agent_down_too() -> Result<()> {
             .iter()
             .any(|(s, p, _, port)| s == "default/db" && p == "sql" && *port == 5432),
         "{all:#}"
+    );
+    let table = svclb(node, &["maps", "dump"])?;
+    assert!(
+        table.contains("default/web:http") && table.contains("default/db:sql"),
+        "{table}"
     );
     let table = svclb(node, &["maps", "dump", "--service", "default/db"])?;
     assert!(table.contains("default/db:sql"), "{table}");
