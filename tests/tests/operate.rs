@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use serde_json::{json, Value};
 use svclb_tests::agent::svclb_bin;
 use svclb_tests::cmd::{self, Placement};
@@ -17,6 +18,7 @@ use svclb_tests::{
     kernel_at_least, poll_until, Cluster, Connect, EndpointSpec, ExternalClient, Node, Pod,
     PortSpec, ServiceSpec, SliceSpec, EXT_IF,
 };
+use svclb_userspace::dataplane::names::{NameValue, FRONTEND_NAMES};
 
 const WEB_IP: &str = "198.19.0.50";
 const DB_IP: &str = "198.19.0.51";
@@ -74,7 +76,8 @@ fn setup(label: &str) -> Result<Option<Env>> {
         );
         manifests.write_slice(&slice)?;
     }
-    node.start_agent_with_devices(manifests.dir(), &[EXT_IF])?;
+    // A short sync period: the periodic check comes soon.
+    node.start_agent_with(manifests.dir(), &[EXT_IF], &["--sync-period", "2s"])?;
     Ok(Some(Env {
         cluster,
         node,
@@ -86,6 +89,14 @@ fn setup(label: &str) -> Result<Option<Env>> {
 /// `svclb ARGS --bpffs <pin dir>` in the node's netns (where the agent's
 /// metrics address is); its standard output.
 fn svclb(node: &Node, args: &[&str]) -> Result<String> {
+    match svclb_exit(node, args)? {
+        (0, out) => Ok(out),
+        (code, out) => bail!("svclb {args:?} exited with {code}: {out}"),
+    }
+}
+
+/// [`svclb`]'s exit code and standard output.
+fn svclb_exit(node: &Node, args: &[&str]) -> Result<(i32, String)> {
     let mut c = Command::new(svclb_bin()?);
     c.args(args)
         .arg("--bpffs")
@@ -98,17 +109,18 @@ fn svclb(node: &Node, args: &[&str]) -> Result<String> {
         cgroup: None,
     };
     let out = cmd::spawn_placed(&mut c, &place)?.wait_with_output()?;
-    if !out.status.success() {
+    let text = String::from_utf8(out.stdout)?;
+    // Shown with --nocapture (the README's examples come from here).
+    eprintln!("$ svclb {}\n{text}", args.join(" "));
+    let code = out.status.code().unwrap_or(-1);
+    if code != 0 && code != 1 {
         bail!(
             "svclb {args:?} failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let text = String::from_utf8(out.stdout)?;
-    // Shown with --nocapture (the README's examples come from here).
-    eprintln!("$ svclb {}\n{text}", args.join(" "));
-    Ok(text)
+    Ok((code, text))
 }
 
 fn json_of(node: &Node, args: &[&str]) -> Result<Value> {
@@ -209,6 +221,31 @@ fn maps_dump_names_services_with_the_agent_down_too() -> Result<()> {
     })?;
     let (now, _) = gone.context("db's frontend stays in the maps")?;
     assert_eq!(names(node)?, frontends(&now).len() as u64, "{now:#}");
+
+    // `svclb verify` checks the names too; a name removed behind the
+    // agent's back is reported, and written again after the periodic check.
+    svclb(node, &["verify"])?;
+    let id = frontends(&now)[0]["rev_nat_id"]
+        .as_u64()
+        .context("rev_nat_id")? as u32;
+    let pin = node.pin_dir().join(FRONTEND_NAMES);
+    let mut map: BpfHashMap<MapData, u32, NameValue> =
+        BpfHashMap::try_from(Map::HashMap(MapData::from_pin(&pin)?))?;
+    map.remove(&id)?;
+    let (code, report) = svclb_exit(node, &["verify"])?;
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report.contains(&format!("missing {FRONTEND_NAMES}")),
+        "{report}"
+    );
+    let repaired = poll_until(Duration::from_secs(10), || {
+        Ok(map.get(&id, 0).is_ok().then_some(()))
+    })?;
+    assert!(
+        repaired.is_some(),
+        "the name of rev-NAT {id} is not written again"
+    );
+    svclb(node, &["verify"])?;
 
     // Killed (as a crash would): the names stay in the pinned map.
     node.agent().context("agent")?.kill();

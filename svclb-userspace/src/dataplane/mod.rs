@@ -307,6 +307,10 @@ impl Dataplane {
     /// next operation; applying every service and then
     /// [`Self::prune_unclaimed`] repairs them.
     pub fn check_drift(&mut self) -> Result<Vec<drift::Difference>, DataplaneError> {
+        // The names too (not counted as drift): the applies that follow
+        // a check rewrite what differs.
+        self.names.reload();
+        self.names.retain(&self.writer.rev_nat_ids());
         let observed = drift::Observed::read(self.writer.maps())?;
         let differences = drift::differences(&drift::wanted_frontends(&self.wanted), &observed);
         if !differences.is_empty() {

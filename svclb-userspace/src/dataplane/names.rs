@@ -3,11 +3,13 @@
 //! name. No program reads it; the agent writes it with each frontend and
 //! removes it with the frontend, and `svclb maps dump` and `svclb conntrack
 //! list` read it, while the agent runs or not.
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 
+use super::abi::{service_entry, ServiceEntry};
+use super::drift::{Difference, Kind, Observed, WantedFrontend};
 use super::{map_path, DataplaneError};
 use crate::model::{Frontend, FrontendKey, ServiceId};
 
@@ -115,6 +117,55 @@ pub fn read(bpffs: &Path) -> HashMap<u32, FrontendName> {
         .collect()
 }
 
+/// For `svclb verify`: wanted frontends in the maps whose name is missing
+/// or names another Service, and names of rev-NAT ids no frontend has.
+/// (The frontends themselves are `drift::differences`' business.)
+pub fn differences(
+    wanted: &[WantedFrontend],
+    observed: &Observed,
+    names: &HashMap<u32, FrontendName>,
+) -> Vec<Difference> {
+    let rev_nat: BTreeMap<FrontendKey, u32> = (observed.contents.services.iter())
+        .filter_map(|(k, v)| match service_entry(k, v) {
+            Some(ServiceEntry::Frontend(fk, r)) => Some((fk, r.rev_nat_id)),
+            _ => None,
+        })
+        .collect();
+    let difference = |kind, w: Option<&WantedFrontend>, detail| Difference {
+        map: FRONTEND_NAMES,
+        kind,
+        frontend: w.map(|w| w.key),
+        service: w.map(|w| w.service.clone()),
+        detail,
+    };
+    let mut out = Vec::new();
+    for w in wanted {
+        let Some(id) = rev_nat.get(&w.key) else {
+            continue;
+        };
+        let want = w.service.to_string();
+        match names.get(id) {
+            None => out.push(difference(Kind::Missing, Some(w), format!("rev-NAT {id}"))),
+            Some(n) if n.service != want => out.push(difference(
+                Kind::Wrong,
+                Some(w),
+                format!("rev-NAT {id} names {}, want {want}", n.service),
+            )),
+            Some(_) => {}
+        }
+    }
+    let live: BTreeSet<u32> = rev_nat.values().copied().collect();
+    for (id, n) in names.iter().filter(|(id, _)| !live.contains(id)) {
+        out.push(difference(
+            Kind::Extra,
+            None,
+            format!("rev-NAT {id} ({}), of no frontend", n.service),
+        ));
+    }
+    out.sort();
+    out
+}
+
 /// The agent's side: keeps the map equal to the frontends in the maps.
 /// The names only inform operators, so a failed write is logged, not
 /// retried by the sync loop; the next apply of the service writes it.
@@ -180,6 +231,14 @@ impl Names {
         }
     }
 
+    /// Read the map again, so that entries changed behind the agent's back
+    /// are rewritten by their services' next applies.
+    pub fn reload(&mut self) {
+        if let Some(map) = &self.map {
+            self.written = map.iter().filter_map(Result::ok).collect();
+        }
+    }
+
     /// Remove the names of rev-NAT ids not in `live` (frontends removed
     /// without an apply of their service: pruned, or dropped by a rebuild).
     pub fn retain(&mut self, live: &BTreeSet<u32>) {
@@ -211,6 +270,73 @@ impl Names {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn differences_name_missing_wrong_and_extra_entries() {
+        use crate::dataplane::abi::{service_key, FrontendRecord, Settings};
+        use crate::model::{Protocol, Scope};
+        let key = |port| FrontendKey {
+            addr: "198.19.0.50".parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+            scope: Scope::Socket,
+        };
+        let record = |rev_nat_id| FrontendRecord {
+            count: 0,
+            rev_nat_id,
+            settings: Settings {
+                flags: 0,
+                affinity_timeout: 0,
+            },
+            table: None,
+        };
+        let mut observed = Observed::default();
+        for (port, id) in [(80, 1), (81, 2), (82, 3)] {
+            let entry = (service_key(&key(port), 0), record(id).to_abi());
+            observed.contents.services.push(entry);
+        }
+        let web = ServiceId {
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        let wanted: Vec<WantedFrontend> = [80, 81, 82, 83]
+            .into_iter()
+            .map(|port| WantedFrontend {
+                service: web.clone(),
+                key: key(port),
+                flags: 0,
+                affinity_timeout: 0,
+                backends: Vec::new(),
+                source_ranges: Vec::new(),
+                draining: Vec::new(),
+            })
+            .collect();
+        let name = |service: &str| FrontendName {
+            service: service.into(),
+            port_name: "http".into(),
+        };
+        // 80 right, 81 unnamed, 82 another Service's, 83 not in the maps
+        // (drift's to report), 9 of no frontend.
+        let names = [
+            (1, name("default/web")),
+            (3, name("default/db")),
+            (9, name("x/y")),
+        ]
+        .into_iter()
+        .collect();
+        let found: Vec<(Kind, Option<u16>)> = differences(&wanted, &observed, &names)
+            .iter()
+            .map(|d| (d.kind, d.frontend.map(|k| k.port)))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (Kind::Missing, Some(81)),
+                (Kind::Extra, None),
+                (Kind::Wrong, Some(82)),
+            ]
+        );
+    }
 
     #[test]
     fn names_round_trip_and_longest_fit() {
