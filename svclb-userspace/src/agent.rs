@@ -70,6 +70,19 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     .context("starting the dataplane")?;
     tracing::info!(cgroup = %cgroup.display(), bpffs = %args.bpffs.display(), node = %args.node_name, "programs attached");
     metrics.watch_sockets_destroyed(dataplane.sockets_destroyed());
+    metrics.set_info(crate::status::AgentInfo {
+        version: crate::status::VERSION.into(),
+        commit: crate::status::COMMIT.into(),
+        node: args.node_name.clone(),
+        bpffs: args.bpffs.display().to_string(),
+        features: Some(crate::dataplane::loader::probe_features()),
+        devices: (dataplane.xdp_modes().iter())
+            .map(|(device, mode)| crate::status::DeviceMode {
+                device: device.clone(),
+                xdp_mode: mode.to_string(),
+            })
+            .collect(),
+    });
     if !args.devices.is_empty() {
         let capacity = (args.snat_ports.1 - args.snat_ports.0) as u64 + 1;
         spawn_external_stats(args.bpffs.clone(), metrics.clone());

@@ -6,12 +6,21 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(
     name = "svclb",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SVCLB_GIT_COMMIT"), ")"),
     about = "eBPF load balancer for Kubernetes Services (kube-proxy replacement)"
 )]
 pub struct Cli {
+    /// Log lines as text or as one JSON object each (on stderr).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -57,6 +66,147 @@ pub enum Command {
         #[arg(long, conflicts_with = "kube_proxy")]
         kube_proxy_only: bool,
     },
+    /// What the agent on this node runs: version, kernel features and
+    /// fallbacks, devices and XDP modes, last sync, map usage.
+    Status {
+        #[arg(long, default_value = "/sys/fs/bpf/svclb")]
+        bpffs: PathBuf,
+        /// The agent's --metrics-bind-address.
+        #[arg(long, default_value = "http://127.0.0.1:10249")]
+        agent: String,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Inspect the external path's connection tracking.
+    Conntrack {
+        #[command(subcommand)]
+        command: ConntrackCommand,
+    },
+    /// Print the version and git commit.
+    Version,
+    /// Print a shell completion script, e.g.
+    /// `svclb completions bash > /etc/bash_completion.d/svclb`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConntrackCommand {
+    /// Print the tracked external (XDP) flows, read from the pinned maps.
+    List {
+        #[arg(long, default_value = "/sys/fs/bpf/svclb")]
+        bpffs: PathBuf,
+        #[command(flatten)]
+        filter: FlowFilter,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+/// Which flows `svclb conntrack list` prints (all given must match).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct FlowFilter {
+    /// The address the client sent to: ADDR or ADDR:PORT ([V6]:PORT).
+    #[arg(long, value_parser = parse_addr_port)]
+    pub frontend: Option<AddrPort>,
+    /// The backend: ADDR or ADDR:PORT.
+    #[arg(long, value_parser = parse_addr_port)]
+    pub backend: Option<AddrPort>,
+    /// The client: ADDR or ADDR:PORT.
+    #[arg(long, value_parser = parse_addr_port)]
+    pub client: Option<AddrPort>,
+    #[arg(long, value_enum)]
+    pub proto: Option<ProtoFilter>,
+    /// A state as `svclb_conntrack_flows` names it, e.g. tcp_established,
+    /// udp_replied, or orphan (its reply entry is gone).
+    #[arg(long, value_parser = parse_ct_state)]
+    pub state: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProtoFilter {
+    Tcp,
+    Udp,
+}
+
+/// Which frontends `svclb maps dump` prints (all given must match).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct FrontendFilter {
+    /// The frontends of this Service: NAMESPACE/NAME.
+    #[arg(long, value_parser = parse_service)]
+    pub service: Option<crate::model::ServiceId>,
+    /// The frontend address: ADDR or ADDR:PORT ([V6]:PORT).
+    #[arg(long, value_parser = parse_addr_port)]
+    pub frontend: Option<AddrPort>,
+    #[arg(long, value_enum)]
+    pub scope: Option<ScopeFilter>,
+}
+
+/// Where a frontend is served (the scopes of `svclb maps dump`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScopeFilter {
+    /// Connections made on this node (the socket hooks).
+    Socket,
+    /// Packets arriving at --devices (XDP).
+    External,
+}
+
+impl ScopeFilter {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScopeFilter::Socket => "socket",
+            ScopeFilter::External => "external",
+        }
+    }
+}
+
+/// An address with or without a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrPort {
+    pub addr: std::net::IpAddr,
+    pub port: Option<u16>,
+}
+
+impl AddrPort {
+    pub fn matches(&self, at: std::net::SocketAddr) -> bool {
+        self.addr == at.ip() && self.port.is_none_or(|p| p == at.port())
+    }
+}
+
+fn parse_addr_port(s: &str) -> Result<AddrPort, String> {
+    if let Ok(at) = s.parse::<std::net::SocketAddr>() {
+        return Ok(AddrPort {
+            addr: at.ip(),
+            port: Some(at.port()),
+        });
+    }
+    let bare = s.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse() {
+        Ok(addr) => Ok(AddrPort { addr, port: None }),
+        Err(_) => Err("expected ADDR, ADDR:PORT or [IPV6]:PORT".into()),
+    }
+}
+
+fn parse_service(s: &str) -> Result<crate::model::ServiceId, String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(crate::model::ServiceId {
+                namespace: ns.into(),
+                name: name.into(),
+            })
+        }
+        _ => Err("expected NAMESPACE/NAME".into()),
+    }
+}
+
+fn parse_ct_state(s: &str) -> Result<String, String> {
+    let names = svclb_common::ct_state::NAMES;
+    if s == "orphan" || names.contains(&s) {
+        return Ok(s.into());
+    }
+    Err(format!("one of {}, orphan", names.join(", ")))
 }
 
 #[derive(Debug, clap::Args)]
@@ -216,6 +366,8 @@ pub enum MapsCommand {
     Dump {
         #[arg(long, default_value = "/sys/fs/bpf/svclb")]
         bpffs: PathBuf,
+        #[command(flatten)]
+        filter: FrontendFilter,
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -281,6 +433,85 @@ mod tests {
                 ..Default::default()
             }
         );
+    }
+
+    #[test]
+    fn dump_filters_parse() {
+        let parse = |args: &[&str]| {
+            let argv = ["svclb", "maps", "dump"].iter().chain(args);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Maps {
+                    command: MapsCommand::Dump { filter, .. },
+                }) => Ok(filter),
+                Ok(_) => unreachable!(),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let f = parse(&["--service", "kube-system/dns", "--scope", "external"]).unwrap();
+        let service = f.service.unwrap();
+        assert_eq!(service.to_string(), "kube-system/dns");
+        assert_eq!(f.scope, Some(ScopeFilter::External));
+        let at = |s: &str| parse(&["--frontend", s]).map(|f| f.frontend.unwrap());
+        let v4: std::net::IpAddr = "198.18.0.10".parse().unwrap();
+        assert_eq!(
+            at("198.18.0.10").unwrap(),
+            AddrPort {
+                addr: v4,
+                port: None
+            }
+        );
+        assert_eq!(at("198.18.0.10:80").unwrap().port, Some(80));
+        assert_eq!(at("[fd00::1]:53").unwrap().port, Some(53));
+        assert_eq!(at("fd00::1").unwrap().port, None);
+        assert!(at("198.18.0.10:http").is_err());
+        for bad in ["dns", "/dns", "ns/", "a/b/c"] {
+            assert!(parse(&["--service", bad]).is_err(), "{bad}");
+        }
+        assert!(parse(&["--scope", "cluster"]).is_err());
+    }
+
+    #[test]
+    fn addr_port_matches_address_and_port_if_given() {
+        let sa = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let any_port = parse_addr_port("198.18.0.10").unwrap();
+        assert!(any_port.matches(sa("198.18.0.10:80")));
+        assert!(!any_port.matches(sa("198.18.0.11:80")));
+        let port = parse_addr_port("198.18.0.10:80").unwrap();
+        assert!(port.matches(sa("198.18.0.10:80")));
+        assert!(!port.matches(sa("198.18.0.10:81")));
+    }
+
+    #[test]
+    fn conntrack_states_are_the_metrics_names() {
+        assert!(parse_ct_state("tcp_established").is_ok());
+        assert!(parse_ct_state("orphan").is_ok());
+        assert!(parse_ct_state("ESTABLISHED").is_err());
+    }
+
+    #[test]
+    fn log_format_is_global() {
+        let cli =
+            Cli::try_parse_from(["svclb", "run", "--node-name", "n1", "--log-format", "json"])
+                .unwrap();
+        assert_eq!(cli.log_format, LogFormat::Json);
+        assert!(Cli::try_parse_from(["svclb", "--log-format", "xml", "version"]).is_err());
+    }
+
+    #[test]
+    fn completions_cover_the_subcommands() {
+        use clap::CommandFactory;
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "svclb", &mut script);
+            let script = String::from_utf8(script).expect("utf-8");
+            for word in ["conntrack", "status", "service", "log-format"] {
+                assert!(script.contains(word), "{shell}: {word}");
+            }
+        }
     }
 
     #[test]

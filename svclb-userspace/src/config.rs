@@ -210,6 +210,7 @@ mod tests {
         match result {
             Ok(Cli {
                 command: Command::Run(a),
+                ..
             }) => Ok(*a),
             Ok(_) => unreachable!(),
             Err(e) => Err(e.to_string()),

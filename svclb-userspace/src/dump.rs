@@ -8,7 +8,7 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use serde::Serialize;
 use svclb_common::{maps, Backend, ServiceKey, ServiceValue, UdpFlow, UdpFlowKey};
 
-use crate::cli::Output;
+use crate::cli::{FrontendFilter, Output};
 use crate::dataplane::abi::{service_entry, BackendRecord, FrontendRecord, ServiceEntry};
 use crate::dataplane::{entries, map_path};
 use crate::model::{FrontendKey, Scope};
@@ -52,6 +52,12 @@ pub struct FrontendDump {
     /// "socket" (connections from this node) or "external" (XDP).
     pub scope: &'static str,
     pub rev_nat_id: u32,
+    /// The Service (namespace/name) and its port's name, as the agent
+    /// recorded them (None: written by an agent that did not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_name: Option<String>,
     pub flags: Vec<&'static str>,
     /// ClientIP session affinity timeout in seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -112,6 +118,7 @@ pub fn read(bpffs: &Path) -> anyhow::Result<Dump> {
             None => {}
         }
     }
+    let names = crate::dataplane::names::read(bpffs);
     let frontends: Vec<FrontendDump> = records
         .iter()
         .map(|(fk, record)| {
@@ -119,7 +126,12 @@ pub fn read(bpffs: &Path) -> anyhow::Result<Dump> {
                 let id = slots.get(&(*fk, slot)).copied().unwrap_or(0);
                 backend_dump(id, backends.get(&id))
             });
-            frontend_dump(fk, record, backends.collect())
+            let mut f = frontend_dump(fk, record, backends.collect());
+            if let Some(n) = names.get(&record.rev_nat_id) {
+                f.service = Some(n.service.clone());
+                f.port_name = Some(n.port_name.clone());
+            }
+            f
         })
         .collect();
     let named: std::collections::HashSet<u32> = slots.values().copied().collect();
@@ -172,6 +184,8 @@ fn frontend_dump(
             Scope::External => "external",
         },
         rev_nat_id: record.rev_nat_id,
+        service: None,
+        port_name: None,
         flags: settings.flag_names(),
         affinity_timeout: settings.affinity().then_some(settings.affinity_timeout),
         backends,
@@ -202,8 +216,47 @@ fn frontends_have_external(frontends: &[FrontendDump]) -> bool {
     frontends.iter().any(|f| f.scope == "external")
 }
 
-pub fn run(bpffs: &Path, output: Output) -> anyhow::Result<()> {
-    let dump = read(bpffs)?;
+impl FrontendDump {
+    /// Whether `filter` selects this frontend.
+    pub fn matches(&self, filter: &FrontendFilter) -> bool {
+        let service = filter
+            .service
+            .as_ref()
+            .is_none_or(|s| self.service.as_deref() == Some(s.to_string().as_str()));
+        let frontend = filter.frontend.is_none_or(|at| {
+            self.address
+                .parse()
+                .is_ok_and(|addr: std::net::IpAddr| at.matches((addr, self.port).into()))
+        });
+        let scope = filter.scope.is_none_or(|s| s.name() == self.scope);
+        service && frontend && scope
+    }
+
+    /// namespace/name:port-name, "" when unknown.
+    fn service_cell(&self) -> String {
+        match (&self.service, self.port_name.as_deref()) {
+            (Some(s), Some("") | None) => s.clone(),
+            (Some(s), Some(p)) => format!("{s}:{p}"),
+            (None, _) => String::new(),
+        }
+    }
+}
+
+/// Keep the frontends `filter` selects; with any filter, the node-wide
+/// parts (draining backends, conntrack, UDP flows) are left out.
+pub fn filter(mut dump: Dump, filter: &FrontendFilter) -> Dump {
+    let any = filter.service.is_some() || filter.frontend.is_some() || filter.scope.is_some();
+    if any {
+        dump.frontends.retain(|f| f.matches(filter));
+        dump.draining.clear();
+        dump.conntrack = None;
+        dump.udp_flows = None;
+    }
+    dump
+}
+
+pub fn run(bpffs: &Path, frontend_filter: &FrontendFilter, output: Output) -> anyhow::Result<()> {
+    let dump = filter(read(bpffs)?, frontend_filter);
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&dump)?),
         Output::Table => print!("{}", table(&dump)),
@@ -216,8 +269,8 @@ fn table(dump: &Dump) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<40} {:<22} {:<8} BACKENDS",
-        "FRONTEND", "FLAGS", "REV-NAT"
+        "{:<40} {:<32} {:<22} {:<8} BACKENDS",
+        "FRONTEND", "SERVICE", "FLAGS", "REV-NAT"
     );
     for f in &dump.frontends {
         let backends: Vec<String> = f.backends.iter().map(|b| backend_cell(f, b)).collect();
@@ -230,14 +283,15 @@ fn table(dump: &Dump) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<40} {:<22} {:<8} {}",
+            "{:<40} {:<32} {:<22} {:<8} {}",
             frontend_cell(f),
+            f.service_cell(),
             f.flags.join(","),
             f.rev_nat_id,
             first
         );
         for b in backends.iter().skip(1) {
-            let _ = writeln!(out, "{:<40} {:<22} {:<8} {}", "", "", "", b);
+            let _ = writeln!(out, "{:<40} {:<32} {:<22} {:<8} {}", "", "", "", "", b);
         }
     }
     if !dump.draining.is_empty() {
@@ -295,4 +349,117 @@ fn backend_cell(f: &FrontendDump, b: &BackendDump) -> String {
         ""
     };
     format!("{addr} ({}{local}, id {})", b.state, b.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{AddrPort, ScopeFilter};
+    use crate::model::ServiceId;
+
+    fn frontend(addr: &str, port: u16, scope: &'static str, service: Option<&str>) -> FrontendDump {
+        FrontendDump {
+            address: addr.into(),
+            port,
+            protocol: "TCP".into(),
+            scope,
+            rev_nat_id: 7,
+            service: service.map(String::from),
+            port_name: service.map(|_| "http".into()),
+            flags: vec!["ClusterIP"],
+            affinity_timeout: None,
+            backends: vec![BackendDump {
+                id: 3,
+                address: "198.18.1.5".into(),
+                port: 8080,
+                state: "active",
+                local: false,
+            }],
+        }
+    }
+
+    fn dump() -> Dump {
+        Dump {
+            frontends: vec![
+                frontend("198.18.0.10", 80, "socket", Some("default/web")),
+                frontend("198.18.0.10", 443, "socket", Some("default/web")),
+                frontend("198.18.0.20", 30080, "external", Some("default/web")),
+                frontend("198.18.0.11", 53, "socket", Some("kube-system/dns")),
+                frontend("fd00::11", 53, "socket", None),
+            ],
+            draining: Vec::new(),
+            conntrack: Some(ConntrackDump {
+                entries: 2,
+                capacity: 10,
+                flows_created: 1,
+                evictions: 0,
+            }),
+            udp_flows: None,
+        }
+    }
+
+    fn shown(f: &FrontendFilter) -> Vec<(String, u16)> {
+        filter(dump(), f)
+            .frontends
+            .iter()
+            .map(|f| (f.address.clone(), f.port))
+            .collect()
+    }
+
+    #[test]
+    fn filters_select_frontends() {
+        let web = ServiceId {
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        let by_service = FrontendFilter {
+            service: Some(web.clone()),
+            ..Default::default()
+        };
+        assert_eq!(shown(&by_service).len(), 3);
+        let external_web = FrontendFilter {
+            scope: Some(ScopeFilter::External),
+            ..by_service.clone()
+        };
+        assert_eq!(shown(&external_web), [("198.18.0.20".into(), 30080)]);
+        let addr = |a: &str, port| FrontendFilter {
+            frontend: Some(AddrPort {
+                addr: a.parse().unwrap(),
+                port,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(shown(&addr("198.18.0.10", None)).len(), 2);
+        assert_eq!(
+            shown(&addr("198.18.0.10", Some(443))),
+            [("198.18.0.10".into(), 443)]
+        );
+        assert_eq!(shown(&addr("fd00::11", Some(53))).len(), 1);
+        assert!(shown(&addr("198.18.0.99", None)).is_empty());
+        // No filter: everything, with the node-wide summaries.
+        let all = filter(dump(), &FrontendFilter::default());
+        assert_eq!(all.frontends.len(), 5);
+        assert!(all.conntrack.is_some());
+        assert!(filter(dump(), &by_service).conntrack.is_none());
+    }
+
+    #[test]
+    fn table_names_the_service_and_port() {
+        let text = table(&dump());
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].contains("SERVICE"), "{text}");
+        assert!(lines[1].starts_with("198.18.0.10:80/TCP"), "{text}");
+        assert!(lines[1].contains("default/web:http"), "{text}");
+        assert!(lines[4].contains("kube-system/dns:http"), "{text}");
+        // A frontend without a recorded name shows an empty cell.
+        assert!(lines[5].starts_with("[fd00::11]:53/TCP"), "{text}");
+        assert!(
+            !lines[5].contains("web") && !lines[5].contains("dns"),
+            "{text}"
+        );
+        let json = serde_json::to_value(dump()).unwrap();
+        assert_eq!(json["frontends"][0]["service"], "default/web");
+        assert_eq!(json["frontends"][0]["port_name"], "http");
+        assert!(json["frontends"][4].get("service").is_none());
+    }
 }

@@ -1,28 +1,42 @@
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
-use svclb_userspace::cli::{Command, MapsCommand};
+use clap::CommandFactory;
+use svclb_userspace::cli::{Cli, Command, ConntrackCommand, LogFormat, MapsCommand};
 
 /// Without RUST_LOG. kube-rs reports a stalled watch it restarts only at
 /// debug level (with its other debug lines: failures the agent also logs).
 const DEFAULT_LOG_FILTER: &str = "info,kube_runtime::watcher=debug";
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+fn init_logging(format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    match svclb_userspace::config::parse().command {
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One JSON object per line, for log collectors.
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = svclb_userspace::config::parse();
+    init_logging(cli.log_format);
+    match cli.command {
         Command::Run(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
             .block_on(svclb_userspace::agent::run(*args)),
         Command::Maps {
-            command: MapsCommand::Dump { bpffs, output },
-        } => svclb_userspace::dump::run(&bpffs, output),
+            command:
+                MapsCommand::Dump {
+                    bpffs,
+                    filter,
+                    output,
+                },
+        } => svclb_userspace::dump::run(&bpffs, &filter, output),
         Command::Cleanup {
             bpffs,
             kube_proxy,
@@ -64,6 +78,32 @@ fn main() -> anyhow::Result<()> {
                     eprintln!("Error: {e:?}");
                     std::process::exit(2);
                 }
+            }
+        }
+        Command::Status {
+            bpffs,
+            agent,
+            output,
+        } => svclb_userspace::status::run(&bpffs, &agent, output),
+        Command::Conntrack {
+            command:
+                ConntrackCommand::List {
+                    bpffs,
+                    filter,
+                    output,
+                },
+        } => svclb_userspace::conntrack_list::run(&bpffs, &filter, output),
+        Command::Version => {
+            println!("{}", svclb_userspace::status::version_line());
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            // Into a buffer: clap_complete panics when it can't write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "svclb", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
             }
         }
     }

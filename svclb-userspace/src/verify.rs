@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::cli::Output;
 use crate::dataplane::drift::{self, DesiredState, Difference};
+use crate::dataplane::names;
 use crate::dataplane::open_pinned;
 use crate::serve::metrics::DESIRED_PATH;
 
@@ -81,10 +82,13 @@ fn compare(bpffs: &Path, desired: &Desired) -> anyhow::Result<(usize, Vec<Differ
         let maps = open_pinned(bpffs)
             .with_context(|| format!("opening the maps pinned in {}", bpffs.display()))?;
         let observed = drift::Observed::read(&maps)?;
-        last = (
-            desired.frontends.len(),
-            drift::differences(&desired.frontends, &observed),
-        );
+        let mut differences = drift::differences(&desired.frontends, &observed);
+        // Agents of versions without the names map: nothing to compare.
+        if crate::dataplane::map_path(bpffs, names::FRONTEND_NAMES).exists() {
+            let found = names::read(bpffs);
+            differences.extend(names::differences(&desired.frontends, &observed, &found));
+        }
+        last = (desired.frontends.len(), differences);
         if last.1.is_empty() {
             break;
         }
@@ -102,7 +106,7 @@ pub fn fetch_desired(agent: &str) -> anyhow::Result<DesiredState> {
 }
 
 /// A plain HTTP/1.1 GET (the agent answers one request per connection).
-fn http_get(base: &str, path: &str) -> anyhow::Result<String> {
+pub fn http_get(base: &str, path: &str) -> anyhow::Result<String> {
     let Some(host) = base.strip_prefix("http://") else {
         bail!("--agent must be http://HOST:PORT");
     };

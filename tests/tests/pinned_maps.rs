@@ -12,6 +12,7 @@ use aya_obj::generated::bpf_map_type::{BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH};
 use aya_obj::maps::{bpf_map_def, LegacyMap, PinningType};
 use svclb_common::maps::{BACKENDS, CONNTRACK4, CONNTRACK6, REV_NAT, SERVICES, XDP_CONFIG};
 use svclb_common::XdpConfig;
+use svclb_userspace::dataplane::names::FRONTEND_NAMES;
 use svclb_userspace::dataplane::{loader, map_path};
 
 const CT_SIZE: u32 = 1024;
@@ -120,6 +121,9 @@ fn incompatible_pinned_maps_are_recreated() {
         services.flags,
     );
     let old_services = info(dir, SERVICES).id();
+    // The Service names (no program uses them), keyed by rev-NAT ids.
+    pin(dir, FRONTEND_NAMES, hash, 4, 160, 65_536, 1);
+    let old_names = info(dir, FRONTEND_NAMES).id();
 
     let loaded = loader::load_unattached(dir, CT_SIZE).expect("load over old pins");
     for name in [
@@ -131,6 +135,11 @@ fn incompatible_pinned_maps_are_recreated() {
         info(dir, SERVICES).id(),
         old_services,
         "{SERVICES} recreated with {BACKENDS}"
+    );
+    assert_ne!(
+        info(dir, FRONTEND_NAMES).id(),
+        old_names,
+        "{FRONTEND_NAMES} recreated with {BACKENDS} (ids start over)"
     );
     assert!(
         !map_path(dir, "SVCLB_RETIRED").exists(),
@@ -157,6 +166,7 @@ fn compatible_pinned_maps_are_reused_with_their_entries() {
     let ids: Vec<(String, u32)> = (layouts.iter())
         .map(|l| (l.name.clone(), info(dir, &l.name).id()))
         .collect();
+    let names = info(dir, FRONTEND_NAMES).id();
     drop((first.ebpf, first.writer, xdp_config, first.tx_devices));
 
     // Same version, another --conntrack-size: only the conntrack maps change.
@@ -177,4 +187,9 @@ fn compatible_pinned_maps_are_reused_with_their_entries() {
         );
     }
     assert_eq!(info(dir, CONNTRACK4).max_entries(), CT_SIZE * 2);
+    assert_eq!(
+        info(dir, FRONTEND_NAMES).id(),
+        names,
+        "{FRONTEND_NAMES}, pinned by userspace, is kept"
+    );
 }

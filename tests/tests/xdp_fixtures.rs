@@ -83,6 +83,7 @@ fn frontend(kind: FrontendKind, at: SocketAddr, proto: Protocol, backends: &[Bac
         affinity_timeout: None,
         source_ranges: Vec::new(),
         draining: Vec::new(),
+        port_name: String::new(),
     }
 }
 

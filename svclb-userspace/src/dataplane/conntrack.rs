@@ -464,6 +464,125 @@ fn delete<K: aya::Pod>(fd: RawFd, map: &'static str, key: &K) -> Result<(), Conn
     }
 }
 
+/// One tracked external flow, from its client-to-backend entry and (if
+/// present) its reply entry, for `svclb conntrack list`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrackedFlow {
+    /// IP protocol number.
+    pub proto: u8,
+    pub client: std::net::SocketAddr,
+    /// The address the client sent to (node port, external or LB IP).
+    pub frontend: std::net::SocketAddr,
+    pub backend: std::net::SocketAddr,
+    /// The packets' source toward the backend: the client's, or the SNAT
+    /// address and port for a remote backend.
+    pub source: std::net::SocketAddr,
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+    /// Index into `svclb_common::ct_state::NAMES`; None when the reply
+    /// entry is gone (the sweeper removes such a flow).
+    pub state: Option<usize>,
+    /// Ticks since the newer of its entries' last packets.
+    pub idle_ticks: u32,
+}
+
+impl TrackedFlow {
+    pub fn state_name(&self) -> &'static str {
+        self.state
+            .map_or("orphan", |s| svclb_common::ct_state::NAMES[s])
+    }
+
+    pub fn idle(&self) -> Duration {
+        Duration::from_nanos(u64::from(self.idle_ticks) << CT_TICK_SHIFT)
+    }
+}
+
+/// A conntrack key's addresses and ports (host order, as in every
+/// conntrack key and value), client to frontend.
+trait KeyAddrs: CtKey {
+    fn addrs(&self) -> (std::net::SocketAddr, std::net::SocketAddr);
+}
+
+impl KeyAddrs for FlowKey4 {
+    fn addrs(&self) -> (std::net::SocketAddr, std::net::SocketAddr) {
+        let ip = |a: u32| std::net::IpAddr::from(a.to_ne_bytes());
+        (
+            (ip(self.src), self.sport).into(),
+            (ip(self.dst), self.dport).into(),
+        )
+    }
+}
+
+impl KeyAddrs for FlowKey {
+    fn addrs(&self) -> (std::net::SocketAddr, std::net::SocketAddr) {
+        use super::abi::addr_from_abi;
+        (
+            (addr_from_abi(self.src), self.sport).into(),
+            (addr_from_abi(self.dst), self.dport).into(),
+        )
+    }
+}
+
+/// Every external flow in the conntrack maps pinned under `bpffs`, read
+/// with batched lookups as the sweeper reads them.
+pub fn list_flows(bpffs: &Path) -> Result<Vec<TrackedFlow>, ConntrackError> {
+    use svclb_common::maps::{CONNTRACK4, CONNTRACK6};
+    let now = now_ticks();
+    let mut out = Vec::new();
+    for name in [CONNTRACK4, CONNTRACK6] {
+        let map = MapData::from_pin(super::map_path(bpffs, name))
+            .map_err(|source| ConntrackError::Open { map: name, source })?;
+        let fd = map.fd().as_fd().as_raw_fd();
+        if name == CONNTRACK4 {
+            out.extend(family_flows::<FlowKey4>(fd, name, now)?);
+        } else {
+            out.extend(family_flows::<FlowKey>(fd, name, now)?);
+        }
+    }
+    Ok(out)
+}
+
+fn family_flows<K: KeyAddrs>(
+    fd: RawFd,
+    name: &'static str,
+    now: u32,
+) -> Result<Vec<TrackedFlow>, ConntrackError> {
+    let entries: HashMap<K, Flow> = lookup_all(fd, name)?.into_iter().collect();
+    let sock = |words: [u32; 4], port: u16| -> std::net::SocketAddr {
+        (super::abi::addr_from_abi(words), port).into()
+    };
+    let mut out = Vec::new();
+    for (k, f) in &entries {
+        // Client-to-backend entries only; their reply entry completes them.
+        if f.direction != FLOW_INGRESS || f.backend_id == 0 {
+            continue;
+        }
+        let proto = k.proto();
+        let reply = entries.get(&K::from_mapped(&partner_key(f, proto)));
+        let last = reply.map_or(f.last_seen, |r| {
+            // The newer of the two (the clock may wrap).
+            if now.wrapping_sub(r.last_seen) < now.wrapping_sub(f.last_seen) {
+                r.last_seen
+            } else {
+                f.last_seen
+            }
+        });
+        let (client, frontend) = k.addrs();
+        out.push(TrackedFlow {
+            proto,
+            client,
+            frontend,
+            backend: sock(f.dst, f.dport),
+            source: sock(f.src, f.sport),
+            backend_id: f.backend_id,
+            rev_nat_id: f.rev_nat_id,
+            state: reply.map(|r| ct_state(proto, f.state, r.state)),
+            idle_ticks: now.wrapping_sub(last),
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

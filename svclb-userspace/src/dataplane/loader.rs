@@ -128,10 +128,8 @@ pub fn load_with(
         ));
     }
     ensure_bpffs(bpffs)?;
-    let has_set_retval = u8::from(
-        aya::util::KernelVersion::current()
-            .is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 18, 0)),
-    );
+    let features = probe_features();
+    let has_set_retval = u8::from(features.set_retval);
     if has_set_retval == 0 {
         tracing::warn!(
             "kernel older than 5.18 (no bpf_set_retval for cgroup programs): connects to services \
@@ -147,14 +145,14 @@ pub fn load_with(
         );
         0
     });
-    let ifindex_only_tx_devices = aya::util::KernelVersion::current()
-        .is_ok_and(|v| v < aya::util::KernelVersion::new(5, 15, 0));
+    let ifindex_only_tx_devices = !features.devmap_program_values;
     let needed = pinned_layouts(conntrack_size, ifindex_only_tx_devices)?;
     unpin_incompatible(bpffs, &needed);
     unpin_unknown(bpffs, &needed);
     if ifindex_only_tx_devices {
         pin_ifindex_only_tx_devices(bpffs)?;
     }
+    super::names::ensure_pinned(bpffs)?;
     EbpfLoader::new()
         .default_map_pin_directory(bpffs)
         .map_max_entries(svclb_common::maps::CONNTRACK4, conntrack_size)
@@ -165,6 +163,64 @@ pub fn load_with(
         .override_global(globals::UDP_STREAM_TIMEOUT_NS, &nanos(udp.stream), true)
         .load(OBJECT)
         .map_err(|e| DataplaneError::Load(chain(&e)))
+}
+
+/// What the loader finds out about the kernel, and so which fallbacks it
+/// uses (for `svclb status`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KernelFeatures {
+    pub kernel: String,
+    /// bpf_set_retval in cgroup programs (5.18+).
+    pub set_retval: bool,
+    /// SO_NETNS_COOKIE (5.14+).
+    pub netns_cookie: bool,
+    /// Generic XDP accepts devmaps whose values may carry programs (5.15+).
+    pub devmap_program_values: bool,
+    /// BPF_MAP_LOOKUP_BATCH, used by the conntrack sweeper (5.6+).
+    pub batch_lookup: bool,
+}
+
+impl KernelFeatures {
+    /// Each feature: (name, available, what svclb does without it).
+    pub fn list(&self) -> [(&'static str, bool, &'static str); 4] {
+        [
+            (
+                "bpf_set_retval",
+                self.set_retval,
+                "connects to services without endpoints fail with EPERM instead of ECONNREFUSED",
+            ),
+            (
+                "netns_cookie",
+                self.netns_cookie,
+                "node ports on 127.0.0.1 and ::1 are translated in pods too",
+            ),
+            (
+                "devmap_program_values",
+                self.devmap_program_values,
+                "XDP's device map holds ifindexes only (for generic XDP)",
+            ),
+            (
+                "map_lookup_batch",
+                self.batch_lookup,
+                "the conntrack sweeper fails: expired flows stay until the LRU evicts them",
+            ),
+        ]
+    }
+}
+
+/// Probe the running kernel as [`load`] does.
+pub fn probe_features() -> KernelFeatures {
+    use aya::util::KernelVersion;
+    let version = KernelVersion::current().ok();
+    let at_least = |a, b| version.is_some_and(|v| v >= KernelVersion::new(a, b, 0));
+    KernelFeatures {
+        kernel: version.map_or("unknown".into(), |v| format!("{v}")),
+        set_retval: at_least(5, 18),
+        netns_cookie: own_netns_cookie().is_ok(),
+        // An unknown version is taken as new enough, as before.
+        devmap_program_values: version.is_none() || at_least(5, 15),
+        batch_lookup: at_least(5, 6),
+    }
 }
 
 fn nanos(d: std::time::Duration) -> u64 {
@@ -368,9 +424,10 @@ fn differences(pinned: &aya::maps::MapInfo, needed: &MapLayout) -> Vec<String> {
 /// Maps whose entries name backends or rev-NAT ids by number, and the
 /// maps those ids are defined in: when one of the latter is recreated the
 /// ids start over, so every map holding ids goes with it.
-const ID_HOLDERS: [&str; 10] = {
+const ID_HOLDERS: [&str; 11] = {
     use svclb_common::maps::*;
     [
+        super::names::FRONTEND_NAMES,
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -396,6 +453,7 @@ fn what_is_lost(name: &str) -> &'static str {
         AFFINITY => "session affinity starts over",
         UDP_FLOWS => "unconnected UDP sockets pick their backends anew",
         STATS => "the external path's counters start from zero",
+        super::names::FRONTEND_NAMES => "`svclb maps dump` names no Services until the first sync",
         _ => "the agent refills it on its first sync; until then new connections to the services it held are not translated",
     }
 }
@@ -453,7 +511,8 @@ fn unpin_unknown(bpffs: &Path, needed: &[MapLayout]) {
     };
     for entry in dir.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("SVCLB_") || needed.iter().any(|l| l.name == name) {
+        let userspace_only = name == super::names::FRONTEND_NAMES;
+        if !name.starts_with("SVCLB_") || userspace_only || needed.iter().any(|l| l.name == name) {
             continue;
         }
         if fs::remove_file(entry.path()).is_ok() {

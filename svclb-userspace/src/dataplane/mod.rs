@@ -16,6 +16,7 @@ mod kernel;
 pub mod loader;
 pub mod maglev;
 pub mod mounts;
+pub mod names;
 pub mod snat;
 pub mod sockets;
 pub mod undo;
@@ -88,6 +89,10 @@ pub struct Dataplane {
     /// connected sockets are destroyed after the batch.
     gone: Vec<sockets::Gone>,
     terminator: sockets::Terminator,
+    /// Each frontend's Service, for operators (see `names`).
+    names: names::Names,
+    /// The XDP mode used on each device.
+    xdp_modes: Vec<(String, &'static str)>,
     // Keeps the programs loaded while the agent runs (the pinned links keep
     // them attached after it exits).
     _ebpf: Ebpf,
@@ -184,6 +189,8 @@ impl Dataplane {
                 &config.bpffs,
                 svclb_common::maps::SOCK_REV_NAT,
             )),
+            names: names::Names::open(&config.bpffs),
+            xdp_modes: modes,
             _ebpf: ebpf,
         })
     }
@@ -217,7 +224,7 @@ impl Dataplane {
     /// Every service has been applied once: remove what nobody claimed.
     pub fn finish_initial_sync(&mut self) -> Result<ApplyStats, DataplaneError> {
         self.initial_sync_done = true;
-        self.writer.prune_unclaimed()
+        self.prune_unclaimed()
     }
 
     pub fn initial_sync_done(&self) -> bool {
@@ -255,7 +262,10 @@ impl Dataplane {
             .filter(|f| self.external || f.key.scope == crate::model::Scope::Socket)
             .cloned()
             .collect();
+        let before = self.writer.owned(id);
         let result = self.writer.apply(id, &frontends);
+        let after = self.writer.owned(id);
+        self.names.update(id, &before, &after, &frontends);
         if let Some(old) = self.wanted.get(id) {
             self.gone.extend(sockets::gone_backends(old, &frontends));
         }
@@ -299,6 +309,10 @@ impl Dataplane {
     /// next operation; applying every service and then
     /// [`Self::prune_unclaimed`] repairs them.
     pub fn check_drift(&mut self) -> Result<Vec<drift::Difference>, DataplaneError> {
+        // The names too (not counted as drift): the applies that follow
+        // a check rewrite what differs.
+        self.names.reload();
+        self.names.retain(&self.writer.rev_nat_ids());
         let observed = drift::Observed::read(self.writer.maps())?;
         let differences = drift::differences(&drift::wanted_frontends(&self.wanted), &observed);
         if !differences.is_empty() {
@@ -314,7 +328,14 @@ impl Dataplane {
     /// Remove frontends no service owns (found in the maps, not written by
     /// this agent).
     pub fn prune_unclaimed(&mut self) -> Result<ApplyStats, DataplaneError> {
-        self.writer.prune_unclaimed()
+        let stats = self.writer.prune_unclaimed()?;
+        self.names.retain(&self.writer.rev_nat_ids());
+        Ok(stats)
+    }
+
+    /// The XDP mode used on each device (--devices).
+    pub fn xdp_modes(&self) -> &[(String, &'static str)] {
+        &self.xdp_modes
     }
 }
 

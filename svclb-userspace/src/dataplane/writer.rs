@@ -1286,6 +1286,18 @@ impl<M: MapOps> Writer<M> {
         self.frontends.get(key).and_then(|f| f.owner.as_ref())
     }
 
+    /// The frontends `owner` has in the maps, with their rev-NAT ids.
+    pub fn owned(&self, owner: &ServiceId) -> Vec<(FrontendKey, u32)> {
+        (self.by_owner.get(owner).into_iter().flatten())
+            .filter_map(|k| self.frontends.get(k).map(|f| (*k, f.rev_nat_id)))
+            .collect()
+    }
+
+    /// The rev-NAT ids of every frontend in the maps.
+    pub fn rev_nat_ids(&self) -> BTreeSet<u32> {
+        self.frontends.values().map(|f| f.rev_nat_id).collect()
+    }
+
     pub fn maps(&self) -> &M {
         &self.maps
     }

@@ -968,6 +968,7 @@ fn arb_frontends() -> impl Strategy<Value = Vec<Frontend>> {
                             local: b % 2 == 0,
                         })
                         .collect(),
+                    port_name: String::new(),
                 }
             },
         );

@@ -226,6 +226,8 @@ pub struct Frontend {
     /// or topology) but established flows keep, as kube-proxy's conntrack
     /// keeps them (graceful termination). Sorted, none in `backends`.
     pub draining: Vec<Backend>,
+    /// The Service port's name ("" when unnamed), for `svclb maps dump`.
+    pub port_name: String,
 }
 
 impl Frontend {
@@ -239,6 +241,7 @@ impl Frontend {
             affinity_timeout: None,
             source_ranges: Vec::new(),
             draining: Vec::new(),
+            port_name: String::new(),
         }
     }
 }

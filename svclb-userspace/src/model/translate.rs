@@ -141,6 +141,7 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -
                 affinity_timeout,
                 source_ranges,
                 draining,
+                port_name: port.name.to_string(),
             });
         };
         for &addr in &ips {

@@ -83,6 +83,11 @@ struct Inner {
     external: Option<crate::dataplane::ExternalStats>,
     /// Connected UDP sockets destroyed because their backend went away.
     sockets_destroyed: Option<Arc<AtomicU64>>,
+    /// For /debug/svclb/status (`svclb status`).
+    info: crate::status::AgentInfo,
+    /// The last sync: when, and whether it succeeded.
+    last_attempt: Option<(f64, bool)>,
+    last_error: Option<String>,
 }
 
 impl Default for Metrics {
@@ -110,6 +115,9 @@ impl Metrics {
                 retries_pending: None,
                 external: None,
                 sockets_destroyed: None,
+                info: Default::default(),
+                last_attempt: None,
+                last_error: None,
             }),
         }
     }
@@ -119,18 +127,45 @@ impl Metrics {
         let mut m = self.inner();
         m.sync_duration.observe(duration.as_secs_f64());
         m.last_sync = unix_now();
+        m.last_attempt = Some((m.last_sync, true));
     }
 
     /// A sync finished with failures: its duration counts, but as in
     /// kube-proxy the last sync timestamp stays at the last success.
     pub fn observe_failed_sync(&self, duration: Duration) {
-        self.inner().sync_duration.observe(duration.as_secs_f64());
+        let mut m = self.inner();
+        m.sync_duration.observe(duration.as_secs_f64());
+        m.last_attempt = Some((unix_now(), false));
     }
 
     /// Something failed to reach the maps and will be retried. `reason`
     /// must be a short fixed word (it becomes a label value).
     pub fn sync_error(&self, reason: &str) {
-        count(&mut self.inner().sync_errors, reason);
+        let mut m = self.inner();
+        count(&mut m.sync_errors, reason);
+        m.last_error = Some(reason.to_string());
+    }
+
+    /// What the agent runs with, for /debug/svclb/status.
+    pub fn set_info(&self, info: crate::status::AgentInfo) {
+        self.inner().info = info;
+    }
+
+    /// /debug/svclb/status.
+    pub fn status(&self) -> crate::status::AgentStatus {
+        let m = self.inner();
+        crate::status::AgentStatus {
+            info: m.info.clone(),
+            sync: crate::status::SyncStatus {
+                last_success: (m.last_sync > 0.0).then_some(m.last_sync),
+                last_attempt: m.last_attempt.map(|(t, _)| t),
+                last_result: m
+                    .last_attempt
+                    .map(|(_, ok)| if ok { "ok" } else { "failed" }.to_string()),
+                last_error: m.last_error.clone(),
+                retries_pending: m.retries_pending,
+            },
+        }
     }
 
     /// A difference between a BPF map and the desired state, found by the
@@ -525,6 +560,11 @@ pub async fn serve_with_desired(server: Server, metrics: Arc<Metrics>, desired: 
         .run(move |path| match path {
             "/metrics" => Response::new(200, CONTENT_TYPE, metrics.scrape()),
             DESIRED_PATH => Response::new(200, JSON, desired.json()),
+            crate::status::STATUS_PATH => Response::new(
+                200,
+                JSON,
+                serde_json::to_string(&metrics.status()).unwrap_or_default(),
+            ),
             "/proxyMode" => Response::new(200, TEXT, PROXY_MODE),
             // kube-proxy's metrics port has the apiserver's plain healthz too.
             "/healthz" => Response::new(200, TEXT, "ok"),

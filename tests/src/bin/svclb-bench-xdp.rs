@@ -431,6 +431,7 @@ fn nodeport(i: usize, backends: usize) -> Frontend {
         affinity_timeout: None,
         source_ranges: Vec::new(),
         draining: Vec::new(),
+        port_name: String::new(),
     }
 }
 
