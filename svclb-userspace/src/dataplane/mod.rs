@@ -11,6 +11,7 @@ use crate::model::{Frontend, FrontendKey, ServiceId};
 pub mod abi;
 mod barrier;
 pub mod conntrack;
+pub mod devconf;
 pub mod drift;
 mod kernel;
 pub mod loader;
@@ -149,9 +150,12 @@ impl Dataplane {
             // Translated packets XDP can't forward itself (neighbour not yet
             // resolved) go to the stack; with SNAT their source is this
             // node's own address, which the stack drops as martian unless
-            // the device accepts local sources.
-            let knob = format!("/proc/sys/net/ipv4/conf/{device}/accept_local");
-            if let Err(e) = std::fs::write(&knob, "1") {
+            // the device accepts local sources. Through rtnetlink: in a
+            // container /proc/sys is read-only.
+            let set = nix_ifindex(device)
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+                .and_then(|index| devconf::set_ipv4(index, devconf::ACCEPT_LOCAL, 1));
+            if let Err(e) = set {
                 tracing::warn!(device, error = %e, "setting accept_local; SNATed packets may be dropped until neighbours resolve");
             }
         }
