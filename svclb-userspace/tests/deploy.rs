@@ -371,6 +371,15 @@ fn check_daemonset(manifests: &[(String, Manifest)]) {
         "capabilities changed: update deploy/README.md and this test together"
     );
 
+    // A versioned image (what `cargo xtask image` tags), never `latest`.
+    let image = c.image.as_deref().expect("image");
+    let (_, tag) = image.rsplit_once(':').expect("image with a tag");
+    assert_eq!(
+        tag,
+        env!("CARGO_PKG_VERSION"),
+        "the image tag is svclb's version"
+    );
+
     // NODE_NAME from the downward API.
     let node_name = c
         .env

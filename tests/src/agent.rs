@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::cmd::{self, Placement, Proc};
+use crate::podman;
 
 /// Printed by the agent once the initial manifests are in the maps.
 pub const SYNC_MARKER: &str = "initial sync complete";
@@ -52,6 +53,28 @@ impl AgentSource {
     }
 }
 
+/// How agents are started.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum AgentRuntime {
+    /// The svclb binary ([`svclb_bin`]) in the node's netns.
+    #[default]
+    Host,
+    /// The image under podman, as deploy/svclb.yaml's DaemonSet runs it
+    /// (see [`crate::podman`]); manifests sources only.
+    Podman { image: String },
+}
+
+impl AgentRuntime {
+    /// Podman with the image named by $SVCLB_AGENT_IMAGE when set, else
+    /// the host: any test can be run against the image that way.
+    pub fn from_env() -> AgentRuntime {
+        match env::var(podman::IMAGE_ENV) {
+            Ok(image) if !image.is_empty() => AgentRuntime::Podman { image },
+            _ => AgentRuntime::Host,
+        }
+    }
+}
+
 /// Everything `svclb run` needs to act as one node's agent.
 pub struct AgentConfig<'a> {
     pub node_name: &'a str,
@@ -64,6 +87,9 @@ pub struct AgentConfig<'a> {
     /// More `svclb run` flags, e.g. `--sync-period 2s`.
     pub extra_args: Vec<String>,
     pub log: PathBuf,
+    pub runtime: &'a AgentRuntime,
+    /// Names the container (with podman): unique per start.
+    pub instance: &'a str,
 }
 
 /// A running (or stopped) agent. Cloning shares the process.
@@ -74,15 +100,66 @@ pub struct Agent {
     source: AgentSource,
     devices: Vec<String>,
     extra_args: Vec<String>,
+    /// Its container's name, when it runs in one.
+    container: Option<String>,
 }
 
 impl Agent {
     /// Spawn and wait for the initial sync. The agent is deliberately not in
     /// the node's cgroup: its own sockets must not be translated.
     pub(crate) fn start(cfg: &AgentConfig) -> Result<Agent> {
-        let bin = svclb_bin()?;
         let log =
             File::create(&cfg.log).with_context(|| format!("creating {}", cfg.log.display()))?;
+        let label = format!("agent {}", cfg.node_name);
+        let (proc, container) = match cfg.runtime {
+            AgentRuntime::Host => (Proc::new(label, Self::spawn_host(cfg, log)?), None),
+            AgentRuntime::Podman { image } => {
+                let AgentSource::Manifests(manifests) = &cfg.source else {
+                    bail!("agents in containers read manifests only");
+                };
+                let name = cfg.instance.to_string();
+                let mut command = podman::daemonset()?.podman_run(
+                    image,
+                    &podman::NodeAgent {
+                        container_name: &name,
+                        node_name: cfg.node_name,
+                        netns: cfg.netns,
+                        cgroup: cfg.cgroup,
+                        bpffs: cfg.bpffs,
+                        manifests,
+                        devices: &cfg.devices,
+                        extra_args: &cfg.extra_args,
+                    },
+                )?;
+                command
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone()?)
+                    .stderr(log);
+                // podman itself in the test's namespaces: the container
+                // joins the node's netns.
+                let child = cmd::spawn_placed(&mut command, &Placement::default())?;
+                let on_kill = name.clone();
+                let proc = Proc::with_on_kill(label, child, move || podman::remove(&on_kill));
+                (proc, Some(name))
+            }
+        };
+        let agent = Agent {
+            proc: Arc::new(proc),
+            log: cfg.log.clone(),
+            source: cfg.source.clone(),
+            devices: cfg.devices.clone(),
+            extra_args: cfg.extra_args.clone(),
+            container,
+        };
+        agent
+            .wait_for_log(SYNC_MARKER, SYNC_TIMEOUT)
+            .inspect_err(|_| agent.kill())?;
+        Ok(agent)
+    }
+
+    /// `svclb run` in the node's netns.
+    fn spawn_host(cfg: &AgentConfig, log: File) -> Result<std::process::Child> {
+        let bin = svclb_bin()?;
         let mut command = Command::new(&bin);
         command
             .arg("run")
@@ -104,32 +181,27 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let child = cmd::spawn_placed(
+        cmd::spawn_placed(
             &mut command,
             &Placement {
                 netns: Some(cfg.netns),
                 cgroup: None,
             },
-        )?;
-        let agent = Agent {
-            proc: Arc::new(Proc::new(format!("agent {}", cfg.node_name), child)),
-            log: cfg.log.clone(),
-            source: cfg.source.clone(),
-            devices: cfg.devices.clone(),
-            extra_args: cfg.extra_args.clone(),
-        };
-        agent
-            .wait_for_log(SYNC_MARKER, SYNC_TIMEOUT)
-            .inspect_err(|_| agent.kill())?;
-        Ok(agent)
+        )
     }
 
     pub(crate) fn proc(&self) -> Arc<Proc> {
         self.proc.clone()
     }
 
+    /// Its pid (with podman: the `podman run` client's).
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    /// Its container's name, when it runs in one.
+    pub fn container(&self) -> Option<&str> {
+        self.container.as_deref()
     }
 
     /// Where it gets its objects from.

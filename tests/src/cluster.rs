@@ -37,11 +37,11 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 
-use crate::agent::{self, Agent, AgentConfig, AgentSource};
+use crate::agent::{self, Agent, AgentConfig, AgentRuntime, AgentSource};
 use crate::cmd::{self, Placement, Proc};
 use crate::manifests::Manifests;
 use crate::probe::{self, Connect, Hold, HoldSummary, ProbeResult};
-use crate::{cgroup, mounts, netns};
+use crate::{cgroup, mounts, netns, podman};
 
 /// Every name this harness creates starts with this, then the owner's pid
 /// in base 36, then '-'. Kept short: names are also used for interfaces.
@@ -86,6 +86,8 @@ struct ClusterInner {
     bpffs: PathBuf,
     tmp: PathBuf,
     manifests: Manifests,
+    /// How its nodes' agents are started.
+    runtime: AgentRuntime,
     state: Mutex<State>,
     /// Held for a whole attach so that route setup sees a consistent set
     /// of attached nodes.
@@ -225,6 +227,15 @@ pub fn sweep_leftovers() -> Result<()> {
     for p in dirs(&tmp_base()) {
         let _ = fs::remove_dir_all(&p);
     }
+    // Agents' containers outlive a killed test (conmon keeps them).
+    if podman::available() {
+        for name in podman::containers()
+            .into_iter()
+            .filter(|n| owner_is_dead(n))
+        {
+            podman::remove(&name);
+        }
+    }
     match errors.into_iter().next() {
         Some(e) => Err(e.context("sweeping leftovers of earlier runs")),
         None => Ok(()),
@@ -233,7 +244,13 @@ pub fn sweep_leftovers() -> Result<()> {
 
 impl Cluster {
     /// `label` only names the temp dir (logs), to find a test's files.
+    /// Agents run as [`AgentRuntime::from_env`] says (the host by default).
     pub fn new(label: &str) -> Result<Cluster> {
+        Cluster::with_runtime(label, AgentRuntime::from_env())
+    }
+
+    /// [`Cluster::new`] with the agents started by `runtime`.
+    pub fn with_runtime(label: &str, runtime: AgentRuntime) -> Result<Cluster> {
         static SWEEP: Once = Once::new();
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         // SAFETY: geteuid(2) has no preconditions.
@@ -264,6 +281,7 @@ impl Cluster {
                 bpffs: mounts::ensure_bpffs()?,
                 tmp,
                 manifests,
+                runtime,
                 state: Mutex::new(State::default()),
                 fabric: Mutex::new(Fabric::default()),
             }),
@@ -272,6 +290,11 @@ impl Cluster {
 
     pub fn prefix(&self) -> &str {
         &self.inner.prefix
+    }
+
+    /// How its agents are started.
+    pub fn runtime(&self) -> &AgentRuntime {
+        &self.inner.runtime
     }
 
     /// Scratch dir for logs (kept when a test panics, swept next run).
@@ -864,6 +887,8 @@ impl Node {
             devices: devices.iter().map(|d| d.to_string()).collect(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             log: i.cluster.tmp.join(format!("agent-{}-{run}.log", i.name)),
+            runtime: &i.cluster.runtime,
+            instance: &format!("{}-a{run}", i.netns),
         })?;
         i.cluster.register(agent.proc())?;
         *i.agent.lock().unwrap_or_else(|e| e.into_inner()) = Some(agent.clone());

@@ -189,6 +189,9 @@ pub fn wait_output(cmd: &Command, mut child: Child, timeout: Duration) -> Result
 pub struct Proc {
     pub label: String,
     child: Mutex<Child>,
+    /// Run by [`Proc::kill`] before killing the child: a `podman run`
+    /// client's container outlives a SIGKILL of the client.
+    on_kill: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Proc {
@@ -196,6 +199,19 @@ impl Proc {
         Proc {
             label: label.into(),
             child: Mutex::new(child),
+            on_kill: None,
+        }
+    }
+
+    /// [`Proc::new`] with `on_kill` run whenever the process is killed.
+    pub fn with_on_kill(
+        label: impl Into<String>,
+        child: Child,
+        on_kill: impl Fn() + Send + Sync + 'static,
+    ) -> Self {
+        Proc {
+            on_kill: Some(Box::new(on_kill)),
+            ..Proc::new(label, child)
         }
     }
 
@@ -238,6 +254,9 @@ impl Proc {
 
     /// SIGKILL and reap. Idempotent.
     pub fn kill(&self) {
+        if let Some(on_kill) = &self.on_kill {
+            on_kill();
+        }
         let mut child = self.lock();
         let _ = child.kill();
         let _ = child.wait();

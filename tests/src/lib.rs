@@ -41,10 +41,11 @@ pub mod manifests;
 pub mod mock_api;
 pub mod mounts;
 pub mod netns;
+pub mod podman;
 pub mod probe;
 pub mod prog_test;
 
-pub use agent::{Agent, AgentSource};
+pub use agent::{Agent, AgentRuntime, AgentSource};
 pub use cluster::{
     Client, Cluster, ExternalClient, Node, Pod, Server, EXT_CIDR4, EXT_CIDR6, EXT_IF,
     SERVICE_CIDR4, SERVICE_CIDR6,

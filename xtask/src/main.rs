@@ -27,7 +27,12 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Build, then run every test (unit, property and the netns integration tests).
+    /// The container image (Containerfile's final stage, offline): a static
+    /// svclb built here, tagged localhost/svclb:VERSION-COMMIT and
+    /// localhost/svclb:VERSION.
+    Image,
+    /// Build, then run every test (unit, property and the netns integration
+    /// tests, and the `container` tests against the image it builds).
     Test {
         /// Passed to the test binaries (a name filter, --nocapture, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -79,10 +84,15 @@ fn main() -> Result<()> {
             setup::run()?;
             build(release)
         }
+        Cmd::Image => {
+            setup::run()?;
+            image().map(drop)
+        }
         Cmd::Test { args } => {
             setup::run()?;
             build(false)?;
-            test(&args)
+            let image = image()?;
+            test(&args, &image)
         }
         Cmd::VmTest { kernels, all, args } => {
             setup::run()?;
@@ -175,15 +185,95 @@ fn build(release: bool) -> Result<()> {
     status(&mut cmd)
 }
 
-fn test(args: &[String]) -> Result<()> {
+fn test(args: &[String], image: &str) -> Result<()> {
     let svclb = profile_dir(false).join("svclb");
     let mut cmd = cargo();
     // Default members only: svclb-ebpf builds for the BPF target, not the host.
-    cmd.args(["test"]).env("SVCLB_BIN", &svclb);
+    cmd.args(["test"])
+        .env("SVCLB_BIN", &svclb)
+        .env("SVCLB_TEST_IMAGE", image);
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    status(&mut cmd)?;
+    // The ClusterIP and external suites once more with every agent in the
+    // image, run as the DaemonSet runs it (tests/src/podman.rs). Without
+    // -p: the same feature set as above, so nothing is built again.
+    let mut cmd = cargo();
+    cmd.args(["test", "--test", "clusterip", "--test", "external"])
+        .env("SVCLB_BIN", &svclb)
+        .env("SVCLB_AGENT_IMAGE", image);
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }
     status(&mut cmd)
+}
+
+/// Build the image as the Containerfile's final stage, with the builder
+/// stage replaced by a directory holding what it would produce (/out): a
+/// static musl build of svclb made here. Returns the VERSION-COMMIT tag.
+fn image() -> Result<String> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--release", "--target", setup::MUSL_TARGET])
+        .args(["-p", "svclb-userspace", "--bin", "svclb"]);
+    status(&mut cmd)?;
+    let bin = target_dir().join(setup::MUSL_TARGET).join("release/svclb");
+
+    let builder = target_dir().join("image/builder");
+    let dest = builder.join("out/usr/local/bin");
+    std::fs::create_dir_all(&dest)?;
+    std::fs::copy(&bin, dest.join("svclb"))
+        .with_context(|| format!("copying {}", bin.display()))?;
+
+    let version = output(cargo().args(["pkgid", "-p", "svclb-userspace"]))?;
+    let version = version
+        .trim()
+        .rsplit(['@', '#'])
+        .next()
+        .context("version in cargo pkgid")?
+        .to_string();
+    let mut commit = output(Command::new("git").args(["rev-parse", "--short=12", "HEAD"]))?
+        .trim()
+        .to_string();
+    let dirty = !output(Command::new("git").args(["status", "--porcelain"]))?
+        .trim()
+        .is_empty();
+    if dirty {
+        commit.push_str("-dirty");
+    }
+    let tag = format!("{IMAGE}:{version}-{commit}");
+    status(
+        Command::new("podman")
+            .args(["--runtime", "runc", "build", "--pull=never"])
+            .arg("--build-context")
+            .arg(format!("builder={}", builder.display()))
+            .arg("--file")
+            .arg(workspace_root().join("Containerfile"))
+            .args(["--tag", &tag, "--tag", &format!("{IMAGE}:{version}")])
+            .arg(&builder),
+    )?;
+    let size =
+        output(Command::new("podman").args(["image", "inspect", "--format", "{{.Size}}", &tag]))?;
+    eprintln!("image: {tag} and {IMAGE}:{version}, {} bytes", size.trim());
+    Ok(tag)
+}
+
+/// The image's name; `cargo xtask image` tags it VERSION-COMMIT and VERSION.
+const IMAGE: &str = "localhost/svclb";
+
+/// Run to completion and return stdout; fail on a non-zero exit.
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .current_dir(workspace_root())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// The XDP program's per-packet cost by BPF_PROG_RUN, then the end-to-end

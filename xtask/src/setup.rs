@@ -14,6 +14,12 @@ const APT: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("iptables", "iptables"),
+    // The image (`cargo xtask image`) and the container tests: podman with
+    // runc (crun, podman's default, refuses hybrid cgroup layouts), and
+    // musl-gcc for ring's C code in the static binary.
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("musl-gcc", "musl-tools"),
 ];
 
 /// What `vm-test` needs on top of [`APT`]; installed only when it runs, so
@@ -30,6 +36,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub fn run() -> Result<()> {
     apt_packages(APT)?;
     rust_src()?;
+    musl_target()?;
     bpf_linker()
 }
 
@@ -75,6 +82,23 @@ fn rust_src() -> Result<()> {
     }
     eprintln!("setup: adding rust-src to nightly");
     status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// The image's static binary is built for musl.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+fn musl_target() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == MUSL_TARGET)
+    {
+        return Ok(());
+    }
+    eprintln!("setup: adding the {MUSL_TARGET} target");
+    status(Command::new("rustup").args(["target", "add", MUSL_TARGET]))
 }
 
 fn bpf_linker() -> Result<()> {

@@ -22,6 +22,7 @@ use std::path::Path;
 use aya::programs::TcAttachType;
 
 use crate::dataplane::loader::{TC_PROGRAM, XDP_PROGRAM};
+use crate::dataplane::devconf;
 use crate::dataplane::undo::{self, Record};
 
 pub mod bpf;
@@ -205,7 +206,7 @@ fn undo_records(bpffs: &Path, keep: &[String], out: &mut Outcome) {
             Record::Sysctl { key, original } => {
                 let path = Path::new("/proc/sys").join(key);
                 if path.exists() {
-                    match fs::write(&path, original) {
+                    match devconf::write_sysctl(key, original) {
                         Ok(()) => out.removed.push(format!(
                             "sysctl {} set back to {original}",
                             key.replace('/', ".")

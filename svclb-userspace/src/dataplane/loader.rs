@@ -894,7 +894,8 @@ fn driver_name(dev: &str) -> Option<String> {
         if fd < 0 {
             return None;
         }
-        let rc = libc::ioctl(fd, SIOCETHTOOL, &mut req);
+        // `as _`: the request is a c_ulong in glibc, a c_int in musl.
+        let rc = libc::ioctl(fd, SIOCETHTOOL as _, &mut req);
         libc::close(fd);
         rc == 0
     };

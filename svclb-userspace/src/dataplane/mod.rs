@@ -11,6 +11,7 @@ use crate::model::{Frontend, FrontendKey, ServiceId};
 pub mod abi;
 mod barrier;
 pub mod conntrack;
+pub mod devconf;
 pub mod drift;
 mod kernel;
 pub mod loader;
@@ -155,8 +156,9 @@ impl Dataplane {
             // Translated packets XDP can't forward itself (neighbour not yet
             // resolved) go to the stack; with SNAT their source is this
             // node's own address, which the stack drops as martian unless
-            // the device accepts local sources.
-            // The original value is recorded for `svclb cleanup`.
+            // the device accepts local sources. Through rtnetlink (in a
+            // container /proc/sys is read-only); the original value is
+            // recorded for `svclb cleanup`.
             let knob = format!("net/ipv4/conf/{device}/accept_local");
             if let Err(e) = undo::set_sysctl(&config.bpffs, &knob, "1") {
                 tracing::warn!(device, error = %e, "setting accept_local; SNATed packets may be dropped until neighbours resolve");

@@ -141,7 +141,7 @@ pub fn set_sysctl(bpffs: &Path, key: &str, value: &str) -> io::Result<()> {
         }
         add(bpffs, &record)?
     };
-    fs::write(&path, value).inspect_err(|_| {
+    super::devconf::write_sysctl(key, value).inspect_err(|_| {
         if recorded {
             remove(bpffs, &record);
         }

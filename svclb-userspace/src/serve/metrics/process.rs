@@ -102,8 +102,14 @@ impl ProcessStats {
     }
 }
 
+/// getrlimit's resource argument: glibc has its own type, musl an int.
+#[cfg(target_env = "gnu")]
+type Resource = libc::__rlimit_resource_t;
+#[cfg(not(target_env = "gnu"))]
+type Resource = libc::c_int;
+
 /// A resource's soft limit; unlimited is u64::MAX, as Go reports it.
-fn soft_limit(resource: libc::__rlimit_resource_t) -> io::Result<f64> {
+fn soft_limit(resource: Resource) -> io::Result<f64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
