@@ -374,10 +374,10 @@ fn check_daemonset(manifests: &[(String, Manifest)]) {
     // A versioned image (what `cargo xtask image` tags), never `latest`.
     let image = c.image.as_deref().expect("image");
     let (_, tag) = image.rsplit_once(':').expect("image with a tag");
-    assert_eq!(
-        tag,
-        env!("CARGO_PKG_VERSION"),
-        "the image tag is svclb's version"
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(
+        tag == version || tag.starts_with(&format!("{version}-")),
+        "the image tag {tag} is not svclb's version {version} (or VERSION-COMMIT)"
     );
 
     // NODE_NAME from the downward API.

@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Container, PodSpec, SecurityContext};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, SecurityContext, Volume};
 
 use crate::mounts;
 
@@ -61,6 +61,8 @@ pub fn image_exists(image: &str) -> bool {
 pub struct DaemonSetRun {
     pod: PodSpec,
     container: Container,
+    /// The ConfigMaps of the same file: name -> (key -> text).
+    config_maps: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// The DaemonSet of deploy/svclb.yaml (parsed once).
@@ -73,6 +75,14 @@ pub fn daemonset() -> Result<&'static DaemonSetRun> {
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)?;
+    let mut config_maps = BTreeMap::new();
+    for doc in &docs {
+        if doc.get("kind").and_then(|k| k.as_str()) == Some("ConfigMap") {
+            let cm: ConfigMap = serde_json::from_value(doc.clone())?;
+            let name = cm.metadata.name.unwrap_or_default();
+            config_maps.insert(name, cm.data.unwrap_or_default());
+        }
+    }
     for doc in docs {
         if doc.get("kind").and_then(|k| k.as_str()) != Some("DaemonSet") {
             continue;
@@ -88,6 +98,7 @@ pub fn daemonset() -> Result<&'static DaemonSetRun> {
         let run = DaemonSetRun {
             container: container.clone(),
             pod: pod.clone(),
+            config_maps,
         };
         return Ok(DS.get_or_init(|| run));
     }
@@ -198,19 +209,25 @@ impl DaemonSetRun {
             Some(other) => bail!("AppArmor profile {other}: teach podman.rs"),
         }
 
-        // hostPath volumes, each host path replaced by what stands for it.
-        let volumes: BTreeMap<&str, &str> = self
-            .pod
-            .volumes
-            .iter()
-            .flatten()
-            .filter_map(|v| Some((v.name.as_str(), v.host_path.as_ref()?.path.as_str())))
+        // hostPath volumes, each host path replaced by what stands for it;
+        // ConfigMap volumes as files the node's scratch directory holds.
+        let volumes: BTreeMap<&str, &Volume> = (self.pod.volumes.iter().flatten())
+            .map(|v| (v.name.as_str(), v))
             .collect();
         for m in self.container.volume_mounts.iter().flatten() {
-            let Some(host) = volumes.get(m.name.as_str()) else {
-                bail!("volume {} is not a hostPath: teach podman.rs", m.name);
+            let Some(volume) = volumes.get(m.name.as_str()) else {
+                bail!("no volume {} in the pod", m.name);
             };
-            let source = match *host {
+            if let Some(cm) = &volume.config_map {
+                let dir = self.write_config_map(&cm.name, node)?;
+                c.arg("--volume")
+                    .arg(format!("{}:{}:ro", dir.display(), m.mount_path));
+                continue;
+            }
+            let Some(host) = volume.host_path.as_ref().map(|h| h.path.as_str()) else {
+                bail!("volume {} is neither hostPath nor configMap: teach podman.rs", m.name);
+            };
+            let source = match host {
                 "/sys/fs/bpf" => mounts::ensure_bpffs()?,
                 "/sys/fs/cgroup" => node.cgroup.to_path_buf(),
                 "/run/netns" => PathBuf::from("/run/netns"),
@@ -249,6 +266,22 @@ impl DaemonSetRun {
         Ok(c)
     }
 
+    /// The ConfigMap `name`'s files, written next to the node's manifests
+    /// directory, as the kubelet projects them into the pod.
+    fn write_config_map(&self, name: &str, node: &NodeAgent) -> Result<PathBuf> {
+        let Some(data) = self.config_maps.get(name) else {
+            bail!("ConfigMap {name} is not in {}", daemonset_path().display());
+        };
+        let dir = node
+            .manifests
+            .with_file_name(format!("configmap-{}-{name}", node.container_name));
+        std::fs::create_dir_all(&dir)?;
+        for (key, text) in data {
+            std::fs::write(dir.join(key), text)?;
+        }
+        Ok(dir)
+    }
+
     /// The DaemonSet's args with $(VAR)s expanded, `--bpffs` pointed at
     /// the node's pin dir, flags of `extra_args` replacing the DaemonSet's,
     /// and `--manifests` instead of the API server.
@@ -257,10 +290,8 @@ impl DaemonSetRun {
         for e in self.container.env.iter().flatten() {
             let from = e.value_from.as_ref();
             let field = from.and_then(|f| f.field_ref.as_ref());
-            let key = from.and_then(|f| f.config_map_key_ref.as_ref());
-            let value = match (field.map(|f| f.field_path.as_str()), key) {
-                (Some("spec.nodeName"), _) => node.node_name.to_string(),
-                (_, Some(k)) if k.key == "devices" => node.devices.join(","),
+            let value = match field.map(|f| f.field_path.as_str()) {
+                Some("spec.nodeName") => node.node_name.to_string(),
                 _ => continue,
             };
             vars.insert(format!("$({})", e.name), value);
@@ -287,6 +318,11 @@ impl DaemonSetRun {
             out.push(arg);
         }
         out.push(format!("--bpffs={}", node.bpffs.display()));
+        // The node's devices, not the config file's example ones (a flag
+        // wins over the file).
+        if !overridden.iter().any(|f| f == "--devices") {
+            out.push(format!("--devices={}", node.devices.join(",")));
+        }
         out.push(format!("--manifests={}", node.manifests.display()));
         out.extend(node.extra_args.iter().cloned());
         Ok(out)
