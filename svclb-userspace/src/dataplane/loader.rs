@@ -22,7 +22,7 @@ use svclb_common::{globals, XdpConfig};
 use super::{Capacity, DataplaneError, KernelMaps, Writer, WriterMaps};
 
 /// The object svclb-userspace/build.rs built from svclb-ebpf.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svclb"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svclb"));
 
 /// The socket programs (function names in svclb-ebpf/src/sock.rs).
 pub const PROGRAMS: [&str; 8] = [
