@@ -520,6 +520,33 @@ mod tests {
     }
 
     #[test]
+    fn explain_targets_parse() {
+        use crate::model::Protocol;
+        assert_eq!(
+            parse_target("10.96.0.10:53/udp"),
+            Ok(("10.96.0.10:53".parse().unwrap(), Protocol::Udp))
+        );
+        assert_eq!(
+            parse_target("[fd00::10]:80/TCP"),
+            Ok(("[fd00::10]:80".parse().unwrap(), Protocol::Tcp))
+        );
+        assert!(parse_target("10.96.0.10:53").is_err());
+        assert!(parse_target("10.96.0.10/TCP").is_err());
+        assert!(parse_target("10.96.0.10:53/ICMP").is_err());
+        assert!(Cli::try_parse_from([
+            "svclb",
+            "explain",
+            "--from",
+            "1.2.3.4",
+            "--to",
+            "5.6.7.8:80/TCP",
+            "--device",
+            "eth0"
+        ])
+        .is_err());
+    }
+
+    #[test]
     fn addr_port_matches_address_and_port_if_given() {
         let sa = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
         let any_port = parse_addr_port("198.18.0.10").unwrap();

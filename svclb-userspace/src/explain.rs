@@ -26,7 +26,7 @@ use crate::dataplane::map_path;
 use crate::dump::{BackendDump, FrontendDump};
 use crate::model::{FrontendKey, Protocol, Scope};
 
-mod dry_run;
+pub mod dry_run;
 
 /// What to explain: a connection from `from` to `to`.
 #[derive(Clone, Debug)]
@@ -472,10 +472,20 @@ fn external(
     if let Some(sport) = req.from.port {
         e.tracked = tracked(bpffs, req, sport)?;
         if let Some(t) = &e.tracked {
+            let differs = e
+                .maglev
+                .as_ref()
+                .is_some_and(|m| m.backend_id != t.backend_id);
             e.notes.push(format!(
-                "a conntrack entry exists for this tuple: its packets go to {} (backend {}), not \
-                 to the Maglev pick, until it expires or a SYN starts over",
-                t.translated_to, t.backend_id
+                "a conntrack entry exists for this tuple: its packets go to {} (backend {}){}",
+                t.translated_to,
+                t.backend_id,
+                if differs {
+                    ", not to the Maglev pick, until the flow expires or a SYN on a draining \
+                     backend starts over"
+                } else {
+                    ""
+                }
             ));
         }
     }
@@ -696,4 +706,68 @@ pub fn text(e: &Explanation) -> String {
         let _ = writeln!(out, "note: {n}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(id: u32, last: u8) -> BackendDump {
+        BackendDump {
+            id,
+            address: format!("198.18.1.{last}"),
+            port: 8080,
+            state: "active",
+            local: false,
+        }
+    }
+
+    #[test]
+    fn shares_are_slots_and_table_entries() {
+        let set = [backend(1, 1), backend(2, 2), backend(3, 3)];
+        let slots = slot_shares(&set);
+        assert_eq!(slots.len(), 3);
+        assert!(slots
+            .iter()
+            .all(|c| (c.probability - 1.0 / 3.0).abs() < 1e-9));
+        // A table that names backend 2 three times as often as 1, never 3.
+        let table = [1, 2, 2, 2, 1, 2, 2, 2];
+        let shares: Vec<(u32, f64)> = table_shares(&table, &set)
+            .iter()
+            .map(|c| (c.backend.id, c.probability))
+            .collect();
+        assert_eq!(shares, [(1, 0.25), (2, 0.75), (3, 0.0)]);
+    }
+
+    #[test]
+    fn a_run_that_contradicts_the_computed_verdict_is_reported() {
+        let headers = |dst: &str| dry_run::Headers {
+            eth_dst: String::new(),
+            eth_src: String::new(),
+            src: "198.18.0.200:40000".into(),
+            dst: dst.into(),
+        };
+        let run = |verdict, out: &str| dry_run::XdpRun {
+            verdict,
+            device: None,
+            packet_in: headers("198.18.0.1:30080"),
+            rewritten: out != "198.18.0.1:30080",
+            packet_out: headers(out),
+        };
+        assert!(run("XDP_TX", "198.18.2.2:8080")
+            .disagrees("translated")
+            .is_none());
+        assert!(run("XDP_DROP", "198.18.0.1:30080")
+            .disagrees("dropped")
+            .is_none());
+        assert!(run("XDP_PASS", "198.18.0.1:30080")
+            .disagrees("refused")
+            .is_none());
+        assert!(run("XDP_PASS", "198.18.0.1:30080")
+            .disagrees("translated")
+            .is_some());
+        assert!(run("XDP_PASS", "198.18.1.2:8080")
+            .disagrees("dropped")
+            .is_some());
+    }
 }

@@ -98,7 +98,7 @@ pub fn run(bpffs: &Path, req: &Request) -> anyhow::Result<XdpRun> {
     loader.default_map_pin_directory(&private.0);
     let shared: Vec<(&str, PathBuf)> = SHARED.iter().map(|n| (*n, map_path(bpffs, n))).collect();
     for (name, path) in &shared {
-        loader.map_pin_path(*name, path.as_path());
+        loader.map_pin_path(name, path.as_path());
     }
     loader
         .map_max_entries(maps::CONNTRACK4, PRIVATE_CONNTRACK_SIZE)
