@@ -37,7 +37,7 @@ pub struct Request {
     /// Arriving from outside the node (XDP) instead of made on it.
     pub external: bool,
     /// The device the packet arrives on (external; for the XDP run's route
-    /// lookup). None: the loopback device.
+    /// lookup). None: ingress ifindex 0.
     pub device: Option<String>,
     /// Skip running the XDP program (external): computed answers only.
     pub no_run: bool,

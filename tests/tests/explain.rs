@@ -136,7 +136,9 @@ fn explain(node: &Node, args: &[&str]) -> Result<Value> {
         netns: Some(&ns),
         cgroup: None,
     };
+    let started = std::time::Instant::now();
     let out = cmd::spawn_placed(&mut c, &place)?.wait_with_output()?;
+    let took = started.elapsed();
     let text = String::from_utf8(out.stdout)?;
     if !out.status.success() {
         bail!(
@@ -147,7 +149,7 @@ fn explain(node: &Node, args: &[&str]) -> Result<Value> {
     }
     let v: Value = serde_json::from_str(&text).with_context(|| format!("parsing {text}"))?;
     // Shown with --nocapture.
-    eprintln!("$ svclb explain {}\n{v:#}", args.join(" "));
+    eprintln!("$ svclb explain {} (took {took:?})\n{v:#}", args.join(" "));
     Ok(v)
 }
 
@@ -182,6 +184,25 @@ fn explain_until(node: &Node, args: &[&str], done: impl Fn(&Value) -> bool) -> R
         bail!("explain {args:?} never got there: {last:#}");
     }
     Ok(last)
+}
+
+/// The XDP program's count of flows created (`svclb maps dump`).
+fn flows_created(node: &Node) -> Result<u64> {
+    let mut c = Command::new(svclb_bin()?);
+    c.args(["maps", "dump", "--output", "json", "--bpffs"])
+        .arg(node.pin_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let ns = node.netns_path();
+    let place = Placement {
+        netns: Some(&ns),
+        cgroup: None,
+    };
+    let out = cmd::spawn_placed(&mut c, &place)?.wait_with_output()?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    v["conntrack"]["flows_created"]
+        .as_u64()
+        .with_context(|| format!("no flows_created in {v:#}"))
 }
 
 /// The node's tracked external flows from `client` (ADDR:PORT).
@@ -255,6 +276,7 @@ fn explain_external_matches_real_traffic() -> Result<()> {
     // Explaining a tuple nothing sent records nothing: the live program
     // ran on private conntrack maps.
     let from = format!("{client}:42000");
+    let created = flows_created(n1)?;
     let v = explain(
         n1,
         &[
@@ -275,6 +297,7 @@ fn explain_external_matches_real_traffic() -> Result<()> {
         0,
         "explain left a conntrack entry"
     );
+    assert_eq!(flows_created(n1)?, created, "explain counted a flow");
     // A real flow from the same tuple is tracked (the check can fail).
     let real = env
         .client
@@ -318,6 +341,11 @@ fn explain_external_matches_real_traffic() -> Result<()> {
             assert_eq!(run["packet_out"]["src"], from.as_str(), "{v:#}");
             assert_eq!(run["verdict"], "XDP_PASS", "{v:#}");
         } else {
+            if !reached.contains("b2") {
+                // The README's example of a remote backend.
+                let args = ["--from", &from, "--to", &to_udp, "--external"];
+                explain_text(n1, &args)?;
+            }
             assert!(
                 run["packet_out"]["src"]
                     .as_str()

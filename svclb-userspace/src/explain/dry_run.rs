@@ -56,8 +56,8 @@ const XDP_REDIRECT: u32 = 4;
 pub struct XdpRun {
     /// XDP_DROP, XDP_PASS (to the stack), XDP_TX, XDP_REDIRECT.
     pub verdict: &'static str,
-    /// The device the packet was run as arriving on (its ifindex), or
-    /// none (the loopback).
+    /// The device the packet was run as arriving on; None: ingress
+    /// ifindex 0 (the route lookup then has no ingress device).
     pub device: Option<String>,
     pub packet_in: Headers,
     pub packet_out: Headers,
@@ -169,10 +169,13 @@ impl XdpRun {
     }
 
     pub fn text(&self) -> String {
+        let device = match &self.device {
+            Some(d) => d.clone(),
+            None => "ifindex 0 (no --device)".into(),
+        };
         let mut out = format!(
-            "xdp run:   {} on {} (live program, private conntrack: nothing recorded)\n",
-            self.verdict,
-            self.device.as_deref().unwrap_or("lo")
+            "xdp run:   {} on {device} (live program, private conntrack: nothing recorded)\n",
+            self.verdict
         );
         out.push_str(&format!(
             "  in:  {} -> {}  eth {} -> {}\n",
