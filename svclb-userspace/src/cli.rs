@@ -119,6 +119,11 @@ pub struct ExplainArgs {
     /// Do not run the XDP program: computed answers only.
     #[arg(long, requires = "external")]
     pub no_run: bool,
+    /// The client's network namespace (e.g. /proc/PID/ns/net of a process
+    /// in the pod): session affinity at the socket hooks is remembered per
+    /// namespace, which an address does not name.
+    #[arg(long, conflicts_with = "external")]
+    pub client_netns: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }

@@ -6,7 +6,7 @@
 //! (`explain/dry_run.rs`) without touching any state real traffic sees.
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
@@ -41,6 +41,9 @@ pub struct Request {
     pub device: Option<String>,
     /// Skip running the XDP program (external): computed answers only.
     pub no_run: bool,
+    /// The client's network namespace (a file such as /proc/PID/ns/net):
+    /// the socket hooks' affinity is kept per namespace cookie.
+    pub client_netns: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -90,6 +93,13 @@ pub struct Choice {
 #[derive(Debug, Serialize)]
 pub struct AffinityState {
     pub timeout_seconds: u32,
+    /// The cookie of --client-netns, when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_netns_cookie: Option<u64>,
+    /// This client's remembered backend, in effect: its next connection
+    /// goes there (socket scope, with --client-netns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_backend: Option<BackendDump>,
     /// Socket scope: the clients the programs remember, by network
     /// namespace cookie (the socket hooks' notion of a client).
     pub remembered: Vec<AffinityEntry>,
@@ -268,14 +278,40 @@ fn socket(
         slot0.count
     );
     if slot0.flags & SVC_FLAG_AFFINITY != 0 {
+        let remembered = affinity_entries(bpffs, slot0)?;
+        let cookie = match &req.client_netns {
+            Some(path) => Some(netns_cookie(path)?),
+            None => None,
+        };
+        let client_backend = cookie
+            .and_then(|c| {
+                remembered
+                    .iter()
+                    .find(|r| r.client_netns_cookie == c && r.in_effect)
+            })
+            .and_then(|r| f.backends.iter().find(|b| b.id == r.backend_id))
+            .map(clone_backend);
+        if let Some(b) = &client_backend {
+            e.reason = format!(
+                "{name}: session affinity: this client's next connection goes to {}:{} \
+                 (remembered, within {} s of idle time)",
+                b.address, b.port, slot0.affinity_timeout
+            );
+            e.new_connection = vec![Choice {
+                backend: clone_backend(b),
+                probability: 1.0,
+            }];
+        }
         e.affinity = Some(AffinityState {
             timeout_seconds: slot0.affinity_timeout,
-            remembered: affinity_entries(bpffs, slot0)?,
+            client_netns_cookie: cookie,
+            client_backend,
+            remembered,
         });
         e.notes.push(format!(
             "session affinity: a client is a network namespace (by its cookie), which the \
-             address {} does not name; a client the programs remember (listed) keeps its backend \
-             for {} s of idle time, any other gets a random one as above",
+             address {} does not name (--client-netns does); a client the programs remember \
+             (listed) keeps its backend for {} s of idle time, any other gets a random one",
             req.from.addr, slot0.affinity_timeout
         ));
     }
@@ -363,6 +399,23 @@ fn affinity_entries(bpffs: &Path, slot0: &ServiceValue) -> anyhow::Result<Vec<Af
         .collect();
     out.sort_by_key(|a| a.client_netns_cookie);
     Ok(out)
+}
+
+/// The cookie of the network namespace at `path`, asked from a thread that
+/// enters it (setns affects only the calling thread).
+fn netns_cookie(path: &Path) -> anyhow::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let cookie = std::thread::spawn(move || -> std::io::Result<u64> {
+        // SAFETY: setns on a descriptor we own; only this thread moves.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        crate::dataplane::loader::own_netns_cookie()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the netns thread panicked"))?;
+    cookie.with_context(|| format!("the network namespace cookie of {}", path.display()))
 }
 
 /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
@@ -461,6 +514,8 @@ fn external(
     if affinity {
         e.affinity = Some(AffinityState {
             timeout_seconds: slot0.affinity_timeout,
+            client_netns_cookie: None,
+            client_backend: None,
             remembered: Vec::new(),
         });
         e.notes.push(
@@ -681,6 +736,13 @@ pub fn text(e: &Explanation) -> String {
             a.timeout_seconds,
             a.remembered.len()
         );
+        if let Some(c) = a.client_netns_cookie {
+            let at = match &a.client_backend {
+                Some(b) => format!("remembered: {}:{}", b.address, b.port),
+                None => "nothing in effect: a new connection picks at random".into(),
+            };
+            let _ = writeln!(out, "  this client: netns cookie {c}, {at}");
+        }
         for r in &a.remembered {
             let _ = writeln!(
                 out,

@@ -101,6 +101,7 @@ fn main() -> anyhow::Result<()> {
                 external: args.external,
                 device: args.device,
                 no_run: args.no_run,
+                client_netns: args.client_netns,
             };
             svclb_userspace::explain::run(&args.bpffs, &req, args.output)
         }

@@ -490,7 +490,24 @@ fn explain_cluster_ip_matches_real_traffic() -> Result<()> {
     assert!(all_ok(&real), "{real:?}");
     let servers: Vec<String> = by_server(&real).into_keys().collect();
     assert_eq!(servers.len(), 1, "affinity keeps one backend: {servers:?}");
-    let v = explain(n1, &args)?;
+    let netns = env.pod.netns_path();
+    let netns = netns.to_str().context("netns path")?;
+    let mut with_netns = args.to_vec();
+    with_netns.extend(["--client-netns", netns]);
+    let v = explain(n1, &with_netns)?;
+    let predicted = v["affinity"]["client_backend"].clone();
+    let addr = format!(
+        "{}:{}",
+        predicted["address"].as_str().unwrap_or(""),
+        predicted["port"]
+    );
+    assert_eq!(env.name_of(&addr), servers[0], "{v:#}");
+    assert_eq!(
+        v["new_connection"].as_array().map(Vec::len),
+        Some(1),
+        "{v:#}"
+    );
+    explain_text(n1, &with_netns)?;
     let remembered = v["affinity"]["remembered"]
         .as_array()
         .context("remembered")?;
