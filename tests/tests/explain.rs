@@ -343,7 +343,15 @@ fn explain_external_matches_real_traffic() -> Result<()> {
         } else {
             if !reached.contains("b2") {
                 // The README's example of a remote backend.
-                let args = ["--from", &from, "--to", &to_udp, "--external"];
+                let args = [
+                    "--from",
+                    &from,
+                    "--to",
+                    &to_udp,
+                    "--external",
+                    "--device",
+                    EXT_IF,
+                ];
                 explain_text(n1, &args)?;
             }
             assert!(
