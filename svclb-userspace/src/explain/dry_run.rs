@@ -195,8 +195,8 @@ impl XdpRun {
 
 /// A scratch directory for the private maps' pins while the object loads
 /// (aya pins every map it creates by name), beside the agent's bpffs
-/// directory (on the same bpffs; bpffs refuses names with a dot), removed
-/// as soon as the object is loaded.
+/// directory (on the same bpffs; bpffs refuses names with a dot), or inside
+/// it, removed as soon as the object is loaded.
 struct PrivateDir(PathBuf);
 
 impl PrivateDir {
@@ -209,9 +209,15 @@ impl PrivateDir {
                 .unwrap_or("svclb"),
             std::process::id()
         );
-        let dir = bpffs.with_file_name(name);
-        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(PrivateDir(dir))
+        let beside = bpffs.with_file_name(name);
+        if std::fs::create_dir(&beside).is_ok() {
+            return Ok(PrivateDir(beside));
+        }
+        // --bpffs is a bpffs mount itself: inside it then (the agent's
+        // loader removes only SVCLB_* pins it does not know).
+        let inside = bpffs.join(format!("explain-{}", std::process::id()));
+        std::fs::create_dir(&inside).with_context(|| format!("creating {}", inside.display()))?;
+        Ok(PrivateDir(inside))
     }
 }
 
