@@ -82,6 +82,12 @@ pub enum Command {
         #[command(subcommand)]
         command: ConntrackCommand,
     },
+    /// What happens to a connection on this node, and why: the frontend it
+    /// matches, its Service, the backends and what a new connection gets,
+    /// affinity, source ranges; with --external also the live XDP program's
+    /// verdict and rewritten headers for a synthetic packet (run with
+    /// BPF_PROG_RUN on private conntrack maps: nothing is recorded).
+    Explain(ExplainArgs),
     /// Print the version and git commit.
     Version,
     /// Print a shell completion script, e.g.
@@ -90,6 +96,54 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    #[arg(long, default_value = "/sys/fs/bpf/svclb")]
+    pub bpffs: PathBuf,
+    /// The client: ADDR or ADDR:PORT ([IPV6]:PORT).
+    #[arg(long, value_parser = parse_addr_port)]
+    pub from: AddrPort,
+    /// The destination: ADDR:PORT/PROTO, e.g. 10.96.0.10:53/UDP.
+    #[arg(long, value_parser = parse_target)]
+    pub to: (std::net::SocketAddr, crate::model::Protocol),
+    /// Traffic arriving from outside the node (the XDP path) instead of a
+    /// connection made on it (the socket hooks).
+    #[arg(long)]
+    pub external: bool,
+    /// The device the packet arrives on (for the XDP run's route lookup;
+    /// run in the node's network namespace).
+    #[arg(long, requires = "external")]
+    pub device: Option<String>,
+    /// Do not run the XDP program: computed answers only.
+    #[arg(long, requires = "external")]
+    pub no_run: bool,
+    /// The client's network namespace (e.g. /proc/PID/ns/net of a process
+    /// in the pod): session affinity at the socket hooks is remembered per
+    /// namespace, which an address does not name.
+    #[arg(long, conflicts_with = "external")]
+    pub client_netns: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// ADDR:PORT/PROTO (TCP, UDP or SCTP, any case).
+fn parse_target(s: &str) -> Result<(std::net::SocketAddr, crate::model::Protocol), String> {
+    use crate::model::Protocol;
+    let (at, proto) = s
+        .rsplit_once('/')
+        .ok_or("expected ADDR:PORT/PROTO, e.g. 10.96.0.10:53/UDP")?;
+    let at = at
+        .parse()
+        .map_err(|_| "expected ADDR:PORT or [IPV6]:PORT before /PROTO".to_string())?;
+    let proto = match proto.to_ascii_uppercase().as_str() {
+        "TCP" => Protocol::Tcp,
+        "UDP" => Protocol::Udp,
+        "SCTP" => Protocol::Sctp,
+        _ => return Err("protocol must be TCP, UDP or SCTP".into()),
+    };
+    Ok((at, proto))
 }
 
 #[derive(Debug, Subcommand)]
@@ -468,6 +522,33 @@ mod tests {
             assert!(parse(&["--service", bad]).is_err(), "{bad}");
         }
         assert!(parse(&["--scope", "cluster"]).is_err());
+    }
+
+    #[test]
+    fn explain_targets_parse() {
+        use crate::model::Protocol;
+        assert_eq!(
+            parse_target("10.96.0.10:53/udp"),
+            Ok(("10.96.0.10:53".parse().unwrap(), Protocol::Udp))
+        );
+        assert_eq!(
+            parse_target("[fd00::10]:80/TCP"),
+            Ok(("[fd00::10]:80".parse().unwrap(), Protocol::Tcp))
+        );
+        assert!(parse_target("10.96.0.10:53").is_err());
+        assert!(parse_target("10.96.0.10/TCP").is_err());
+        assert!(parse_target("10.96.0.10:53/ICMP").is_err());
+        assert!(Cli::try_parse_from([
+            "svclb",
+            "explain",
+            "--from",
+            "1.2.3.4",
+            "--to",
+            "5.6.7.8:80/TCP",
+            "--device",
+            "eth0"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod config;
 pub mod conntrack_list;
 pub mod dataplane;
 pub mod dump;
+pub mod explain;
 pub mod model;
 pub mod serve;
 pub mod source;

@@ -93,6 +93,18 @@ fn main() -> anyhow::Result<()> {
                     output,
                 },
         } => svclb_userspace::conntrack_list::run(&bpffs, &filter, output),
+        Command::Explain(args) => {
+            let req = svclb_userspace::explain::Request {
+                from: args.from,
+                to: args.to.0,
+                protocol: args.to.1,
+                external: args.external,
+                device: args.device,
+                no_run: args.no_run,
+                client_netns: args.client_netns,
+            };
+            svclb_userspace::explain::run(&args.bpffs, &req, args.output)
+        }
         Command::Version => {
             println!("{}", svclb_userspace::status::version_line());
             Ok(())

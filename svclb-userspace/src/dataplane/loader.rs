@@ -22,7 +22,7 @@ use svclb_common::{globals, XdpConfig};
 use super::{Capacity, DataplaneError, KernelMaps, Writer, WriterMaps};
 
 /// The object svclb-userspace/build.rs built from svclb-ebpf.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svclb"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svclb"));
 
 /// The socket programs (function names in svclb-ebpf/src/sock.rs).
 pub const PROGRAMS: [&str; 8] = [
@@ -229,7 +229,7 @@ fn nanos(d: std::time::Duration) -> u64 {
 
 /// The cookie of this process's network namespace (the host's, for the
 /// agent), from SO_NETNS_COOKIE (Linux 5.14+).
-fn own_netns_cookie() -> std::io::Result<u64> {
+pub(crate) fn own_netns_cookie() -> std::io::Result<u64> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     const SO_NETNS_COOKIE: libc::c_int = 71;
     // SAFETY: socket(2) has no memory arguments.
