@@ -225,7 +225,10 @@ impl DaemonSetRun {
                 continue;
             }
             let Some(host) = volume.host_path.as_ref().map(|h| h.path.as_str()) else {
-                bail!("volume {} is neither hostPath nor configMap: teach podman.rs", m.name);
+                bail!(
+                    "volume {} is neither hostPath nor configMap: teach podman.rs",
+                    m.name
+                );
             };
             let source = match host {
                 "/sys/fs/bpf" => mounts::ensure_bpffs()?,

@@ -21,8 +21,8 @@ use std::path::Path;
 
 use aya::programs::TcAttachType;
 
-use crate::dataplane::loader::{TC_PROGRAM, XDP_PROGRAM};
 use crate::dataplane::devconf;
+use crate::dataplane::loader::{TC_PROGRAM, XDP_PROGRAM};
 use crate::dataplane::undo::{self, Record};
 
 pub mod bpf;

@@ -107,24 +107,6 @@ fn setlink_message(ifindex: u32, id: u16, value: u32) -> Vec<u8> {
     msg
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn setlink_message_layout() {
-        let m = setlink_message(7, ACCEPT_LOCAL, 1);
-        // 16 header + 16 ifinfomsg + 4 AF_SPEC + 4 AF_INET + 4 INET_CONF + 8 entry.
-        assert_eq!(m.len(), 52);
-        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 52);
-        assert_eq!(i32::from_ne_bytes(m[20..24].try_into().unwrap()), 7);
-        // The innermost attribute: length 8, type ACCEPT_LOCAL, value 1.
-        assert_eq!(&m[44..46], &8u16.to_ne_bytes());
-        assert_eq!(&m[46..48], &ACCEPT_LOCAL.to_ne_bytes());
-        assert_eq!(&m[48..52], &1u32.to_ne_bytes());
-    }
-}
-
 /// Write `value` to the sysctl at /proc/sys/`key`: an IPv4 per-device
 /// setting this module knows (`net/ipv4/conf/DEV/accept_local`) through
 /// rtnetlink, which works where /proc/sys is read-only; anything else
@@ -145,4 +127,22 @@ pub fn write_sysctl(key: &str, value: &str) -> io::Result<()> {
         return set_ipv4(index, ACCEPT_LOCAL, value);
     }
     std::fs::write(std::path::Path::new("/proc/sys").join(key), value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setlink_message_layout() {
+        let m = setlink_message(7, ACCEPT_LOCAL, 1);
+        // 16 header + 16 ifinfomsg + 4 AF_SPEC + 4 AF_INET + 4 INET_CONF + 8 entry.
+        assert_eq!(m.len(), 52);
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 52);
+        assert_eq!(i32::from_ne_bytes(m[20..24].try_into().unwrap()), 7);
+        // The innermost attribute: length 8, type ACCEPT_LOCAL, value 1.
+        assert_eq!(&m[44..46], &8u16.to_ne_bytes());
+        assert_eq!(&m[46..48], &ACCEPT_LOCAL.to_ne_bytes());
+        assert_eq!(&m[48..52], &1u32.to_ne_bytes());
+    }
 }
