@@ -68,9 +68,9 @@ pub fn ingress(s: &mut Scratch, v6: bool) -> Decision {
     if let Some(entry) = conntrack::entry(&s.t, v6) {
         let f = entry.flow();
         if f.direction == FLOW_INGRESS {
-            // Only for tracked packets: the clock costs ~20 ns here, which
-            // a miss (the node's own traffic) need not pay.
-            s.tick = ct_now(helpers::now_ns());
+            // Only for tracked packets: a miss (the node's own traffic)
+            // need not read the clock.
+            s.tick = s.clock.tick();
             let r = &f.route;
             // The backend was there when the route was cached, and no
             // backend has been deleted since: skip the check.
@@ -212,6 +212,7 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
         fresh,
         tick,
         ct_bits,
+        clock,
         ..
     } = s;
     let skey = ServiceKey {
@@ -263,7 +264,7 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
     let Some(backend) = helpers::lookup(&BACKENDS, &backend_id) else {
         return Decision::Drop;
     };
-    *tick = ct_now(helpers::now_ns());
+    *tick = clock.tick();
     // `flow` serves as the reply entry first, then as the forward one.
     *flow = Flow {
         src: t.dst,
@@ -304,6 +305,10 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
             return Decision::Drop;
         };
         reply_key.dst = snat;
+        // The checksum deltas but the port's, which the search adds to
+        // each port it tries: the entry goes in complete, in one update.
+        reply_key.dport = flow.dport;
+        set_checksum_deltas(flow, reply_key, v6);
         let port = if v6 {
             snat_port::<true>(flow, reply_key, min, max)
         } else {
@@ -313,9 +318,6 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
             count(stats::SNAT_EXHAUSTED);
             return Decision::Drop;
         }
-        // The entry with its checksum deltas, now that the port is known.
-        set_checksum_deltas(flow, reply_key, v6);
-        conntrack::insert(reply_key, flow, 0, v6);
         flow.src = snat;
         flow.sport = port;
     }
@@ -333,15 +335,16 @@ fn new_flow(s: &mut Scratch, v6: bool) -> Decision {
     Decision::Translate(conntrack::entry(t, v6))
 }
 
-/// Make `flow` (a reply entry) the entry of `key` with SNAT port `port`
-/// if the port is free toward the backend, or held by a flow that is over
-/// (see `reclaim`).
 /// A SNAT port in min..=max for the reply entry `flow` at `key` (the
-/// port goes in `key.dport`), inserted as it is (the caller completes
-/// it); 0 when none was found. The family is a constant, so a try has no
-/// branch on it.
+/// port goes in `key.dport`): free toward the backend, or held by a flow
+/// that is over (see `reclaim`). `flow` comes with the checksum deltas of
+/// a translation that leaves `key.dport` alone; each try adds its port's
+/// to the L4 one and inserts the entry complete. 0 when none was found.
+/// The family is a constant, so a try has no branch on it.
 #[inline(never)]
-fn snat_port<const V6: bool>(flow: &Flow, key: &mut FlowKey, min: u16, max: u16) -> u16 {
+fn snat_port<const V6: bool>(flow: &mut Flow, key: &mut FlowKey, min: u16, max: u16) -> u16 {
+    let base = Delta::from_folded(flow.csum_l4);
+    let to = flow.dport.to_be();
     let range = (max - min) as u32 + 1;
     let start = helpers::random();
     let mut i = 0;
@@ -353,6 +356,7 @@ fn snat_port<const V6: bool>(flow: &Flow, key: &mut FlowKey, min: u16, max: u16)
             break;
         }
         key.dport = candidate(min, range, start, n);
+        flow.csum_l4 = port_delta(base, key.dport, to);
         if conntrack::insert(key, flow, BPF_NOEXIST, V6) {
             return key.dport;
         }
@@ -362,6 +366,7 @@ fn snat_port<const V6: bool>(flow: &Flow, key: &mut FlowKey, min: u16, max: u16)
     while i < RECLAIM_TRIES {
         let n = helpers::opaque(i);
         key.dport = candidate(min, range, start, n);
+        flow.csum_l4 = port_delta(base, key.dport, to);
         // Taken with BPF_NOEXIST: when two CPUs reclaim the same port, one
         // of them gets it.
         if reclaim::<V6>(key) && conntrack::insert(key, flow, BPF_NOEXIST, V6) {
@@ -370,6 +375,15 @@ fn snat_port<const V6: bool>(flow: &Flow, key: &mut FlowKey, min: u16, max: u16)
         i += 1;
     }
     0
+}
+
+/// The L4 checksum delta `base` plus the change of the destination port
+/// from `port` to `to` (network order).
+#[inline(always)]
+fn port_delta(base: Delta, port: u16, to: u16) -> u16 {
+    let mut d = base;
+    d.word16(port.to_be(), to);
+    d.folded()
 }
 
 /// Try `n` of a port search in a range of `range` ports from `min`: the

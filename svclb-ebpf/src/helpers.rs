@@ -114,8 +114,14 @@ pub fn now_ns() -> u64 {
 /// The low 32 bits of jiffies (inlined by the verifier: a single load).
 #[inline(always)]
 pub fn jiffies() -> u32 {
+    jiffies64() as u32
+}
+
+/// Jiffies (inlined by the verifier: a single load).
+#[inline(always)]
+pub fn jiffies64() -> u64 {
     // SAFETY: no arguments, no memory access.
-    unsafe { bpf_jiffies64() as u32 }
+    unsafe { bpf_jiffies64() }
 }
 
 #[inline(always)]

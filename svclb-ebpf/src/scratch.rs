@@ -1,6 +1,8 @@
 //! The XDP program's per-packet working memory, a per-CPU map value rather
 //! than the 512-byte stack, and the packet tuple it holds.
-use svclb_common::{Flow, FlowKey, Route};
+use svclb_common::{ct_now, Flow, FlowKey, Route};
+
+use crate::helpers;
 
 /// A packet's addresses (IPv4-mapped for IPv4), ports (host order) and
 /// protocol: its conntrack key as it is.
@@ -27,7 +29,30 @@ pub struct Scratch {
     pub epoch: u32,
     /// The conntrack clock then (`svclb_common::ct_now`).
     pub tick: u32,
+    pub clock: Clock,
     /// With `external::Decision::Translate`: the flow's cached route may be
     /// used.
     pub fresh: bool,
+}
+
+/// This CPU's conntrack clock as last read, and jiffies (all 64 bits) then.
+pub struct Clock {
+    jiffies: u64,
+    tick: u32,
+}
+
+impl Clock {
+    /// The conntrack clock (`svclb_common::ct_now`), from bpf_ktime_get_ns
+    /// only when jiffies moved since this CPU last read it. A tick is 2^30
+    /// ns, so a value at most one jiffy (1-10 ms) old is as good, and the
+    /// helper call cost ~20 ns of an established packet's ~60.
+    #[inline(always)]
+    pub fn tick(&mut self) -> u32 {
+        let jiffies = helpers::jiffies64();
+        if self.jiffies != jiffies || self.tick == 0 {
+            self.jiffies = jiffies;
+            self.tick = ct_now(helpers::now_ns());
+        }
+        self.tick
+    }
 }

@@ -302,7 +302,8 @@ pub struct RunArgs {
     /// XDP attach mode on --devices.
     #[arg(long, value_enum, default_value_t = crate::dataplane::XdpModeChoice::Auto)]
     pub xdp_mode: crate::dataplane::XdpModeChoice,
-    /// Entries per Maglev table (a prime, >= 100 x the largest backend count).
+    /// The largest Maglev table (a prime); each external frontend's table
+    /// is sized from its backend count up to this (see maglev::size_for).
     #[arg(long, default_value_t = crate::dataplane::maglev::DEFAULT_TABLE_SIZE, value_parser = parse_maglev_size)]
     pub maglev_table_size: u32,
     /// Conntrack entries for external traffic, per IP family (LRU: the

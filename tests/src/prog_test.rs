@@ -123,6 +123,11 @@ impl ProgTest {
         Ok(stats)
     }
 
+    /// The directory the maps are pinned in (by name).
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
     /// The SNAT addresses for remote backends and the port range.
     pub fn set_snat(
         &mut self,

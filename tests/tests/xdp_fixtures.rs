@@ -186,9 +186,11 @@ fn maglev_pick(backends: &[SocketAddr], client: SocketAddr, proto: u8) -> Socket
             name
         })
         .collect();
-    let table = maglev::table(&names, maglev::DEFAULT_TABLE_SIZE);
+    // Sized per frontend, up to the default --maglev-table-size.
+    let size = maglev::size_for(sorted.len(), maglev::DEFAULT_TABLE_SIZE);
+    let table = maglev::table(&names, size);
     let hash = flow_hash(&addr_to_abi(client.ip()), client.port(), proto);
-    sorted[usize::from(table[(hash % maglev::DEFAULT_TABLE_SIZE) as usize])]
+    sorted[usize::from(table[(hash % size) as usize])]
 }
 
 fn pods(n: u8) -> Vec<SocketAddr> {
@@ -413,6 +415,10 @@ fn misses_pass_untouched() {
 fn established_flow_keeps_its_backend_when_the_maglev_table_changes() {
     fixture(|t, node| {
         let (old, new) = (pods(3), pods(10));
+        // The new table is of another size, too (tables are sized from
+        // their backend count).
+        let size = |n| maglev::size_for(n, maglev::DEFAULT_TABLE_SIZE);
+        assert_ne!(size(old.len()), size(new.len()));
         // A client whose new Maglev choice differs from its old one.
         let client = (40000..41000)
             .map(|port| SocketAddr::new([198, 18, 128, 10].into(), port))

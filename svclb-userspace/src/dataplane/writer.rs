@@ -213,8 +213,10 @@ pub struct Writer<M: MapOps> {
     capacity: Capacity,
     /// Maglev chunks in use.
     maglev_chunks: usize,
-    /// Entries of new Maglev tables (a prime).
+    /// The largest Maglev table (a prime; see `maglev::size_for`).
     maglev_size: u32,
+    /// Every table gets `maglev_size` entries (see `set_maglev_fixed`).
+    maglev_fixed: bool,
     /// Deletions waiting for the next `flush` (after a barrier).
     pending: Deferred,
     /// Set when a map operation failed: the bookkeeping is rebuilt from the
@@ -397,6 +399,7 @@ impl<M: MapOps> Writer<M> {
             capacity,
             maglev_chunks: 0,
             maglev_size: maglev::DEFAULT_TABLE_SIZE,
+            maglev_fixed: false,
             pending: Deferred::default(),
             stale: None,
             unclaimed_draining: BTreeSet::new(),
@@ -796,11 +799,27 @@ impl<M: MapOps> Writer<M> {
         }
     }
 
-    /// Entries of the Maglev tables written from now on (a prime; see
-    /// `maglev::validate_table_size`). Tables of another size are rewritten
-    /// at their frontend's next update.
+    /// The largest Maglev table written from now on (a prime; see
+    /// `maglev::validate_table_size`); each frontend's table is sized from
+    /// its backend count up to it (`maglev::size_for`). Tables of another
+    /// size are rewritten at their frontend's next update.
     pub fn set_maglev_size(&mut self, size: u32) {
         self.maglev_size = size;
+    }
+
+    /// Give every table the largest size whatever its backend count, as
+    /// svclb did before tables were sized per frontend: for benchmarks
+    /// that compare the two.
+    pub fn set_maglev_fixed(&mut self, fixed: bool) {
+        self.maglev_fixed = fixed;
+    }
+
+    /// The entries of a table over `backends` backends.
+    fn maglev_size_for(&self, backends: usize) -> u32 {
+        if self.maglev_fixed {
+            return self.maglev_size;
+        }
+        maglev::size_for(backends, self.maglev_size)
     }
 
     /// Make the frontends owned by `owner` exactly `desired`. Frontends owned
@@ -1100,13 +1119,13 @@ impl<M: MapOps> Writer<M> {
         if f.key.scope != Scope::External || new_slots.is_empty() {
             return None;
         }
-        if let Some(t) = old.filter(|t| t.size == self.maglev_size && old_table_slots == new_slots)
-        {
+        let size = self.maglev_size_for(new_slots.len());
+        if let Some(t) = old.filter(|t| t.size == size && old_table_slots == new_slots) {
             return Some(t);
         }
         Some(MaglevTable {
             generation: old.map_or(0, |t| t.generation ^ 1),
-            size: self.maglev_size,
+            size,
         })
     }
 
@@ -1496,18 +1515,21 @@ impl<M: MapOps> Writer<M> {
     /// Maglev chunks in use at the peak of an update of `wanted`.
     fn maglev_chunks_needed(&self, wanted: &[&Frontend]) -> usize {
         // Every external frontend may get a new table while the old one waits.
-        let per_table = self.maglev_size.div_ceil(MAGLEV_CHUNK) as usize;
-        let tables = wanted
+        let new_tables: usize = wanted
             .iter()
             .filter(|f| f.key.scope == Scope::External && !f.backends.is_empty())
-            .count();
+            .map(|f| {
+                self.maglev_size_for(f.backends.len())
+                    .div_ceil(MAGLEV_CHUNK) as usize
+            })
+            .sum();
         let waiting: usize = self
             .pending
             .tables
             .iter()
             .map(|(_, _, t)| usize::from(t.chunks()))
             .sum();
-        self.maglev_chunks + waiting + tables * per_table
+        self.maglev_chunks + waiting + new_tables
     }
 }
 

@@ -1558,3 +1558,49 @@ proptest! {
         prop_assert_eq!(draining(w.maps()), expected_draining(&desired));
     }
 }
+
+/// A table is sized from its frontend's backend count: when the count
+/// crosses a size, the new table (of the new size) goes in the other
+/// generation and the old one is deleted after the barrier, as for any
+/// change.
+#[test]
+fn a_table_changes_size_with_its_backend_count() {
+    let mut w = Writer::adopt(FakeMaps::default(), Capacity::default()).unwrap();
+    w.set_maglev_size(maglev::DEFAULT_TABLE_SIZE);
+    let a = sid("a");
+    let external = |n: usize| {
+        let addrs: Vec<String> = (1..=n).map(|i| format!("198.18.1.{i}")).collect();
+        let backends: Vec<(&str, u16)> = addrs.iter().map(|a| (a.as_str(), 80)).collect();
+        let mut f = fe("198.19.0.1", 80, Protocol::Tcp, &backends);
+        f.key.scope = Scope::External;
+        vec![f]
+    };
+    let table = |w: &Writer<FakeMaps>| {
+        let (_, v) = w
+            .maps()
+            .services
+            .iter()
+            .find(|(k, _)| k.slot == 0)
+            .expect("slot 0");
+        (v.maglev_generation, v.maglev_size)
+    };
+    let mut last = None;
+    for (n, size) in [(3, 997), (10, 1999), (9, 997), (200, 16381)] {
+        w.apply(&a, &external(n)).unwrap();
+        let (generation, got) = table(&w);
+        assert_eq!(got, size, "{n} backends");
+        if let Some(g) = last {
+            assert_ne!(
+                generation, g,
+                "{n} backends: a new table in the other generation"
+            );
+        }
+        last = Some(generation);
+        w.flush().unwrap();
+        assert_eq!(
+            observed(w.maps()),
+            expected(&BTreeMap::from([(a.clone(), external(n))]))
+        );
+        assert_no_garbage(w.maps());
+    }
+}

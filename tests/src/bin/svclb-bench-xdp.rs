@@ -11,23 +11,30 @@
 //! the packet alone, with a large repeat. Runs in a network namespace of
 //! its own (prog_test::TestNode); nothing is sent. Timings are printed,
 //! never asserted.
+//!
+//! Then the Maglev tables' kernel memory and set-up time at
+//! `--maglev-services` NodePort services with `--maglev-backends` backends:
+//! tables sized per frontend (`maglev::size_for`) beside every table at the
+//! largest size (as before), and beside kube-proxy's iptables-restore of the
+//! same services, in the same run.
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use svclb_common::MAGLEV_CHUNK;
 use svclb_tests::prog_test::packet::{Packet, TCP_ACK, TCP_SYN};
 use svclb_tests::prog_test::{
     ProgTest, TestNode, EXT_MAC, NODE_V4, ROUTER_MAC, XDP_DROP, XDP_PASS, XDP_TX,
 };
-use svclb_userspace::dataplane::maglev::DEFAULT_TABLE_SIZE;
+use svclb_userspace::dataplane::maglev::{self, DEFAULT_TABLE_SIZE};
 use svclb_userspace::model::{Backend, Frontend, FrontendKey, FrontendKind, Protocol, Scope};
 
 #[derive(Parser)]
 struct Args {
     /// Service counts to measure at.
-    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000,10000")]
     services: Vec<usize>,
     #[arg(long, default_value_t = 10)]
     backends: usize,
@@ -39,9 +46,17 @@ struct Args {
     batches: usize,
     #[arg(long, default_value_t = 10_000)]
     repeat: u32,
-    /// Maglev table entries per frontend (a prime).
+    /// The largest Maglev table (a prime): --maglev-table-size.
     #[arg(long, default_value_t = DEFAULT_TABLE_SIZE)]
     maglev_size: u32,
+    /// Services and backends each of the Maglev set-up comparison.
+    #[arg(long, default_value_t = 10_000)]
+    maglev_services: usize,
+    #[arg(long, default_value_t = 3)]
+    maglev_backends: usize,
+    /// The iptables-restore of the set-up comparison ("" to skip it).
+    #[arg(long, default_value = "iptables-restore")]
+    iptables_restore: String,
     /// Conntrack entries (two per flow) the sweeper's cost is measured on.
     #[arg(long, default_value_t = 1_000_000)]
     sweep_entries: usize,
@@ -95,10 +110,12 @@ fn run(args: &Args, node: &TestNode) -> Result<()> {
             .map(|_| drop.run(&miss_packet, ifindex, args.repeat))
             .collect::<Result<_>>()?,
     );
+    let table = maglev::size_for(args.backends, args.maglev_size);
     println!(
-        "Maglev table: {} entries per frontend ({} KiB of kernel memory per service)",
+        "Maglev table: {table} entries per frontend of {} backends, at most {} ({} KiB of kernel memory per service)",
+        args.backends,
         args.maglev_size,
-        args.maglev_size.div_ceil(1000) * 4000 / 1024
+        table.div_ceil(MAGLEV_CHUNK) * 4
     );
     println!(
         "calls per translated case: {}; miss: {} batches x {} repeats",
@@ -117,7 +134,11 @@ fn run(args: &Args, node: &TestNode) -> Result<()> {
         for i in 0..n {
             t.apply(&format!("svc-{i}"), &[nodeport(i, args.backends)])?;
         }
-        eprintln!("{n} services applied in {:.1?}", started.elapsed());
+        eprintln!(
+            "{n} services applied in {:.1?}; Maglev tables: {:.1} MiB of kernel memory",
+            started.elapsed(),
+            memlock(&t, svclb_common::maps::MAGLEV)? as f64 / MIB
+        );
 
         let miss: Vec<f64> = (0..args.batches)
             .map(|_| {
@@ -194,6 +215,7 @@ fn run(args: &Args, node: &TestNode) -> Result<()> {
         );
     }
     println!();
+    maglev_setup(args)?;
     sweeper_cost(args.sweep_entries)?;
     if let (Some((n1, first)), Some((nk, last))) = (established.first(), established.last()) {
         let ratio = last.mean / first.mean;
@@ -209,6 +231,82 @@ fn run(args: &Args, node: &TestNode) -> Result<()> {
         );
     }
     Ok(())
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Maglev tables' kernel memory and the set-up time of
+/// `args.maglev_services` NodePort services with `args.maglev_backends`
+/// backends, fixed-size tables beside tables sized per frontend, and
+/// kube-proxy's iptables-restore of the same services.
+fn maglev_setup(args: &Args) -> Result<()> {
+    let (n, b) = (args.maglev_services, args.maglev_backends);
+    println!("Maglev at {n} NodePort services x {b} backends (set-up: every service written, as the agent's first sync):");
+    for fixed in [true, false] {
+        let mut t = ProgTest::load(svclb_common::maps::CONNTRACK_MAX_ENTRIES)?;
+        t.writer.set_maglev_size(args.maglev_size);
+        t.writer.set_maglev_fixed(fixed);
+        let started = Instant::now();
+        for i in 0..n {
+            t.apply(&format!("svc-{i}"), &[nodeport(i, b)])?;
+        }
+        let took = started.elapsed();
+        let mem = memlock(&t, svclb_common::maps::MAGLEV)? as f64 / MIB;
+        let (what, size) = if fixed {
+            ("every table at the largest size (before)", args.maglev_size)
+        } else {
+            (
+                "tables sized per frontend",
+                maglev::size_for(b, args.maglev_size),
+            )
+        };
+        println!(
+            "  {what:<42} {size:>6} entries: {mem:>7.1} MiB kernel memory (target <= 64: {}), set-up {:>6.2} s (target <= 2: {})",
+            met(mem <= 64.0),
+            took.as_secs_f64(),
+            met(took.as_secs_f64() <= 2.0),
+        );
+    }
+    if !args.iptables_restore.is_empty() {
+        use svclb_tests::kubeproxy_iptables::{filler_services, ruleset};
+        let text = ruleset(&filler_services(n, b), "198.18.0.0/16");
+        let started = Instant::now();
+        // In this thread's network namespace (the benchmark's own node).
+        let mut child = std::process::Command::new(&args.iptables_restore)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", args.iptables_restore))?;
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(text.as_bytes())?;
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("{} failed: {status}", args.iptables_restore);
+        }
+        println!(
+            "  kube-proxy-shaped {} of the same services: {:.2} s",
+            args.iptables_restore,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    println!();
+    Ok(())
+}
+
+/// The kernel memory of the test's map `name`, as its fdinfo reports it.
+fn memlock(t: &ProgTest, name: &str) -> Result<u64> {
+    use std::os::fd::AsFd;
+    let map = aya::maps::MapData::from_pin(t.bpffs().join(name))
+        .with_context(|| format!("opening the pinned map {name}"))?;
+    let fd = map.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("memlock in the map's fdinfo")
 }
 
 /// The conntrack sweeper's CPU time (user and system, this thread) on
