@@ -98,6 +98,8 @@ struct Rate {
     target: String,
     ops: u64,
     errors: u64,
+    /// Time spent in this target's requests.
+    seconds: f64,
     ops_per_sec: f64,
     first_error: Option<String>,
 }
@@ -155,14 +157,14 @@ impl Site {
         }
         // Tens of thousands of short connections to one address:port would
         // run out of source ports while they sit in TIME_WAIT: let connect
-        // reuse them, as busy clients do. 16,384 ports per target (one can
+        // reuse them, as busy clients do. 32,768 ports per target (one can
         // be reused a second later) also bound the conntrack entries the
-        // peer nodes leave in the machine-wide table.
+        // peer nodes keep (a few tens of thousands each).
         netns::sysctls(
             client.netns_name(),
             &[
                 ("net.ipv4.tcp_tw_reuse", "1"),
-                ("net.ipv4.ip_local_port_range", "49152 65535"),
+                ("net.ipv4.ip_local_port_range", "32768 65535"),
             ],
         )?;
         if peer != Peer::Svclb {
@@ -188,15 +190,14 @@ impl Site {
         self.backends.iter().map(Pod::ipv4).collect()
     }
 
-    /// One `svclb-probe rate` run in the client pod (and its node's
-    /// cgroup) alternating between `targets` request by request; each
-    /// target gets about `seconds` of the run.
+    /// One `svclb-probe rate` run of `seconds` in the client pod (and its
+    /// node's cgroup) alternating between `targets` request by request.
     fn rate(&self, proto: Proto, targets: &[SocketAddr], seconds: f64) -> Result<Vec<Rate>> {
         let mut args = vec!["rate".to_string(), "--proto".into(), proto.probe().into()];
         for t in targets {
             args.extend(["--target".into(), t.to_string()]);
         }
-        let ms = (targets.len() as f64 * seconds * 1000.0).round() as u64;
+        let ms = (seconds * 1000.0).round() as u64;
         args.extend(["--duration-ms".into(), ms.to_string()]);
         let lines: Vec<RateRun> = self.client.run_client_as(&self.node, &args)?;
         let [run] = <[RateRun; 1]>::try_from(lines)
@@ -216,17 +217,27 @@ impl Site {
         Ok(run.results)
     }
 
-    /// (direct, ClusterIP) rates, in the order `direct_first` says.
-    fn measure(&self, proto: Proto, seconds: f64, direct_first: bool) -> Result<(Rate, Rate)> {
+    /// (direct, ClusterIP) requests/s over `seconds` each. Direct requests
+    /// take the backends in turn, as the ClusterIP's do at random: with
+    /// one backend only, its address:port would run short of free source
+    /// ports (TIME_WAIT) sooner than the ClusterIP's and slow its connect()s.
+    fn measure(&self, proto: Proto, seconds: f64, direct_first: bool) -> Result<(f64, f64)> {
         let cip = SocketAddr::new(SERVICE_IP.into(), SERVICE_PORT);
-        let targets = if direct_first {
-            [self.direct(), cip]
-        } else {
-            [cip, self.direct()]
+        let mut targets = Vec::new();
+        for b in &self.backends {
+            let d = SocketAddr::new(b.ipv4().into(), TARGET_PORT);
+            targets.extend(if direct_first { [d, cip] } else { [cip, d] });
+        }
+        let results = self.rate(proto, &targets, 2.0 * seconds)?;
+        let rate = |direct: bool| {
+            let (ops, secs) = results
+                .iter()
+                .zip(&targets)
+                .filter(|(_, t)| (**t != cip) == direct)
+                .fold((0, 0.0), |(o, s), (r, _)| (o + r.ops, s + r.seconds));
+            ops as f64 / secs
         };
-        let [a, b] = <[Rate; 2]>::try_from(self.rate(proto, &targets, seconds)?)
-            .map_err(|_| anyhow::anyhow!("two targets"))?;
-        Ok(if direct_first { (a, b) } else { (b, a) })
+        Ok((rate(true), rate(false)))
     }
 
     /// The ClusterIP must really reach the backend, or we would time nothing.
@@ -376,7 +387,7 @@ fn ceiling(site: &Site, args: &Args) -> Result<()> {
     let lo = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), LOOPBACK_PORT);
     println!("Ceiling of the direct baseline (svclb node, before the agent starts):");
     for proto in PROTOS {
-        let r = site.rate(proto, &[site.direct(), lo], args.seconds)?;
+        let r = site.rate(proto, &[site.direct(), lo], 2.0 * args.seconds)?;
         println!(
             "  {proto}: direct {:.0}/s, loopback in the client pod {:.0}/s: direct/loopback = {:.3}",
             r[0].ops_per_sec,
@@ -521,7 +532,7 @@ fn run(args: &Args) -> Result<()> {
                     let (d, c) = sites[i]
                         .measure(*proto, args.seconds, round % 2 == 0)
                         .with_context(|| format!("{n} services, round {}", round + 1))?;
-                    rates[i][p].push((d.ops_per_sec, c.ops_per_sec));
+                    rates[i][p].push((d, c));
                 }
             }
         }
