@@ -74,21 +74,21 @@ pub fn select_backend(
     };
     // Without the members flag the writer lists no members to check a
     // remembered backend against (a frontend written by an older agent).
-    let flow = match udp_socket {
-        Some(cookie) if affinity.is_none() && frontend.flags & SVC_FLAG_MEMBERS != 0 => {
-            Some(UdpFlowKey {
-                cookie,
-                rev_nat_id: frontend.rev_nat_id,
-                _pad: 0,
-            })
-        }
-        _ => None,
+    // The key is built whole even when unused: LLVM may load a field of an
+    // `Option`'s payload before testing the tag, and verifiers before 6.3
+    // reject a read of uninitialized stack.
+    let has_flow =
+        udp_socket.is_some() && affinity.is_none() && frontend.flags & SVC_FLAG_MEMBERS != 0;
+    let fkey = UdpFlowKey {
+        cookie: udp_socket.unwrap_or(0),
+        rev_nat_id: frontend.rev_nat_id,
+        _pad: 0,
     };
     let now = helpers::now_ns();
-    let remembered = match (&affinity, &flow) {
+    let remembered = match (&affinity, has_flow) {
         (Some(akey), _) => affine_backend(akey, &frontend, now),
-        (None, Some(fkey)) => flow_backend(fkey, &frontend, now),
-        (None, None) => None,
+        (None, true) => flow_backend(&fkey, &frontend, now),
+        (None, false) => None,
     };
     let (backend_id, backend, replied, fresh) = match remembered {
         Some(found) => found,
@@ -117,7 +117,7 @@ pub fn select_backend(
     }
     // A flow refreshed moments ago is not written again: most datagrams of
     // a busy flow cost two lookups, no map update.
-    if let (Some(fkey), false) = (flow, fresh) {
+    if has_flow && !fresh {
         let value = UdpFlow {
             last_used_ns: now,
             backend_id,
