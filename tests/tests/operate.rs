@@ -233,11 +233,21 @@ fn maps_dump_names_services_with_the_agent_down_too() -> Result<()> {
         BpfHashMap::try_from(Map::HashMap(MapData::from_pin(&pin)?))?;
     map.remove(&id)?;
     let (code, report) = svclb_exit(node, &["verify"])?;
-    assert_eq!(code, 1, "{report}");
-    assert!(
-        report.contains(&format!("missing {FRONTEND_NAMES}")),
-        "{report}"
-    );
+    // On a slow machine (a TCG guest) the agent's 2 s periodic check may
+    // write the name again before verify reads the maps: then no difference
+    // is right, and the name must be back.
+    if code == 0 {
+        assert!(
+            map.get(&id, 0).is_ok(),
+            "verify saw no difference, yet the name is gone: {report}"
+        );
+    } else {
+        assert_eq!(code, 1, "{report}");
+        assert!(
+            report.contains(&format!("missing {FRONTEND_NAMES}")),
+            "{report}"
+        );
+    }
     let repaired = poll_until(Duration::from_secs(10), || {
         Ok(map.get(&id, 0).is_ok().then_some(()))
     })?;
